@@ -1,0 +1,1 @@
+"""align stage of the harness (see DESIGN.md)."""

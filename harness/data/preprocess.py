@@ -1,0 +1,207 @@
+"""One preprocessing for every backend: image file → the float32 NCHW batch mmyolo's test
+path would build, plus per-image metadata to map boxes back to the original image.
+
+Follows mmcv 2.0 / mmdet 3.0 / mmyolo 0.6 pixel for pixel (cv2 calls, size rounding, pad
+placement); SPEC-nms.md "Preprocessing" describes the arithmetic.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+
+from harness.errors import UserError
+from harness.models.pipeline import (
+    INTERPOLATIONS, FixedResize, KeepRatioResize, LetterResize, PadBottomRight,
+    PreprocessSpec, Rescale,
+)
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """Where an image's pixels went: undo with x = (x' - pad_left) / sx."""
+
+    path: str
+    ori_shape: tuple[int, int]  # (h, w) of the file
+    img_shape: tuple[int, int]  # (h, w) after resize/pad, before batch padding
+    scale_factor: tuple[float, float]  # (sx, sy)
+    pad_param: Union[tuple[float, float, float, float], None] = None  # top, bottom, left, right
+
+
+@dataclass
+class Batch:
+    """Network input for several images and what is needed to map results back."""
+
+    inputs: np.ndarray  # (B, 3, H, W) float32
+    metas: list[ImageMeta] = field(default_factory=list)
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the exact bytes every backend receives (recorded in results)."""
+        return hashlib.sha256(np.ascontiguousarray(self.inputs).tobytes()).hexdigest()
+
+
+def read_image(path: Union[str, Path]) -> np.ndarray:
+    """BGR uint8 (H, W, 3), decoded as mmcv.imfrombytes(flag='color') does."""
+    import cv2
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"image not found: {p}")
+    data = np.fromfile(str(p), dtype=np.uint8)
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if img is None:
+        raise UserError(f"cannot decode image {p}: not a readable image file (corrupt or "
+                        "unsupported format)")
+    return img
+
+
+def _resize(img: np.ndarray, size_wh: tuple[int, int], interpolation: str) -> np.ndarray:
+    import cv2
+
+    return cv2.resize(img, size_wh, interpolation=INTERPOLATIONS[interpolation])
+
+
+def _pad(img: np.ndarray, top: int, bottom: int, left: int, right: int,
+         value: float) -> np.ndarray:
+    import cv2
+
+    if top == bottom == left == right == 0:
+        return img
+    return cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT,
+                              value=(value,) * img.shape[2])
+
+
+def _keep_ratio_resize(img, step: KeepRatioResize, sf):
+    h, w = img.shape[:2]
+    long_edge, short_edge = max(step.scale), min(step.scale)
+    ratio = min(long_edge / max(h, w), short_edge / min(h, w))
+    if ratio != 1:
+        # mmyolo truncates the new size and shrinks with area interpolation.
+        img = _resize(img, (int(w * ratio), int(h * ratio)),
+                      "area" if ratio < 1 else "bilinear")
+    rh, rw = img.shape[:2]
+    return img, (rw / w, rh / h), None
+
+
+def _letter_resize(img, step: LetterResize, sf):
+    h, w = img.shape[:2]
+    target_h, target_w = step.scale[1], step.scale[0]
+    ratio = min(target_h / h, target_w / w)
+    if not step.allow_scale_up:
+        ratio = min(ratio, 1.0)
+    no_pad = (int(round(h * ratio)), int(round(w * ratio)))
+    pad_h, pad_w = target_h - no_pad[0], target_w - no_pad[1]
+    if step.use_mini_pad:
+        pad_w, pad_h = int(np.mod(pad_w, 32)), int(np.mod(pad_h, 32))
+    elif step.stretch_only:
+        pad_h, pad_w = 0, 0
+        no_pad = (target_h, target_w)
+    if (h, w) != no_pad:
+        img = _resize(img, (no_pad[1], no_pad[0]), step.interpolation)
+    scale = (no_pad[1] / w, no_pad[0] / h)
+    top, left = int(round(pad_h // 2 - 0.1)), int(round(pad_w // 2 - 0.1))
+    bottom, right = pad_h - top, pad_w - left
+    img = _pad(img, top, bottom, left, right, step.pad_val)
+    if step.half_pad_param:
+        pad = (pad_h / 2, pad_h / 2, pad_w / 2, pad_w / 2)
+    else:
+        pad = (float(top), float(bottom), float(left), float(right))
+    return img, scale, pad
+
+
+def _rescale(img, step: Rescale, sf):
+    h, w = img.shape[:2]
+    factor = min(max(step.scale) / max(h, w), min(step.scale) / min(h, w))
+    # mmcv._scale_size rounds half up
+    new_w, new_h = int(w * float(factor) + 0.5), int(h * float(factor) + 0.5)
+    img = _resize(img, (new_w, new_h), step.interpolation)
+    return img, (new_w / w, new_h / h), None
+
+
+def _fixed_resize(img, step: FixedResize, sf):
+    h, w = img.shape[:2]
+    img = _resize(img, step.size, step.interpolation)
+    return img, (step.size[0] / w, step.size[1] / h), None
+
+
+def _pad_bottom_right(img, step: PadBottomRight, sf):
+    h, w = img.shape[:2]
+    size = None
+    if step.pad_to_square:
+        size = (max(h, w), max(h, w))
+    if step.size_divisor is not None:
+        base = size or (h, w)
+        size = (int(np.ceil(base[0] / step.size_divisor)) * step.size_divisor,
+                int(np.ceil(base[1] / step.size_divisor)) * step.size_divisor)
+    elif step.size is not None:
+        size = (step.size[1], step.size[0])
+    if size is None:
+        return img, (1.0, 1.0), None
+    img = _pad(img, 0, max(size[0] - h, 0), 0, max(size[1] - w, 0), step.pad_val)
+    return img, (1.0, 1.0), None
+
+
+_APPLY = {KeepRatioResize: _keep_ratio_resize, LetterResize: _letter_resize,
+          Rescale: _rescale, FixedResize: _fixed_resize, PadBottomRight: _pad_bottom_right}
+
+
+def transform_image(img: np.ndarray, spec: PreprocessSpec, path: str = "") -> tuple[np.ndarray, ImageMeta]:
+    """Apply the pipeline's pixel steps to one BGR uint8 image.
+
+    Returns the float32 (3, H, W) normalised input and its ImageMeta.
+    """
+    ori_shape = (int(img.shape[0]), int(img.shape[1]))
+    scale = (1.0, 1.0)
+    pad: Union[tuple[float, ...], None] = None
+    for step in spec.steps:
+        img, (sx, sy), step_pad = _APPLY[type(step)](img, step, scale)
+        # Successive resizes compose their factors (LetterResize's scale_factor_origin);
+        # letterbox pads accumulate scaled by the later ratio, as mmyolo's pad_param_origin.
+        if step_pad is not None:
+            if pad is not None:
+                pad = tuple(p * r + q for p, r, q in zip(pad, (sy, sy, sx, sx), step_pad))
+            else:
+                pad = step_pad
+        scale = (scale[0] * sx, scale[1] * sy)
+    img_shape = (int(img.shape[0]), int(img.shape[1]))
+    chw = np.ascontiguousarray(img.transpose(2, 0, 1))
+    if spec.bgr_to_rgb:
+        chw = chw[[2, 1, 0]]
+    x = chw.astype(np.float32)
+    if spec.normalize:
+        mean = np.asarray(spec.mean, dtype=np.float32).reshape(3, 1, 1)
+        std = np.asarray(spec.std, dtype=np.float32).reshape(3, 1, 1)
+        x = (x - mean) / std
+    meta = ImageMeta(path=path, ori_shape=ori_shape, img_shape=img_shape,
+                     scale_factor=(float(scale[0]), float(scale[1])),
+                     pad_param=tuple(float(p) for p in pad) if pad is not None else None)
+    return x, meta
+
+
+def stack_inputs(inputs: Sequence[np.ndarray], spec: PreprocessSpec) -> np.ndarray:
+    """Pad bottom/right to the largest image, rounded up to the size divisor, and stack
+    (mmengine's stack_batch)."""
+    div = max(spec.pad_size_divisor, 1)
+    max_h = math.ceil(max(x.shape[1] for x in inputs) / div) * div
+    max_w = math.ceil(max(x.shape[2] for x in inputs) / div) * div
+    out = np.full((len(inputs), 3, max_h, max_w), spec.pad_value, dtype=np.float32)
+    for i, x in enumerate(inputs):
+        out[i, :, : x.shape[1], : x.shape[2]] = x
+    return out
+
+
+def preprocess_files(paths: Sequence[Union[str, Path]], spec: PreprocessSpec) -> Batch:
+    """Read and preprocess image files into one batch."""
+    if not paths:
+        raise UserError("no images to preprocess")
+    arrays, metas = [], []
+    for p in paths:
+        x, meta = transform_image(read_image(p), spec, str(p))
+        arrays.append(x)
+        metas.append(meta)
+    return Batch(inputs=stack_inputs(arrays, spec), metas=metas)

@@ -1,0 +1,249 @@
+"""The model source: an mmyolo config + checkpoint as a PyTorch module, with the
+preprocessing, decoding and NMS settings read from the same config.
+
+Exposes each stage as data: raw head maps, decoded candidates before NMS (boxes in input
+pixels, per-class scores, objectness), and final detections in original-image pixels
+(computed by harness.nms's numpy reference of mmyolo's pipeline, not by mmyolo).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+
+from harness.errors import UserError
+from harness.models.checkpoint import (
+    check_state_dict_fits, checkpoint_classes, load_checkpoint_file,
+)
+from harness.models.pipeline import PreprocessSpec, preprocess_spec_from_config
+
+# mmyolo head type → the family name users know. Every one of these inherits
+# YOLOv5Head.predict_by_feat, whose decode and NMS steps the harness reproduces.
+FAMILIES = {
+    "YOLOv5Head": "yolov5", "YOLOv6Head": "yolov6", "YOLOv7Head": "yolov7",
+    "YOLOv8Head": "yolov8", "YOLOXHead": "yolox", "RTMDetHead": "rtmdet",
+    "PPYOLOEHead": "ppyoloe",
+}
+RAW_KINDS = ("cls_scores", "bbox_preds", "objectnesses")
+
+
+@dataclass(frozen=True)
+class NmsSettings:
+    """mmyolo `model.test_cfg`, with mmyolo's defaults filled in."""
+
+    score_thr: float
+    nms_pre: int
+    iou_threshold: float
+    max_per_img: int
+    multi_label: bool
+    yolox_style: bool
+
+    @classmethod
+    def from_test_cfg(cls, test_cfg: Any, num_classes: int) -> "NmsSettings":
+        nms = dict(test_cfg.get("nms") or {})
+        if nms.get("type", "nms") != "nms":
+            raise UserError(f"test_cfg.nms type '{nms.get('type')}' is not supported (only 'nms')")
+        return cls(
+            score_thr=float(test_cfg.get("score_thr", -1)),
+            nms_pre=int(test_cfg.get("nms_pre", 100000)),  # predict_by_feat's default
+            iou_threshold=float(nms.get("iou_threshold", 0.5)),
+            max_per_img=int(test_cfg.get("max_per_img", 100)),
+            # predict_by_feat turns multi_label off for a single class
+            multi_label=bool(test_cfg.get("multi_label", False)) and num_classes > 1,
+            yolox_style=bool(test_cfg.get("yolox_style", False)),
+        )
+
+
+@dataclass
+class DecodedCandidates:
+    """Candidates before NMS, for a batch.
+
+    boxes: (B, N, 4) xyxy in network-input pixels; scores: (B, N, C) after sigmoid, not yet
+    multiplied by objectness; objectness: (B, N) after sigmoid, or None.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    objectness: Union[np.ndarray, None]
+
+
+def _import_mm() -> None:
+    try:
+        import mmdet  # noqa: F401
+        import mmyolo  # noqa: F401
+        from mmyolo.utils import register_all_modules
+    except ImportError as exc:
+        raise UserError(f"the mm stack is not installed ({exc}); install harness[mm] and run "
+                        "tools/build_mmcv.py") from None
+    register_all_modules(init_default_scope=True)
+
+
+def read_config(cfg_path: Union[str, Path]) -> Any:
+    from mmengine.config import Config
+
+    p = Path(cfg_path)
+    if not p.is_file():
+        raise UserError(f"config not found: {p}")
+    try:
+        cfg = Config.fromfile(str(p))
+    except Exception as exc:  # mmengine raises many types for a bad config
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot read config {p}: {first}") from None
+    model = cfg.get("model")
+    if not isinstance(model, dict) or "bbox_head" not in model:
+        raise UserError(f"config {p} is not an mmyolo detector config (no model.bbox_head)")
+    head_type = str(model["bbox_head"].get("type", "")).split(".")[-1]
+    if head_type not in FAMILIES:
+        raise UserError(f"config {p} has head {head_type or '?'}; harness supports the mmyolo "
+                        f"heads {', '.join(FAMILIES)}")
+    return cfg
+
+
+def _class_names(cfg: Any, meta: dict, num_classes: int) -> tuple[str, ...]:
+    for where in (cfg.get("metainfo"),
+                  cfg.get("test_dataloader", {}).get("dataset", {}).get("metainfo"),
+                  cfg.get("train_dataloader", {}).get("dataset", {}).get("metainfo")):
+        if where and where.get("classes"):
+            return tuple(where["classes"])
+    from_ckpt = checkpoint_classes(meta)
+    if from_ckpt:
+        return from_ckpt
+    if num_classes == 80:
+        from mmdet.datasets import CocoDataset
+
+        return tuple(CocoDataset.METAINFO["classes"])
+    return tuple(f"class_{i}" for i in range(num_classes))
+
+
+class MmyoloModel:
+    """One mmyolo detector: its module, preprocessing spec, NMS settings and class names."""
+
+    def __init__(self, cfg: Any, module: Any, cfg_path: str, ckpt_path: Union[str, None],
+                 class_names: tuple[str, ...], device: str):
+        self.cfg = cfg
+        self.module = module
+        self.cfg_path = cfg_path
+        self.ckpt_path = ckpt_path
+        self.device = device
+        head = module.bbox_head
+        self.head_type = type(head).__name__
+        self.family = FAMILIES.get(self.head_type, self.head_type)
+        self.num_classes = int(head.num_classes)
+        self.class_names = class_names
+        self.preprocess: PreprocessSpec = preprocess_spec_from_config(cfg)
+        self.nms = NmsSettings.from_test_cfg(head.test_cfg, self.num_classes)
+
+    # -- stages -------------------------------------------------------------------------
+
+    def raw_outputs(self, inputs: Any) -> dict[str, list[Any]]:
+        """Head maps as torch tensors: {'cls_scores': [per level (B, A*C, H, W)],
+        'bbox_preds': [...], 'objectnesses': [...] (heads with objectness only)}."""
+        import torch
+
+        x = torch.as_tensor(inputs, device=self.device)
+        with torch.no_grad():
+            outs = self.module.bbox_head(self.module.extract_feat(x))
+        return {kind: list(maps) for kind, maps in zip(RAW_KINDS, outs) if maps is not None}
+
+    def decode_torch(self, raw: dict[str, list[Any]]) -> tuple[Any, Any, Any]:
+        """(boxes (B,N,4), scores (B,N,C), objectness (B,N) or None) as torch tensors,
+        computed exactly as YOLOv5Head.predict_by_feat does before filtering."""
+        import torch
+
+        head = self.module.bbox_head
+        cls_scores, bbox_preds = raw["cls_scores"], raw["bbox_preds"]
+        objectnesses = raw.get("objectnesses")
+        num_imgs = cls_scores[0].shape[0]
+        featmap_sizes = [c.shape[2:] for c in cls_scores]
+        priors = torch.cat(head.prior_generator.grid_priors(
+            featmap_sizes, dtype=cls_scores[0].dtype, device=cls_scores[0].device))
+        strides = torch.cat([
+            priors.new_full((size.numel() * head.num_base_priors,), stride)
+            for size, stride in zip(featmap_sizes, head.featmap_strides)])
+        scores = torch.cat([c.permute(0, 2, 3, 1).reshape(num_imgs, -1, head.num_classes)
+                            for c in cls_scores], dim=1).sigmoid()
+        deltas = torch.cat([b.permute(0, 2, 3, 1).reshape(num_imgs, -1, 4)
+                            for b in bbox_preds], dim=1)
+        boxes = head.bbox_coder.decode(priors[None], deltas, strides)
+        objectness = None
+        if objectnesses is not None:
+            objectness = torch.cat([o.permute(0, 2, 3, 1).reshape(num_imgs, -1)
+                                    for o in objectnesses], dim=1).sigmoid()
+        return boxes, scores, objectness
+
+    def decode(self, raw: dict[str, list[Any]]) -> DecodedCandidates:
+        import torch
+
+        with torch.no_grad():
+            boxes, scores, obj = self.decode_torch(raw)
+        return DecodedCandidates(
+            boxes=boxes.float().cpu().numpy(), scores=scores.float().cpu().numpy(),
+            objectness=None if obj is None else obj.float().cpu().numpy())
+
+    def detections(self, decoded: DecodedCandidates, metas: Sequence[Any],
+                   trace: bool = False) -> list[Any]:
+        """mmyolo-style NMS per image (harness.nms reference); boxes in original pixels."""
+        from harness.nms import mmyolo_nms
+
+        results = []
+        for i, meta in enumerate(metas):
+            pad = meta.pad_param
+            results.append(mmyolo_nms(
+                decoded.boxes[i], decoded.scores[i],
+                None if decoded.objectness is None else decoded.objectness[i],
+                **asdict(self.nms),
+                pad_left_top=(pad[2], pad[0]) if pad is not None else (0.0, 0.0),
+                scale_factor=meta.scale_factor, clamp_hw=meta.ori_shape, trace=trace))
+        return results
+
+    def predict(self, batch: Any, trace: bool = False) -> list[Any]:
+        """Preprocessed Batch → final detections per image."""
+        return self.detections(self.decode(self.raw_outputs(batch.inputs)), batch.metas, trace)
+
+    def describe(self) -> dict[str, Any]:
+        import torch
+
+        return {
+            "config": self.cfg_path, "checkpoint": self.ckpt_path, "family": self.family,
+            "head": self.head_type, "num_classes": self.num_classes,
+            "class_names": list(self.class_names), "nms": asdict(self.nms),
+            "preprocess": self.preprocess.describe(), "torch": torch.__version__,
+            "device": self.device,
+        }
+
+
+def load_mmyolo_model(cfg_path: Union[str, Path], ckpt_path: Union[str, Path, None] = None,
+                      device: str = "cpu", seed: int = 0) -> MmyoloModel:
+    """Build the detector of `cfg_path` and load `ckpt_path` into it.
+
+    Without a checkpoint the weights are mmyolo's own random initialisation (seeded).
+    """
+    import torch
+
+    cfg = read_config(cfg_path)
+    _import_mm()
+    from mmyolo.registry import MODELS
+
+    torch.manual_seed(seed)
+    try:
+        module = MODELS.build(cfg.model)
+    except Exception as exc:
+        raise UserError(f"config {cfg_path} does not build an mmyolo model: "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    meta: dict = {}
+    if ckpt_path is None:
+        module.init_weights()
+    else:
+        ckpt = load_checkpoint_file(ckpt_path)
+        meta = ckpt["meta"]
+        num_classes = int(module.bbox_head.num_classes)
+        check_state_dict_fits(module, ckpt["state_dict"], ckpt_path, cfg_path, num_classes,
+                              checkpoint_classes(meta))
+        module.load_state_dict(ckpt["state_dict"], strict=True)
+    module.cfg = cfg  # mmdet.apis.inference_detector reads model.cfg
+    module.to(device).eval()
+    names = _class_names(cfg, meta, int(module.bbox_head.num_classes))
+    return MmyoloModel(cfg, module, str(cfg_path), None if ckpt_path is None else str(ckpt_path),
+                       names, device)

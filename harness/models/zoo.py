@@ -1,0 +1,42 @@
+"""The mmyolo configs the harness is checked against: one small shipped config per family.
+
+mmyolo's wheel carries its configs under `mmyolo/.mim/configs`; `shipped_config` finds them
+there so tests and users can build any family without a source checkout.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from harness.errors import UserError
+
+SHIPPED_CONFIGS = {
+    "yolov5": "yolov5/yolov5_n-v61_syncbn_fast_8xb16-300e_coco.py",
+    "yolov6": "yolov6/yolov6_n_syncbn_fast_8xb32-400e_coco.py",
+    "yolov7": "yolov7/yolov7_tiny_syncbn_fast_8x16b-300e_coco.py",
+    "yolov8": "yolov8/yolov8_n_syncbn_fast_8xb16-500e_coco.py",
+    "yolox": "yolox/yolox_nano_fast_8xb8-300e_coco.py",
+    "rtmdet": "rtmdet/rtmdet_tiny_syncbn_fast_8xb32-300e_coco.py",
+    "ppyoloe": "ppyoloe/ppyoloe_plus_s_fast_8xb8-80e_coco.py",
+}
+
+FIXTURE_DIR = Path(__file__).resolve().parents[2] / "experiments" / "fixture"
+FIXTURE_CONFIG = FIXTURE_DIR / "yolov5_n_synth_320.py"
+FIXTURE_CHECKPOINT = FIXTURE_DIR / "yolov5_n_synth_320.pth"
+
+
+def mmyolo_config_root() -> Path:
+    try:
+        import mmyolo
+    except ImportError as exc:
+        raise UserError(f"mmyolo is not installed ({exc}); install harness[mm]") from None
+    root = Path(mmyolo.__file__).resolve().parent / ".mim" / "configs"
+    if not root.is_dir():
+        raise UserError(f"mmyolo at {root.parent.parent} ships no configs (.mim/configs)")
+    return root
+
+
+def shipped_config(family: str) -> Path:
+    """Path of the small shipped config of `family` (a key of SHIPPED_CONFIGS)."""
+    if family not in SHIPPED_CONFIGS:
+        raise UserError(f"unknown family '{family}'; known: {', '.join(SHIPPED_CONFIGS)}")
+    return mmyolo_config_root() / SHIPPED_CONFIGS[family]

@@ -1,0 +1,1 @@
+"""nms stage of the harness (see DESIGN.md)."""

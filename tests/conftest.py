@@ -1,0 +1,44 @@
+"""Shared fixtures: images of varied size and aspect, the fixture model paths."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# (w, h): landscape, portrait, near-square, and one small enough to be scaled up
+VARIED_SIZES = [(500, 375), (333, 640), (640, 427), (120, 90)]
+
+
+def draw_test_image(w: int, h: int, seed: int) -> np.ndarray:
+    """A BGR uint8 image with smooth background, noise and a few filled shapes."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = (60 + 80 * xx / w + 40 * yy / h).astype(np.float32)
+    img = np.stack([base, base[::-1] * 0.8, 255 - base], axis=-1)
+    img += rng.normal(0, 12, img.shape)
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    for _ in range(6):
+        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+        r = int(rng.integers(5, max(6, min(w, h) // 3)))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        if rng.random() < 0.5:
+            cv2.circle(img, (x, y), r, colour, -1)
+        else:
+            cv2.rectangle(img, (x - r, y - r // 2), (x + r, y + r // 2), colour, -1)
+    return img
+
+
+@pytest.fixture(scope="session")
+def varied_images(tmp_path_factory) -> list[Path]:
+    import cv2
+
+    folder = tmp_path_factory.mktemp("varied_images")
+    paths = []
+    for i, (w, h) in enumerate(VARIED_SIZES):
+        p = folder / f"img_{i}_{w}x{h}.jpg"
+        cv2.imwrite(str(p), draw_test_image(w, h, seed=i))
+        paths.append(p)
+    return paths
