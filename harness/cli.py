@@ -17,6 +17,7 @@ from harness.errors import UserError
 # never breaks `harness --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("harness.commands.synth", "write a deterministic synthetic COCO-format dataset"),
+    "detect": ("harness.commands.detect", "run the model source on images and print detections"),
     "demo": ("harness.commands.demo", "run the main job on the bundled fixture model and data"),
 }
 

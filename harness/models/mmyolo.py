@@ -214,6 +214,15 @@ class MmyoloModel:
         }
 
 
+def _drop_pretrained_init(module: Any) -> None:
+    """Random init must not download backbone weights (RTMDet's configs name an ImageNet
+    checkpoint in init_cfg): forget every `Pretrained` init_cfg."""
+    for sub in module.modules():
+        init_cfg = getattr(sub, "init_cfg", None)
+        if isinstance(init_cfg, dict) and init_cfg.get("type") == "Pretrained":
+            sub.init_cfg = None
+
+
 def load_mmyolo_model(cfg_path: Union[str, Path], ckpt_path: Union[str, Path, None] = None,
                       device: str = "cpu", seed: int = 0) -> MmyoloModel:
     """Build the detector of `cfg_path` and load `ckpt_path` into it.
@@ -234,6 +243,7 @@ def load_mmyolo_model(cfg_path: Union[str, Path], ckpt_path: Union[str, Path, No
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     meta: dict = {}
     if ckpt_path is None:
+        _drop_pretrained_init(module)
         module.init_weights()
     else:
         ckpt = load_checkpoint_file(ckpt_path)

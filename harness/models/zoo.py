@@ -25,11 +25,13 @@ FIXTURE_CHECKPOINT = FIXTURE_DIR / "yolov5_n_synth_320.pth"
 
 
 def mmyolo_config_root() -> Path:
-    try:
-        import mmyolo
-    except ImportError as exc:
-        raise UserError(f"mmyolo is not installed ({exc}); install harness[mm]") from None
-    root = Path(mmyolo.__file__).resolve().parent / ".mim" / "configs"
+    import importlib.util
+
+    # find_spec, not import: reading configs must not need mmcv's compiled ops
+    spec = importlib.util.find_spec("mmyolo")
+    if spec is None or spec.origin is None:
+        raise UserError("mmyolo is not installed; install harness[mm]")
+    root = Path(spec.origin).resolve().parent / ".mim" / "configs"
     if not root.is_dir():
         raise UserError(f"mmyolo at {root.parent.parent} ships no configs (.mim/configs)")
     return root
