@@ -36,7 +36,6 @@ def _allowed_globals() -> list[Any]:
 def load_checkpoint_file(path: Union[str, Path]) -> dict[str, Any]:
     """Read a checkpoint safely. Returns {'state_dict': ..., 'meta': ...} (meta may be {})."""
     import pickle
-    import zipfile
 
     import torch
 
@@ -54,7 +53,7 @@ def load_checkpoint_file(path: Union[str, Path]) -> dict[str, Any]:
                 "harness does not unpickle for safety; re-save it with only "
                 "{'state_dict': model.state_dict()}") from None
         raise UserError(f"checkpoint {p} is corrupt or not a PyTorch checkpoint") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except Exception as exc:  # torch's unpickler raises many types (KeyError, ...) on garbage
         raise UserError(f"checkpoint {p} is corrupt or truncated ({type(exc).__name__}); "
                         "re-download or re-save it") from None
     if not isinstance(ckpt, dict):
@@ -84,6 +83,12 @@ def check_state_dict_fits(model: Any, state: dict[str, Any], ckpt_path: Union[st
     unexpected = [k for k in state if k not in own]
     mismatched = [(k, tuple(state[k].shape), tuple(own[k].shape))
                   for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected:
+        first = (missing or unexpected)[0]
+        raise UserError(
+            f"checkpoint {ckpt_path} does not fit config {cfg_path}: {len(missing)} key(s) "
+            f"missing, {len(unexpected)} unexpected (first: {first}); is it the checkpoint "
+            "of this config?")
     if ckpt_classes is not None and len(ckpt_classes) != num_classes:
         raise UserError(
             f"class count mismatch: checkpoint {ckpt_path} was trained on {len(ckpt_classes)} "
@@ -96,9 +101,3 @@ def check_state_dict_fits(model: Any, state: dict[str, Any], ckpt_path: Union[st
             f"tensor(s) differ in shape, first {k}: {got} in checkpoint vs {want} in model "
             f"(the config has num_classes={num_classes}; a different class count or model "
             "size would do this)")
-    if missing or unexpected:
-        first = (missing or unexpected)[0]
-        raise UserError(
-            f"checkpoint {ckpt_path} does not fit config {cfg_path}: {len(missing)} key(s) "
-            f"missing, {len(unexpected)} unexpected (first: {first}); is it the checkpoint "
-            "of this config?")
