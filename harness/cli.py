@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("harness.commands.synth", "write a deterministic synthetic COCO-format dataset"),
     "detect": ("harness.commands.detect", "run the model source on images and print detections"),
     "demo": ("harness.commands.demo", "run the main job on the bundled fixture model and data"),
+    "export": ("harness.commands.export", "export the detector to ONNX (any variant, precision)"),
 }
 
 

@@ -42,3 +42,47 @@ def varied_images(tmp_path_factory) -> list[Path]:
         cv2.imwrite(str(p), draw_test_image(w, h, seed=i))
         paths.append(p)
     return paths
+
+
+# -- the fixture model, its preprocessed batch and its exported ONNX files (tests/export,
+# tests/backends); session-scoped because building and exporting take seconds each
+
+@pytest.fixture(scope="session")
+def fixture_model():
+    from harness.models.mmyolo import load_mmyolo_model
+    from harness.models.zoo import FIXTURE_CHECKPOINT, FIXTURE_CONFIG
+
+    return load_mmyolo_model(FIXTURE_CONFIG, FIXTURE_CHECKPOINT)
+
+
+@pytest.fixture(scope="session")
+def fixture_batch(fixture_model, varied_images):
+    """The 4 varied images preprocessed for the fixture: (4, 3, 320, 320) float32."""
+    from harness.data.preprocess import preprocess_files
+
+    return preprocess_files(varied_images, fixture_model.preprocess)
+
+
+@pytest.fixture(scope="session")
+def fixture_onnx(fixture_model, varied_images, tmp_path_factory):
+    """fixture_onnx(**ExportSettings fields) → ExportResult, each distinct export made once.
+    int8 files are calibrated on the varied images."""
+    from harness.export.calibration import CalibrationSettings
+    from harness.export.onnx_export import ExportSettings, export_onnx
+
+    folder = tmp_path_factory.mktemp("fixture_onnx")
+    made = {}
+
+    def export(**fields):
+        key = tuple(sorted(fields.items()))
+        if key not in made:
+            calibration = None
+            if fields.get("precision") == "int8":
+                calibration = CalibrationSettings(images=varied_images[0].parent, count=4,
+                                                  cache_dir=folder / "calibration")
+            name = "_".join(f"{k}-{v}" for k, v in key) or "raw"
+            made[key] = export_onnx(fixture_model, folder / f"{name}.onnx",
+                                    ExportSettings(**fields), calibration)
+        return made[key]
+
+    return export

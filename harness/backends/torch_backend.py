@@ -1,0 +1,162 @@
+"""PyTorch backend: the mmyolo module on CPU or CUDA in fp32, fp16 or bf16, any batch size.
+Outputs carry the ONNX variants' names (raw head maps, decoded candidates) so the two can be
+compared key by key; intermediate tensors come from forward hooks on module paths.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+from typing import Any, Callable, Sequence, Union
+
+import numpy as np
+
+from harness.backends.base import Backend, check_images
+from harness.errors import UserError
+
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# which named outputs infer() returns: the `raw` variant's, the `decoded` variant's, or both
+OUTPUT_SETS = ("raw", "decoded", "all")
+
+
+class TorchBackend(Backend):
+    """model: an MmyoloModel, or a callable that makes one (built in load()).
+
+    device: "cpu", "cuda", "cuda:1", ...; precision: fp32 | fp16 | bf16 (weights and inputs
+    cast to it; outputs returned as float32). use_tf32: what CUDA fp32 matmuls and convolutions
+    may use (set explicitly on CUDA and recorded; SPEC-nms.md "GPU numerics").
+    """
+
+    name = "torch"
+
+    def __init__(self, model: Union[Any, Callable[[], Any]], *, device: str = "cpu",
+                 precision: str = "fp32", outputs: str = "all", use_tf32: bool = False):
+        if precision not in PRECISIONS:
+            raise UserError(f"unknown torch precision '{precision}'; choose "
+                            f"{'|'.join(PRECISIONS)}")
+        if outputs not in OUTPUT_SETS:
+            raise UserError(f"unknown output set '{outputs}'; choose {'|'.join(OUTPUT_SETS)}")
+        self._source = model
+        self.device = device
+        self.precision = precision
+        self.outputs = outputs
+        self.use_tf32 = use_tf32
+        self._model: Any = None
+
+    def load(self) -> None:
+        if self._model is not None:
+            return
+        import torch
+
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"device {self.device} requested but this torch has no CUDA "
+                            f"(torch {torch.__version__})")
+        source = self._source() if callable(self._source) else self._source
+        dtype = getattr(torch, PRECISIONS[self.precision])
+        if str(source.device) == self.device and dtype == torch.float32:
+            model = source
+        else:
+            # a converted copy: the caller's model keeps its device and precision
+            model = copy.copy(source)
+            model.module = copy.deepcopy(source.module).to(device=self.device, dtype=dtype)
+            model.device = self.device
+        if self.device.startswith("cuda"):
+            torch.backends.cuda.matmul.allow_tf32 = self.use_tf32
+            torch.backends.cudnn.allow_tf32 = self.use_tf32
+        self._dtype = dtype
+        self._model = model
+
+    def _tensor(self, inputs: np.ndarray) -> Any:
+        import torch
+
+        return torch.from_numpy(check_images(inputs)).to(self.device, self._dtype)
+
+    def infer(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        """inputs (B, 3, H, W) float32 → `cls_scores.0`, ... (raw) and/or `boxes` (B, N, 4),
+        `scores` (B, N, C), `objectness` (B, N) (decoded), as float32."""
+        import torch
+
+        from harness.export.wrappers import head_map_outputs
+
+        self.load()
+        x = self._tensor(inputs)
+        out: dict[str, Any] = {}
+        with torch.no_grad():
+            raw = self._model.raw_outputs(x)
+            if self.outputs in ("raw", "all"):
+                out.update(head_map_outputs(raw))
+            if self.outputs in ("decoded", "all"):
+                boxes, scores, objectness = self._model.decode_torch(raw)
+                out.update(boxes=boxes, scores=scores)
+                if objectness is not None:
+                    out["objectness"] = objectness
+        return {k: v.float().cpu().numpy() for k, v in out.items()}
+
+    def intermediate_names(self) -> list[str]:
+        """Module paths of the detector (`backbone.stem.conv`, ...), in definition order."""
+        self.load()
+        return [name for name, _ in self._model.module.named_modules() if name]
+
+    def intermediates(self, inputs: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """Outputs of the modules at `names` (module paths) for `inputs`. A module returning a
+        tuple or list gives `name.0`, `name.1`, ...; its tensors are returned as float32."""
+        import torch
+
+        self.load()
+        root = self._model.module
+        modules = {}
+        for name in names:
+            try:
+                modules[name] = root.get_submodule(name)
+            except AttributeError:
+                close = difflib.get_close_matches(name, self.intermediate_names(), n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise UserError(f"the model has no module '{name}'{hint}") from None
+        captured: dict[str, Any] = {}
+        handles = [m.register_forward_hook(_capture(name, captured))
+                   for name, m in modules.items()]
+        try:
+            with torch.no_grad():
+                self._model.raw_outputs(self._tensor(inputs))
+        finally:
+            for h in handles:
+                h.remove()
+        return {k: v.float().cpu().numpy() for k, v in captured.items()}
+
+    def describe(self) -> dict[str, Any]:
+        import torch
+
+        info: dict[str, Any] = {
+            "backend": self.name, "torch": torch.__version__, "device": self.device,
+            "provider": "cuda" if self.device.startswith("cuda") else "cpu",
+            "precision": self.precision, "outputs": self.outputs,
+            "threads": torch.get_num_threads(),
+            "use_tf32": self.use_tf32 if self.device.startswith("cuda") else None,
+        }
+        for package in ("mmcv", "mmdet", "mmyolo", "mmengine"):
+            try:
+                info[package] = __import__(package).__version__
+            except ImportError:
+                info[package] = None
+        if self.device.startswith("cuda") and torch.cuda.is_available():
+            info["device_name"] = torch.cuda.get_device_name(torch.device(self.device))
+            info["cuda"] = torch.version.cuda
+        if self._model is not None:
+            info["model"] = {"config": self._model.cfg_path,
+                             "checkpoint": self._model.ckpt_path,
+                             "family": self._model.family}
+        return info
+
+
+def _capture(name: str, into: dict[str, Any]) -> Callable[..., None]:
+    def hook(module: Any, args: Any, output: Any) -> None:
+        _collect(name, output, into)
+    return hook
+
+
+def _collect(name: str, value: Any, into: dict[str, Any]) -> None:
+    """Tensors of a module output by name; nested tuples/lists get `.i` suffixes."""
+    if isinstance(value, (tuple, list)):
+        for i, item in enumerate(value):
+            _collect(f"{name}.{i}", item, into)
+    elif hasattr(value, "float") and hasattr(value, "cpu"):
+        into[name] = value

@@ -1,0 +1,89 @@
+"""`harness export cfg.py ckpt -o model.onnx`: the detector as an ONNX file in the variant,
+NMS, precision and opset deployment engineers choose, with the settings recorded inside."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="mmyolo config (.py)")
+    p.add_argument("checkpoint", type=Path, nargs="?", default=None,
+                   help="checkpoint (.pth); omit only with --random-init")
+    p.add_argument("-o", "--output", type=Path, required=True, help="ONNX file to write")
+    p.add_argument("--random-init", action="store_true",
+                   help="export mmyolo's seeded random initialisation (no checkpoint)")
+    p.add_argument("--variant", choices=("raw", "decoded", "end2end"), default="raw",
+                   help="raw: head maps; decoded: boxes + scores before NMS; end2end: with NMS")
+    p.add_argument("--nms", choices=("onnx", "efficient", "batched"), default=None,
+                   help="end2end NMS: ONNX NonMaxSuppression, TRT::EfficientNMS_TRT or "
+                        "TRT::BatchedNMSDynamic_TRT")
+    p.add_argument("--pre-topk", type=int, default=None,
+                   help="BatchedNMS topK (default min(nms_pre, 4096)); onnx/efficient ignore it")
+    p.add_argument("--keep-topk", type=int, default=None,
+                   help="detections kept (default the config's max_per_img)")
+    p.add_argument("--iou-threshold", type=float, default=None,
+                   help="default the config's test_cfg.nms.iou_threshold")
+    p.add_argument("--score-threshold", type=float, default=None,
+                   help="default the config's score_thr")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
+    p.add_argument("--calib", type=Path, default=None,
+                   help="folder of calibration images (int8)")
+    p.add_argument("--calib-count", type=int, default=32, help="calibration images (int8)")
+    p.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"),
+                   default="minmax")
+    p.add_argument("--calib-cache", type=Path, default=None,
+                   help="calibration cache folder (default ~/.cache/harness/calibration)")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--batch", type=int, default=None,
+                   help="fix the batch size (default: a dynamic batch axis)")
+    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="input height and width (default: what the preprocessing produces)")
+    p.add_argument("--simplify", action="store_true", help="run onnxsim (must be installed)")
+    p.add_argument("--device", default="cpu", help="device the model is traced on")
+
+
+def run(args: argparse.Namespace) -> int:
+    from harness.errors import UserError
+    from harness.export.calibration import CalibrationSettings
+    from harness.export.onnx_export import ExportSettings, check_options, export_onnx
+    from harness.models.mmyolo import load_mmyolo_model
+
+    if args.checkpoint is None and not args.random_init:
+        raise UserError("give a checkpoint, or --random-init to export untrained weights")
+    if args.checkpoint is not None and args.random_init:
+        raise UserError("--random-init and a checkpoint exclude each other")
+    if args.precision == "int8" and args.calib is None:
+        raise UserError("--precision int8 needs calibration images: --calib DIR")
+    settings = ExportSettings(
+        variant=args.variant, nms=args.nms, pre_topk=args.pre_topk, keep_topk=args.keep_topk,
+        iou_threshold=args.iou_threshold, score_threshold=args.score_threshold,
+        precision=args.precision, opset=args.opset, batch=args.batch,
+        input_size=tuple(args.input_size) if args.input_size else None,
+        simplify=args.simplify)
+    check_options(settings)  # before the (slow) model load
+    calibration = None
+    if args.calib is not None:
+        cache = args.calib_cache or Path.home() / ".cache" / "harness" / "calibration"
+        calibration = CalibrationSettings(images=args.calib, count=args.calib_count,
+                                          method=args.calib_method, cache_dir=cache)
+    model = load_mmyolo_model(args.config, args.checkpoint, device=args.device)
+    result = export_onnx(model, args.output, settings, calibration)
+    meta = result.metadata
+    for note in result.notes:
+        print(f"note: {note}")
+    nms = meta["nms"]
+    what = meta["variant"] if nms is None else (
+        f"end2end ({nms['kind']} NMS: keep {nms['keep_topk']}, IoU {nms['iou_threshold']}, "
+        f"score {nms['score_threshold']}"
+        + (f", topK {nms['pre_topk']}" if nms["pre_topk"] is not None else "") + ")")
+    shape = "x".join(str(d) for d in meta["input"]["shape"])
+    print(f"{model.family}: {what}, {meta['precision']}, opset {meta['opset']}, "
+          f"input {meta['input']['name']} {shape}")
+    print(f"outputs: {', '.join(meta['outputs'])}")
+    calib = meta.get("calibration")
+    if calib:
+        print(f"int8 calibration: {calib['method']} on {calib['count']} images "
+              f"(cache {calib['cache']}: {calib['cache_file']})")
+    print(f"wrote {result.path} in {result.seconds:.1f} s")
+    return 0

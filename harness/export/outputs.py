@@ -1,0 +1,105 @@
+"""Reading an exported file's named outputs back: which variant they are (from their names),
+and the detections per image in original-image pixels — mmyolo's own NMS for raw and decoded
+outputs, the file's own NMS output for end2end ones.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence, Union
+
+import numpy as np
+
+from harness.errors import UserError
+from harness.export.variants import END2END_OUTPUTS
+
+
+def variant_of(names: Sequence[str]) -> tuple[str, Union[str, None]]:
+    """(variant, end2end NMS kind or None) of a file whose outputs are `names`."""
+    have = set(names)
+    for kind, wanted in END2END_OUTPUTS.items():
+        if set(wanted) <= have and (kind != "onnx" or "selected_indices" in have):
+            return "end2end", kind
+    if {"boxes", "scores"} <= have:
+        return "decoded", None
+    if any(n.startswith("cls_scores.") for n in have) and \
+            any(n.startswith("bbox_preds.") for n in have):
+        return "raw", None
+    raise UserError(f"outputs {', '.join(sorted(have))} are none of the harness's variants "
+                    "(raw head maps, decoded boxes/scores, or an end2end NMS's outputs)")
+
+
+def head_maps_from_outputs(outputs: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+    """`cls_scores.0`, ... arrays back into MmyoloModel.raw_outputs' {kind: [level tensors]}."""
+    import torch
+
+    levels: dict[str, dict[int, Any]] = {}
+    for name, value in outputs.items():
+        kind, _, level = name.rpartition(".")
+        if kind and level.isdigit():
+            levels.setdefault(kind, {})[int(level)] = torch.from_numpy(np.asarray(value))
+    return {kind: [maps[i] for i in sorted(maps)] for kind, maps in levels.items()}
+
+
+def to_original_pixels(boxes: np.ndarray, meta: Any) -> np.ndarray:
+    """boxes (K, 4) xyxy in network-input pixels → original-image pixels, clamped (mmyolo's
+    rescale and clamp, SPEC-nms.md "mmyolo predict_by_feat" steps 4 and 6)."""
+    pad = meta.pad_param
+    left, top = (pad[2], pad[0]) if pad is not None else (0.0, 0.0)
+    sx, sy = meta.scale_factor
+    shift = np.asarray([left, top, left, top], np.float32)
+    scale = np.asarray([sx, sy, sx, sy], np.float32)
+    out = (np.asarray(boxes, np.float32) - shift) / scale
+    h, w = meta.ori_shape
+    out[:, 0::2] = np.clip(out[:, 0::2], 0, w)
+    out[:, 1::2] = np.clip(out[:, 1::2], 0, h)
+    return out
+
+
+def _end2end_rows(outputs: dict[str, np.ndarray], kind: str,
+                  image: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(boxes (K, 4) input pixels, scores (K,), labels (K,), box index or -1) of one image,
+    in the NMS's output order."""
+    if kind == "onnx":
+        sel = outputs["selected_indices"]
+        rows = sel[sel[:, 0] == image]
+        scores = outputs["scores"][image, rows[:, 2], rows[:, 1]]
+        # the op groups rows by class; detections read best first
+        rows = rows[np.argsort(-scores, kind="stable")]
+        boxes = outputs["boxes"][image, rows[:, 2]]
+        scores = outputs["scores"][image, rows[:, 2], rows[:, 1]]
+        return boxes, scores, rows[:, 1].astype(np.int64), rows[:, 2].astype(np.int64)
+    names = END2END_OUTPUTS[kind]
+    num, boxes, scores, classes = (outputs[n][image] for n in names)
+    if kind == "efficient":
+        n = int(num[0])
+        valid = np.arange(boxes.shape[0]) < n
+    else:
+        # BatchedNMS: invalid rows (class -1) can sit between valid ones
+        valid = classes >= 0
+    return (boxes[valid], scores[valid], classes[valid].astype(np.int64),
+            np.full(int(valid.sum()), -1, np.int64))
+
+
+def detections_from_outputs(model: Any, outputs: dict[str, np.ndarray],
+                            metas: Sequence[Any]) -> list[Any]:
+    """Per image NmsResult (boxes in original pixels) from a backend's outputs of any variant.
+
+    raw / decoded: decoded candidates through mmyolo's NMS with the model's test_cfg (the
+    harness's reference). end2end: the file's own NMS output, rescaled and clamped.
+    """
+    from harness.models.mmyolo import DecodedCandidates
+    from harness.nms import NmsResult
+
+    variant, kind = variant_of(list(outputs))
+    if variant == "raw":
+        return model.detections(model.decode(head_maps_from_outputs(outputs)), metas)
+    if variant == "decoded":
+        decoded = DecodedCandidates(boxes=outputs["boxes"], scores=outputs["scores"],
+                                    objectness=outputs.get("objectness"))
+        return model.detections(decoded, metas)
+    results = []
+    for i, meta in enumerate(metas):
+        boxes, scores, labels, index = _end2end_rows(outputs, kind, i)
+        results.append(NmsResult(boxes=to_original_pixels(boxes, meta),
+                                 scores=np.asarray(scores, np.float32), labels=labels,
+                                 box_index=index))
+    return results

@@ -1,0 +1,119 @@
+"""TensorRT plugin nodes in an ONNX graph: find them, cut the graph at their inputs, and put
+them back. onnxruntime cannot run these nodes, so the onnxruntime backend runs the cut graph and
+finishes with a reference kernel, and fp16 / int8 conversion works on the cut graph only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from harness.errors import UserError
+
+# (domain, op_type) of the plugin nodes the harness's exporter writes and its backends emulate
+PLUGIN_OPS = {
+    ("TRT", "EfficientNMS_TRT"),
+    ("TRT", "BatchedNMSDynamic_TRT"),
+    ("TRT", "BatchedNMS_TRT"),
+}
+# domains onnxruntime implements itself
+STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
+
+
+def op_name(node: Any) -> str:
+    """`domain::op_type` as a user sees it in a graph viewer (`Conv` for the default domain)."""
+    return f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") \
+        else node.op_type
+
+
+def custom_nodes(model: Any) -> list[Any]:
+    """Nodes outside the standard ONNX / onnxruntime domains, in graph order."""
+    return [n for n in model.graph.node if n.domain not in STANDARD_DOMAINS]
+
+
+def is_plugin(node: Any) -> bool:
+    return (node.domain, node.op_type) in PLUGIN_OPS
+
+
+@dataclass
+class PluginCut:
+    """A graph cut at the inputs of its plugin nodes.
+
+    body: the graph without the plugin nodes; its outputs are the original outputs not made
+    by a plugin, then every plugin input (float32, as the plugins receive them).
+    plugins: the removed plugin nodes, in graph order.
+    outputs: the original graph outputs (ValueInfoProto), to restore on reattach.
+    """
+
+    body: Any
+    plugins: list[Any]
+    outputs: list[Any]
+
+    def reattach(self, body: Any) -> Any:
+        """`body` (this cut's body, possibly converted) with the plugin nodes and the original
+        outputs restored. The body must keep the names of its outputs."""
+        import onnx
+
+        model = onnx.ModelProto()
+        model.CopyFrom(body)
+        model.graph.node.extend(self.plugins)
+        del model.graph.output[:]
+        model.graph.output.extend(self.outputs)
+        domains = {op.domain for op in model.opset_import}
+        for domain in sorted({n.domain for n in self.plugins} - domains):
+            model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
+        return model
+
+
+def cut_at_plugins(model: Any) -> PluginCut:
+    """Split `model` before its plugin nodes (a graph without any gives an unchanged body).
+
+    Plugin outputs must be graph outputs consumed by no other node (how every end2end export
+    ends); anything else raises UserError, since the emulation could not finish the graph.
+    """
+    import onnx
+
+    plugins = [n for n in model.graph.node if is_plugin(n)]
+    outputs = [o for o in model.graph.output]
+    body = onnx.ModelProto()
+    body.CopyFrom(model)
+    if not plugins:
+        return PluginCut(body=body, plugins=[], outputs=outputs)
+    made_by_plugin = {t for n in plugins for t in n.output}
+    for node in model.graph.node:
+        used = made_by_plugin.intersection(node.input)
+        if used and not is_plugin(node):
+            raise UserError(f"node {node.name or node.op_type} consumes {sorted(used)[0]}, an "
+                            "output of a TensorRT plugin node; the harness runs plugin nodes "
+                            "only at the end of a graph")
+    keep = [n for n in model.graph.node if not is_plugin(n)]
+    del body.graph.node[:]
+    body.graph.node.extend(keep)
+    body_outputs = [o for o in outputs if o.name not in made_by_plugin]
+    wanted = [t for n in plugins for t in n.input if t]
+    known = {o.name for o in body_outputs}
+    types = _value_types(body)
+    for name in wanted:
+        if name in known:
+            continue
+        known.add(name)
+        body_outputs.append(types.get(name) or onnx.helper.make_empty_tensor_value_info(name))
+    del body.graph.output[:]
+    body.graph.output.extend(body_outputs)
+    # the TRT opset import would make onnxruntime look for a domain it does not have
+    plugin_domains = {n.domain for n in plugins} - {n.domain for n in keep}
+    kept_imports = [op for op in body.opset_import if op.domain not in plugin_domains]
+    del body.opset_import[:]
+    body.opset_import.extend(kept_imports)
+    return PluginCut(body=body, plugins=plugins, outputs=outputs)
+
+
+def _value_types(model: Any) -> dict[str, Any]:
+    """ValueInfoProto of every tensor shape inference can type, by name."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # inference is only a nicety here: outputs may stay untyped
+        return {}
+    g = inferred.graph
+    return {v.name: v for v in list(g.value_info) + list(g.output) + list(g.input)}

@@ -1,0 +1,113 @@
+"""fp16 and int8 versions of an exported fp32 graph. fp16: weights and compute in half, the
+file's inputs and outputs stay float32. int8: QDQ (symmetric, per-channel weights, as TensorRT
+wants) calibrated on dataset images. TensorRT plugin nodes are cut off first and stay fp32.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from harness.errors import UserError
+from harness.export.calibration import (
+    CalibrationReader, CalibrationSettings, calibration_images, calibration_key,
+)
+from harness.export.plugins import cut_at_plugins
+
+PRECISIONS = ("fp32", "fp16", "int8")
+# Only the network is quantized: decoding turns logits into pixel coordinates, where int8
+# steps of (range / 255) would move boxes by pixels, and deployments keep it in float.
+NETWORK_SCOPES = ("/backbone/", "/neck/", "/bbox_head/")
+# QDQ on the inputs (activations and weights) of these ops only, not on their outputs:
+# TensorRT's recommended placement, which leaves Conv + activation fusions intact.
+QUANTIZED_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul"]
+_ORT_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+
+
+def to_fp16(model: Any) -> Any:
+    """fp16 copy of an fp32 ModelProto: float initializers and compute in half, Cast nodes at
+    the graph boundary so inputs and outputs stay float32; ops without fp16 meaning
+    (NonMaxSuppression, TopK, Range, ...: onnxruntime's default block list) stay float32."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    cut = cut_at_plugins(model)
+    with _quiet():
+        half = convert_float_to_float16(cut.body, keep_io_types=True,
+                                        op_block_list=list(DEFAULT_OP_BLOCK_LIST))
+    return cut.reattach(half)
+
+
+def to_int8(model: Any, spec: Any, input_name: str, size_hw: tuple[int, int],
+            calibration: CalibrationSettings) -> tuple[Any, dict[str, Any]]:
+    """QDQ int8 copy of an fp32 ModelProto, calibrated on `calibration`'s images preprocessed
+    with `spec` (the model's PreprocessSpec), one image per step.
+
+    Returns the model and a record of the calibration (method, images, cache key, whether the
+    ranges came from the cache).
+    """
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationMethod, QuantFormat, QuantType, quantize_static,
+    )
+
+    paths = calibration_images(calibration.images, calibration.count)
+    cut = cut_at_plugins(model)
+    body_bytes = cut.body.SerializeToString()
+    key = calibration_key(body_bytes, paths, calibration.method, spec.describe(), size_hw)
+    cache_file = None
+    if calibration.cache_dir is not None:
+        try:
+            calibration.cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create calibration cache folder {calibration.cache_dir}: "
+                            f"{exc.strerror or exc}") from None
+        cache_file = calibration.cache_dir / f"int8-{key[:32]}.json"
+    hit = cache_file is not None and cache_file.is_file()
+    reader = CalibrationReader(paths, spec, input_name, size_hw)
+    excluded = [n.name for n in cut.body.graph.node if not n.name.startswith(NETWORK_SCOPES)]
+    with tempfile.TemporaryDirectory(prefix="harness-int8-") as tmp, _quiet():
+        out = Path(tmp) / "int8.onnx"
+        try:
+            quantize_static(
+                cut.body, str(out), None if hit else reader,
+                quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=excluded,
+                calibrate_method=getattr(CalibrationMethod, _ORT_METHODS[calibration.method]),
+                extra_options={
+                    # TensorRT takes only symmetric (zero-point 0) int8
+                    "ActivationSymmetric": True, "WeightSymmetric": True,
+                    "OpTypesToExcludeOutputQuantization": QUANTIZED_OPS},
+                calibration_cache_path=None if cache_file is None else str(cache_file))
+        except ValueError as exc:
+            if "bins" not in str(exc):
+                raise
+            # onnxruntime's histogram calibrators fail on a tensor whose values are all
+            # (nearly) equal, e.g. activations of an untrained model
+            raise UserError(f"{calibration.method} calibration failed ({exc}); some tensor "
+                            "has an almost constant value (an untrained model?): use "
+                            "--calib-method minmax") from None
+        quantized = onnx.load(str(out))
+    record = {"method": calibration.method, "images": [p.name for p in paths],
+              "count": len(paths), "key": key, "cache": "hit" if hit else "miss",
+              "images_read": reader.consumed,
+              "cache_file": None if cache_file is None else str(cache_file),
+              "placement": f"inputs of {', '.join(QUANTIZED_OPS)} in {', '.join(NETWORK_SCOPES)}",
+              "activations": "int8 symmetric per-tensor", "weights": "int8 symmetric per-channel"}
+    return cut.reattach(quantized), record
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """onnxruntime's quantization and float16 tools log advice at WARNING on the root logger
+    and print calibration progress to stdout; the CLI prints its own summary instead."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)

@@ -1,0 +1,34 @@
+"""The export variants and the output contract of each: which names a file's outputs carry and
+what they hold. Light on purpose (no torch), so readers of exported files can import it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+VARIANTS = ("raw", "decoded", "end2end")
+NMS_CHOICES = ("onnx", "efficient", "batched")
+
+# Output names of each end2end choice, in graph order: the plugins' own output names, and for
+# the ONNX op the candidates its selected_indices point into.
+END2END_OUTPUTS = {
+    "onnx": ("boxes", "scores", "selected_indices"),
+    "efficient": ("num_detections", "detection_boxes", "detection_scores", "detection_classes"),
+    "batched": ("num_detections", "nmsed_boxes", "nmsed_scores", "nmsed_classes"),
+}
+
+
+@dataclass(frozen=True)
+class End2EndNms:
+    """The NMS an end2end file ends with, with every number resolved.
+
+    kind: "onnx" | "efficient" | "batched". pre_topk: BatchedNMS's topK only (the other two
+    ignore it, as easydeploy does; EfficientNMS has its own fixed cap). keep_topk: ONNX
+    max_output_boxes_per_class, EfficientNMS max_output_boxes, BatchedNMS keepTopK.
+    """
+
+    kind: str
+    keep_topk: int
+    iou_threshold: float
+    score_threshold: float
+    pre_topk: Union[int, None] = None
