@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "detect": ("harness.commands.detect", "run the model source on images and print detections"),
     "demo": ("harness.commands.demo", "run the main job on the bundled fixture model and data"),
     "export": ("harness.commands.export", "export the detector to ONNX (any variant, precision)"),
+    "build": ("harness.commands.build", "build a TensorRT engine from an ONNX file"),
 }
 
 

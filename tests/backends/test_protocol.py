@@ -11,7 +11,7 @@ from harness.data.preprocess import Batch
 
 
 def test_backend_table():
-    assert set(BACKENDS) == {"torch", "onnxruntime"}
+    assert set(BACKENDS) == {"torch", "onnxruntime", "tensorrt"}
     for name, cls in BACKENDS.items():
         assert issubclass(cls, Backend) and cls.name == name
 

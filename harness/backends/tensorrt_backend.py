@@ -1,0 +1,155 @@
+"""TensorRT backend: runs an engine `harness build` made, after checking its sidecar (same
+TensorRT, same GPU, unchanged ONNX). Device buffers are PyTorch CUDA tensors; inference is
+`execute_async_v3` on a PyTorch CUDA stream. Written against the TensorRT 10 Python API
+(named I/O tensors); `tensorrt` and `torch` are imported when the engine loads.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+
+from harness.backends.base import Backend, check_images
+from harness.backends.tensorrt_plan import BatchProfile, check_batch, output_buffer
+from harness.backends.tensorrt_sidecar import check_sidecar, read_sidecar
+from harness.errors import UserError
+
+
+class TensorRTBackend(Backend):
+    """path: a serialized engine with its `.json` sidecar. onnx_path: the source ONNX to check
+    the engine against (default: the path the sidecar recorded, when it still exists; pass
+    False to skip). device_id: the CUDA device."""
+
+    name = "tensorrt"
+
+    def __init__(self, path: Union[str, Path], *, onnx_path: Union[str, Path, bool, None] = None,
+                 device_id: int = 0):
+        self.path = Path(path)
+        self.onnx_path = onnx_path
+        self.device_id = device_id
+        self._engine: Any = None
+
+    def load(self) -> None:
+        if self._engine is not None:
+            return
+        from harness.backends.tensorrt_build import current_gpu, import_tensorrt
+
+        trt = import_tensorrt()
+        import torch
+
+        if not self.path.is_file():
+            raise UserError(f"engine not found: {self.path}")
+        sidecar = read_sidecar(self.path)
+        gpu_name, capability = current_gpu(self.device_id)
+        onnx_path = self.onnx_path
+        if onnx_path is None:  # check against the recorded source when it is still there
+            onnx_path = sidecar.onnx_path if Path(sidecar.onnx_path).is_file() else None
+        check_sidecar(sidecar, str(trt.__version__), gpu_name, capability,
+                      onnx_path=None if onnx_path is False else onnx_path)
+        self.sidecar = sidecar
+        self.profile = BatchProfile.from_json(sidecar.profile)
+        self._trt = trt
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        trt.init_libnvinfer_plugins(self._logger, "")  # engines with NMS plugins need them
+        self._runtime = trt.Runtime(self._logger)
+        engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if engine is None:
+            raise UserError(f"TensorRT {trt.__version__} cannot deserialize {self.path} "
+                            "(see its log above); rebuild it with 'harness build'")
+        self._context = engine.create_execution_context()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        if len(inputs) != 1:
+            raise UserError(f"{self.path.name} has {len(inputs)} inputs; the harness feeds one")
+        self.input_name = inputs[0]
+        self.output_names = [n for n in names if n not in inputs]
+        self._dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
+        # PyTorch already owns a CUDA context, an allocator and streams; its tensors' data_ptr()
+        # are the device addresses set_tensor_address wants, so pycuda (a second context and
+        # allocator) is not needed.
+        self._device = torch.device("cuda", self.device_id)
+        self._stream = torch.cuda.Stream(device=self._device)
+        self._engine = engine
+
+    # -- inference --------------------------------------------------------------------------
+
+    def _execute(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        import torch
+
+        self.load()
+        x = check_images(inputs)
+        check_batch(self.profile, x.shape, self.path.name)  # before anything runs
+        ctx = self._context
+        with torch.cuda.device(self._device):
+            device_in = torch.from_numpy(x).to(self._device)
+            if self._dtypes[self.input_name] == np.float16:
+                device_in = device_in.half()
+            device_in = device_in.contiguous()
+            if not ctx.set_input_shape(self.input_name, tuple(x.shape)):
+                raise UserError(f"{self.path.name} refused input shape {tuple(x.shape)}")
+            ctx.set_tensor_address(self.input_name, int(device_in.data_ptr()))
+            buffers: dict[str, Any] = {}
+            for name in self.output_names:
+                shape, dtype, _ = output_buffer(tuple(ctx.get_tensor_shape(name)),
+                                                self._dtypes[name], x.shape[0])
+                if not all(d >= 0 for d in shape):
+                    raise UserError(f"output {name} has a data-dependent shape; export with "
+                                    "--nms efficient or batched for TensorRT")
+                torch_dtype = torch.from_numpy(np.empty(0, dtype)).dtype
+                buffers[name] = torch.empty(shape, dtype=torch_dtype, device=self._device)
+                ctx.set_tensor_address(name, int(buffers[name].data_ptr()))
+            # the input copy ran on the current stream; ours must wait for it
+            self._stream.wait_stream(torch.cuda.current_stream(self._device))
+            if not ctx.execute_async_v3(self._stream.cuda_stream):
+                raise UserError(f"TensorRT failed to run {self.path.name} on "
+                                f"{tuple(x.shape)} (see its log above)")
+            self._stream.synchronize()
+        out = {}
+        for name, t in buffers.items():
+            a = t.cpu().numpy()
+            out[name] = a.astype(np.float32) if a.dtype == np.float16 else a
+        return out
+
+    def infer(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        """inputs (B, 3, H, W) float32 → the ONNX's outputs by name (marked layers left out)."""
+        self.load()
+        marked = set(self.sidecar.marked_layers)
+        return {n: v for n, v in self._execute(inputs).items() if n not in marked}
+
+    def intermediate_names(self) -> list[str]:
+        """The layer outputs this (debug) engine was built with marked (`harness build
+        --mark`); an ordinary engine has none, since marking stops fusions."""
+        self.load()
+        return list(self.sidecar.marked_layers)
+
+    def intermediates(self, inputs: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+        known = self.intermediate_names()
+        for name in names:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else \
+                    "; build a debug engine with those layers marked"
+                raise UserError(f"{self.path.name} has no marked tensor '{name}'{hint}")
+        values = self._execute(inputs)
+        return {n: (values[n].astype(np.float32)
+                    if np.issubdtype(values[n].dtype, np.floating) else values[n])
+                for n in names}
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"backend": self.name, "model": str(self.path)}
+        if self._engine is None:
+            return info
+        side = self.sidecar
+        info.update({
+            "tensorrt": side.tensorrt_version, "device": f"cuda:{self.device_id}",
+            "gpu": side.gpu_name, "compute_capability": side.compute_capability,
+            "precision": side.precision, "profile": side.profile,
+            "input": {"name": self.input_name, "shape": side.inputs.get(self.input_name)},
+            "outputs": [n for n in self.output_names if n not in side.marked_layers],
+            "onnx_sha256": side.onnx_sha256, "marked_layers": len(side.marked_layers),
+            "variant": (side.export or {}).get("variant"),
+            "nms": (side.export or {}).get("nms"),
+        })
+        return info

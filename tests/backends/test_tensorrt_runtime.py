@@ -1,0 +1,190 @@
+"""TensorRT engines built from the fixture's raw and end2end (EfficientNMS) ONNX at fp32, fp16
+and int8, run at batch 1 and 4 from one engine and compared with onnxruntime on the same
+bytes. They need TensorRT and a GPU it supports, and skip, saying what to install, without."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from harness.errors import UserError
+
+pytestmark = [pytest.mark.tensorrt, pytest.mark.gpu, pytest.mark.slow]
+
+INSTALL = ("install harness[tensorrt] (tensorrt>=10, a CUDA build of torch) on a machine "
+           "with an NVIDIA GPU TensorRT supports")
+
+
+def _tensorrt_or_skip():
+    """tensorrt, or a module-level skip saying what to install. Done at import, before any
+    session fixture (the fixture model and its exports) is built for nothing."""
+    try:
+        import tensorrt
+    except Exception as exc:  # noqa: BLE001 - any failure to load means: not usable here
+        pytest.skip(f"tensorrt cannot be imported ({exc}); {INSTALL}", allow_module_level=True)
+    torch = pytest.importorskip("torch", reason=INSTALL)
+    if not torch.cuda.is_available():
+        pytest.skip(f"no CUDA device visible to torch; {INSTALL}", allow_module_level=True)
+    return tensorrt
+
+
+TENSORRT = _tensorrt_or_skip()
+
+
+@pytest.fixture(scope="module")
+def trt():
+    return TENSORRT
+
+
+@pytest.fixture(scope="module")
+def engines(trt, fixture_onnx, fixture_model, varied_images, tmp_path_factory):
+    """engines(onnx_fields, precision) → (engine path, onnx path), each built once."""
+    from harness.backends.tensorrt_build import build_engine
+
+    folder = tmp_path_factory.mktemp("engines")
+    made = {}
+
+    def build(precision: str, **fields):
+        key = (precision, tuple(sorted(fields.items())))
+        if key not in made:
+            onnx_path = fixture_onnx(**fields).path
+            engine = folder / f"{'_'.join(str(v) for v in fields.values())}_{precision}.engine"
+            calib = dict(calib_images=varied_images, preprocess=fixture_model.preprocess,
+                         calib_cache_dir=folder / "calib") \
+                if precision == "int8" and fields.get("precision") != "int8" else {}
+            build_engine(onnx_path, engine, precision=precision, min_batch=1, opt_batch=4,
+                         max_batch=4, workspace_gb=2.0, timing_cache=folder / "timing.cache",
+                         **calib)
+            made[key] = (engine, onnx_path)
+        return made[key]
+
+    return build
+
+
+def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+
+# relative L2 to onnxruntime fp32 (CPU) on the raw head maps, per TensorRT precision
+RAW_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "int8": 0.15}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_raw_engine_matches_onnxruntime_at_batch_1_and_4(precision, engines, fixture_batch):
+    from harness.backends import OnnxruntimeBackend, TensorRTBackend
+
+    engine, onnx_path = engines(precision, variant="raw")
+    backend = TensorRTBackend(engine, onnx_path=onnx_path)
+    reference = OnnxruntimeBackend(onnx_path, provider="cpu")
+    for batch in (fixture_batch.inputs[:1], fixture_batch.inputs):
+        got, want = backend.infer(batch), reference.infer(batch)
+        assert set(got) == set(want)
+        for name in want:
+            assert got[name].shape == want[name].shape, name
+            assert rel_l2(got[name], want[name]) < RAW_TOLERANCE[precision], name
+    info = backend.describe()
+    assert info["precision"] == precision and info["variant"] == "raw"
+    assert info["profile"]["min"][0] == 1 and info["profile"]["max"][0] == 4
+
+
+def test_explicit_int8_from_qdq_onnx_runs(engines, fixture_batch):
+    from harness.backends import OnnxruntimeBackend, TensorRTBackend
+
+    engine, onnx_path = engines("int8", variant="raw", precision="int8")
+    got = TensorRTBackend(engine).infer(fixture_batch.inputs)
+    want = OnnxruntimeBackend(onnx_path, provider="cpu").infer(fixture_batch.inputs)
+    for name in want:
+        assert rel_l2(got[name], want[name]) < RAW_TOLERANCE["int8"], name
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_end2end_efficient_nms_engine_matches_onnxruntime(precision, engines, fixture_batch):
+    from harness.backends import OnnxruntimeBackend, TensorRTBackend
+
+    engine, onnx_path = engines(precision, variant="end2end", nms="efficient")
+    backend = TensorRTBackend(engine, onnx_path=onnx_path)
+    reference = OnnxruntimeBackend(onnx_path, provider="cpu")
+    for batch in (fixture_batch.inputs[:1], fixture_batch.inputs):
+        got, want = backend.infer(batch), reference.infer(batch)
+        n_got = got["num_detections"].reshape(-1)
+        n_want = want["num_detections"].reshape(-1)
+        assert got["detection_boxes"].shape == want["detection_boxes"].shape
+        assert (n_got > 0).all()
+        if precision == "fp32":
+            assert (n_got == n_want).all()
+            for i, n in enumerate(n_want):
+                # the strongest detections agree to a fraction of a pixel
+                top = min(int(n), 5)
+                np.testing.assert_allclose(got["detection_boxes"][i, :top],
+                                           want["detection_boxes"][i, :top], atol=0.5)
+                np.testing.assert_array_equal(got["detection_classes"][i, :top],
+                                              want["detection_classes"][i, :top])
+        else:
+            assert np.abs(n_got.astype(int) - n_want.astype(int)).max() <= \
+                max(3, int(0.2 * n_want.max()))
+
+
+def test_batch_outside_profile_refused_before_running(engines, fixture_batch):
+    from harness.backends import TensorRTBackend
+
+    engine, _ = engines("fp32", variant="raw")
+    five = np.concatenate([fixture_batch.inputs, fixture_batch.inputs[:1]])
+    with pytest.raises(UserError, match="outside .* profile"):
+        TensorRTBackend(engine).infer(five)
+
+
+def test_changed_onnx_or_missing_sidecar_refused_on_load(engines, tmp_path):
+    import shutil
+
+    from harness.backends import TensorRTBackend
+    from harness.backends.tensorrt_sidecar import sidecar_path
+
+    engine, onnx_path = engines("fp32", variant="raw")
+    copy = tmp_path / "copy.onnx"
+    shutil.copy(onnx_path, copy)
+    copy.write_bytes(copy.read_bytes() + b"\0")
+    with pytest.raises(UserError, match="has changed since"):
+        TensorRTBackend(engine, onnx_path=copy).load()
+    lone = tmp_path / engine.name
+    shutil.copy(engine, lone)
+    assert not sidecar_path(lone).exists()
+    with pytest.raises(UserError, match="is missing"):
+        TensorRTBackend(lone).load()
+
+
+def test_debug_engine_marks_requested_layers_with_onnx_names(trt, fixture_onnx, fixture_batch,
+                                                            tmp_path):
+    from harness.backends import OnnxruntimeBackend, TensorRTBackend
+    from harness.backends.tensorrt_build import build_engine
+
+    onnx_path = fixture_onnx(variant="raw").path
+    result = build_engine(onnx_path, tmp_path / "debug.engine", precision="fp32",
+                          mark_layers=["backbone.stage1.0"])
+    marked = result.sidecar.marked_layers
+    assert marked and all(n.startswith("/backbone/stage1/") for n in marked)
+    backend = TensorRTBackend(result.engine_path)
+    assert backend.intermediate_names() == marked
+    reference = OnnxruntimeBackend(onnx_path, provider="cpu")
+    common = [n for n in marked if n in set(reference.intermediate_names())]
+    assert common
+    got = backend.intermediates(fixture_batch.inputs, common)
+    want = reference.intermediates(fixture_batch.inputs, common)
+    for name in common:
+        assert rel_l2(got[name], want[name]) < 1e-4, name
+    # the network's own outputs are still the ONNX's, marked layers left out
+    assert set(backend.infer(fixture_batch.inputs)) == \
+        set(reference.infer(fixture_batch.inputs))
+
+
+def test_build_cli_writes_engine_and_sidecar(trt, fixture_onnx, tmp_path, capsys):
+    from harness.backends.tensorrt_sidecar import read_sidecar
+    from harness.cli import main
+
+    onnx_path = fixture_onnx(variant="end2end", nms="efficient").path
+    engine = tmp_path / "model.engine"
+    assert main(["build", str(onnx_path), "-o", str(engine), "--precision", "fp16",
+                 "--timing-cache", str(tmp_path / "timing.cache")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    side = read_sidecar(engine)
+    assert side.precision == "fp16" and side.export["variant"] == "end2end"
+    assert (tmp_path / "timing.cache").stat().st_size > 0
