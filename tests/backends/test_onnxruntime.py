@@ -13,10 +13,9 @@ from harness.backends import OnnxruntimeBackend, TorchBackend
 from harness.cli import main
 from harness.errors import UserError
 from harness.models.zoo import FIXTURE_CHECKPOINT, FIXTURE_CONFIG
+from harness.align.tensor_diff import relative_l2 as rel_l2
 
 
-def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b.astype(np.float64)))
 
 
 def test_describe_reports_versions_provider_precision(fixture_onnx):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from harness.errors import UserError
+from harness.align.tensor_diff import relative_l2 as rel_l2
 
 pytestmark = [pytest.mark.tensorrt, pytest.mark.gpu, pytest.mark.slow]
 
@@ -60,9 +61,6 @@ def engines(trt, fixture_onnx, fixture_model, varied_images, tmp_path_factory):
     return build
 
 
-def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
 
 # relative L2 to onnxruntime fp32 (CPU) on the raw head maps, per TensorRT precision

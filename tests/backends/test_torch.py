@@ -8,10 +8,9 @@ import torch
 
 from harness.backends import TorchBackend
 from harness.errors import UserError
+from harness.align.tensor_diff import relative_l2 as rel_l2
 
 
-def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b.astype(np.float64)))
 
 
 def test_outputs_are_named_like_the_onnx_variants(fixture_model, fixture_onnx, fixture_batch):

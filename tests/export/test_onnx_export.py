@@ -16,6 +16,7 @@ from harness.errors import UserError
 from harness.export.metadata import file_sha256, read_metadata
 from harness.export.onnx_export import ExportSettings, export_onnx
 from harness.models.zoo import SHIPPED_CONFIGS
+from harness.align.tensor_diff import relative_l2 as rel_l2
 
 # ONNX Runtime's CPU Sigmoid (MLAS logistic) is accurate to about 1.7e-7 absolute, not
 # relative (measured: 6.5x relative error at x = -20). Where every probability is tiny (an
@@ -26,11 +27,6 @@ REL_L2_TOL = 1e-5
 PROBABILITIES = ("scores", "objectness")
 
 
-def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
-    """||actual - expected|| / ||expected|| (0 when both are 0)."""
-    num = float(np.linalg.norm(actual.astype(np.float64) - expected.astype(np.float64)))
-    den = float(np.linalg.norm(expected.astype(np.float64)))
-    return num / den if den else num
 
 
 def onnx_vs_torch(model, path, inputs, outputs: str) -> dict[str, tuple[float, float]]:
