@@ -76,7 +76,7 @@ def _pad(img: np.ndarray, top: int, bottom: int, left: int, right: int,
                               value=(value,) * img.shape[2])
 
 
-def _keep_ratio_resize(img, step: KeepRatioResize, sf):
+def _keep_ratio_resize(img, step: KeepRatioResize):
     h, w = img.shape[:2]
     long_edge, short_edge = max(step.scale), min(step.scale)
     ratio = min(long_edge / max(h, w), short_edge / min(h, w))
@@ -88,7 +88,7 @@ def _keep_ratio_resize(img, step: KeepRatioResize, sf):
     return img, (rw / w, rh / h), None
 
 
-def _letter_resize(img, step: LetterResize, sf):
+def _letter_resize(img, step: LetterResize):
     h, w = img.shape[:2]
     target_h, target_w = step.scale[1], step.scale[0]
     ratio = min(target_h / h, target_w / w)
@@ -114,7 +114,7 @@ def _letter_resize(img, step: LetterResize, sf):
     return img, scale, pad
 
 
-def _rescale(img, step: Rescale, sf):
+def _rescale(img, step: Rescale):
     h, w = img.shape[:2]
     factor = min(max(step.scale) / max(h, w), min(step.scale) / min(h, w))
     # mmcv._scale_size rounds half up
@@ -123,13 +123,13 @@ def _rescale(img, step: Rescale, sf):
     return img, (new_w / w, new_h / h), None
 
 
-def _fixed_resize(img, step: FixedResize, sf):
+def _fixed_resize(img, step: FixedResize):
     h, w = img.shape[:2]
     img = _resize(img, step.size, step.interpolation)
     return img, (step.size[0] / w, step.size[1] / h), None
 
 
-def _pad_bottom_right(img, step: PadBottomRight, sf):
+def _pad_bottom_right(img, step: PadBottomRight):
     h, w = img.shape[:2]
     size = None
     if step.pad_to_square:
@@ -159,7 +159,7 @@ def transform_image(img: np.ndarray, spec: PreprocessSpec, path: str = "") -> tu
     scale = (1.0, 1.0)
     pad: Union[tuple[float, ...], None] = None
     for step in spec.steps:
-        img, (sx, sy), step_pad = _APPLY[type(step)](img, step, scale)
+        img, (sx, sy), step_pad = _APPLY[type(step)](img, step)
         # Successive resizes compose their factors (LetterResize's scale_factor_origin);
         # letterbox pads accumulate scaled by the later ratio, as mmyolo's pad_param_origin.
         if step_pad is not None:

@@ -88,10 +88,8 @@ class PreprocessSpec:
         }
 
 
-# Transforms with no effect on pixels at test time.
-_PASSIVE = {"LoadImageFromFile", "LoadAnnotations", "PackDetInputs", "mmdet.PackDetInputs",
-            "mmdet.LoadAnnotations", "mmdet.LoadImageFromFile", "LoadImageFromNDArray",
-            "mmdet.LoadImageFromNDArray"}
+# Transforms with no effect on pixels at test time (with or without an "mmdet." scope).
+_PASSIVE = {"LoadImageFromFile", "LoadImageFromNDArray", "LoadAnnotations", "PackDetInputs"}
 
 
 def _scale_wh(value: Any) -> tuple[int, int]:
@@ -121,8 +119,7 @@ def _interp(t: dict, default: str = "bilinear") -> str:
 
 def _parse_step(t: dict) -> Union[Step, None]:
     kind = t["type"].split(".")[-1]
-    if t["type"] in _PASSIVE or kind in {"LoadImageFromFile", "LoadAnnotations",
-                                         "PackDetInputs"}:
+    if kind in _PASSIVE:
         return None
     if kind == "YOLOv5KeepRatioResize":
         return KeepRatioResize(scale=_scale_wh(t["scale"]))
