@@ -25,6 +25,9 @@ from pathlib import Path
 
 MMCV_VERSION = "2.0.1"
 OLD_SETUPTOOLS = "setuptools==69.5.1"
+# setuptools 69 has no bdist_wheel of its own: it comes from `wheel` (0.43, before wheel
+# handed the command back to setuptools >= 70.1). A fresh env has no `wheel` at all.
+OLD_WHEEL = "wheel==0.43.0"
 
 
 def mmcv_ops_importable() -> bool:
@@ -61,8 +64,8 @@ def pip(*args: str, env: dict | None = None, quiet: bool = True) -> None:
 def build_wheel(cache: Path, jobs: int) -> Path:
     work = Path(tempfile.mkdtemp(prefix="mmcv-build-"))
     side = work / "old-setuptools"
-    step(f"installing {OLD_SETUPTOOLS} into a side folder for the build")
-    pip("install", "--target", str(side), OLD_SETUPTOOLS)
+    step(f"installing {OLD_SETUPTOOLS} and {OLD_WHEEL} into a side folder for the build")
+    pip("install", "--target", str(side), OLD_SETUPTOOLS, OLD_WHEEL)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(side), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     step(f"downloading the mmcv {MMCV_VERSION} sdist")

@@ -1,0 +1,196 @@
+"""Layer-by-layer diff: which PyTorch module produced which ONNX tensor (and so which TensorRT
+tensor: the ONNX parser keeps ONNX tensor names and names layers after ONNX nodes), the
+per-layer error of a target backend against PyTorch, and the first layer where it diverges.
+
+The exporter names every node after the module scope that emitted it
+(`/backbone/stage1/stage1.0/conv/Conv`), so a module's output is the output of the last node
+(in graph order) inside its scope. Each mapping is checked at run time by shape; a layer whose
+shapes disagree is left out and listed, never compared against the wrong tensor.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+
+from harness.align.tensor_diff import DiffAccumulator
+from harness.errors import UserError
+
+# rel-L2 a layer may reach before it counts as divergent, by the target's precision
+TOLERANCES = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 1e-2, "int8": 0.25}
+# "the numbers start to differ": the fp32 tolerance, whatever the target's precision
+DIVERGENCE = TOLERANCES["fp32"]
+# nodes that never carry a module's output: quantisation wrappers, shape arithmetic
+_NOT_OUTPUTS = {"QuantizeLinear", "DequantizeLinear", "Constant", "Shape", "ConstantOfShape",
+                "Identity"}
+
+
+def module_path_of(node_name: str) -> str:
+    """`/backbone/stage1/stage1.0/conv/Conv` → `backbone.stage1.0.conv`: the TorchScript
+    exporter repeats a container's name in its children's scope (`stage1/stage1.0`), and the
+    last piece is the node itself."""
+    parts: list[str] = []
+    for piece in node_name.strip("/").split("/")[:-1]:
+        if parts and piece.startswith(parts[-1] + "."):
+            parts[-1] = piece
+        else:
+            parts.append(piece)
+    return ".".join(parts)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """module: PyTorch module path; tensor: the ONNX tensor its scope produced last; node: the
+    node that produced it (the TensorRT layer of that name marks it); depth: graph order."""
+
+    module: str
+    tensor: str
+    node: str
+    depth: int
+
+
+def map_modules(nodes: Sequence[Any], modules: Sequence[str]) -> tuple[list[Layer], list[str]]:
+    """Layers (in graph order) for the module paths found among `nodes` (onnx NodeProtos in
+    graph order), and the module paths no node belongs to."""
+    last: dict[str, tuple[int, Any]] = {}
+    wanted = set(modules)
+    for index, node in enumerate(nodes):
+        if node.op_type in _NOT_OUTPUTS or not node.output or not node.name:
+            continue
+        path = module_path_of(node.name)
+        # the node belongs to its own module and to every enclosing one
+        while path:
+            if path in wanted:
+                last[path] = (index, node)
+            path = path.rpartition(".")[0]
+    layers = [Layer(module=m, tensor=n.output[0], node=n.name, depth=0)
+              for m, (i, n) in sorted(last.items(), key=lambda kv: kv[1][0])]
+    layers = [Layer(lay.module, lay.tensor, lay.node, depth) for depth, lay in enumerate(layers)]
+    return layers, [m for m in modules if m not in last]
+
+
+def default_modules(module: Any) -> list[str]:
+    """The layers worth comparing in an mmyolo detector: every ConvModule (conv + norm +
+    activation, the unit the exporter and TensorRT fuse) and every convolution outside one
+    (the prediction convs of the heads), in definition order."""
+    from torch import nn
+
+    chosen: list[str] = []
+    blocks: list[str] = []
+    for name, m in module.named_modules():
+        if not name:
+            continue
+        if type(m).__name__ == "ConvModule":
+            chosen.append(name)
+            blocks.append(name + ".")
+        elif isinstance(m, nn.Conv2d) and not name.startswith(tuple(blocks)):
+            chosen.append(name)
+    return chosen
+
+
+def select_modules(all_modules: Sequence[str], patterns: Sequence[str]) -> list[str]:
+    """The module paths matching any glob pattern (`backbone.*`, `neck.top_down_layers.0`)."""
+    chosen = [m for m in all_modules if any(fnmatch.fnmatchcase(m, p) for p in patterns)]
+    if not chosen:
+        raise UserError(f"no module matches {', '.join(patterns)}; module paths look like "
+                        f"{', '.join(all_modules[:3])}")
+    return chosen
+
+
+def layer_rows(layers: Sequence[Layer], stats: dict[str, DiffAccumulator],
+               shapes: dict[str, list[int]]) -> list[dict[str, Any]]:
+    """One row per compared layer (graph order): module, tensor, depth, shape, the metrics."""
+    rows = []
+    for layer in layers:
+        if layer.module not in stats:
+            continue
+        rows.append({"module": layer.module, "tensor": layer.tensor, "node": layer.node,
+                     "depth": layer.depth, "shape": shapes.get(layer.module),
+                     **stats[layer.module].summary()})
+    return rows
+
+
+def summarize_layers(rows: Sequence[dict[str, Any]], precision: str,
+                     worst: int = 5) -> dict[str, Any]:
+    """The layer section of a target's results: tolerance of its precision, the first layer
+    where numbers start to differ (past the fp32 tolerance), the first past the precision's
+    own tolerance, and the worst layers by rel-L2."""
+    tol = TOLERANCES.get(precision, TOLERANCES["fp32"])
+
+    def first(limit: float) -> Optional[dict[str, Any]]:
+        for row in rows:
+            if row["rel_l2"] > limit or row["nonfinite"]:
+                return {"module": row["module"], "tensor": row["tensor"], "depth": row["depth"],
+                        "rel_l2": row["rel_l2"], "tolerance": limit}
+        return None
+
+    ranked = sorted(rows, key=lambda r: -r["rel_l2"])[:worst]
+    return {"metric": "rel_l2", "tolerance": tol, "precision": precision, "rows": list(rows),
+            "first_divergence": first(DIVERGENCE), "first_past_tolerance": first(tol),
+            "worst": [{"module": r["module"], "rel_l2": r["rel_l2"], "depth": r["depth"]}
+                      for r in ranked]}
+
+
+@dataclass
+class LayerDiff:
+    """Accumulates per-layer stats of one target over batches, `chunk` layers per pass so
+    only that many layers' activations are alive at once."""
+
+    layers: list[Layer]
+    chunk: int = 64
+    stats: dict[str, DiffAccumulator] = field(default_factory=dict)
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def add_batch(self, reference: Any, target: Any, inputs: np.ndarray) -> None:
+        """reference: a backend whose intermediates take module paths (torch); target: one
+        whose intermediates take tensor names (onnxruntime, a marked TensorRT engine)."""
+        live = [lay for lay in self.layers if lay.module not in self.skipped]
+        for start in range(0, len(live), self.chunk):
+            part = live[start:start + self.chunk]
+            ref = reference.intermediates(inputs, [lay.module for lay in part])
+            tgt = target.intermediates(inputs, [lay.tensor for lay in part])
+            for lay in part:
+                self._add(lay, ref.get(lay.module), tgt.get(lay.tensor))
+            del ref, tgt
+
+    def _add(self, layer: Layer, ref: Optional[np.ndarray], tgt: Optional[np.ndarray]) -> None:
+        if ref is None:
+            self.skipped[layer.module] = "the module returns no single tensor"
+        elif tgt is None:
+            self.skipped[layer.module] = f"the target has no tensor {layer.tensor}"
+        elif ref.shape != tgt.shape:
+            self.skipped[layer.module] = (f"shapes differ: PyTorch {list(ref.shape)}, "
+                                          f"{layer.tensor} {list(tgt.shape)}")
+        if layer.module in self.skipped:
+            self.stats.pop(layer.module, None)
+            return
+        self.stats.setdefault(layer.module, DiffAccumulator()).add(tgt, ref)
+        self.shapes[layer.module] = [int(d) for d in ref.shape[1:]]
+
+    def result(self, precision: str) -> dict[str, Any]:
+        doc = summarize_layers(layer_rows(self.layers, self.stats, self.shapes), precision)
+        doc["skipped"] = dict(self.skipped)
+        return doc
+
+
+def onnx_nodes(path: Any) -> list[Any]:
+    """The nodes of an ONNX file in graph order (weights not loaded)."""
+    import onnx
+
+    return list(onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def layers_for(model: Any, nodes: Sequence[Any],
+               patterns: Iterable[str] = ()) -> tuple[list[Layer], list[str]]:
+    """The layers to compare for an MmyoloModel and an ONNX graph: default_modules, or the
+    modules matching `patterns`; returns (layers, module paths with no ONNX node)."""
+    patterns = list(patterns)
+    if patterns:
+        names = [n for n, _ in model.module.named_modules() if n]
+        modules = select_modules(names, patterns)
+    else:
+        modules = default_modules(model.module)
+    return map_modules(nodes, modules)

@@ -1,0 +1,98 @@
+"""What `harness compare` compares against PyTorch: an ONNX file (run on onnxruntime) or a
+TensorRT engine. A target that cannot run here (TensorRT without `tensorrt`, a GPU engine on a
+CPU machine) becomes a column "not available: <reason>", never a crash of the whole run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from harness.errors import UserError
+
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+
+
+@dataclass
+class Target:
+    """path: the file; kind: onnx | engine; backend: a loaded Backend (None when not
+    available, with `reason`); onnx_path: the graph that names its layers (the file itself,
+    or the engine's source ONNX); precision: fp32 | fp16 | int8."""
+
+    path: Path
+    kind: str
+    backend: Any = None
+    reason: Optional[str] = None
+    onnx_path: Optional[Path] = None
+    precision: str = "fp32"
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def available(self) -> bool:
+        return self.backend is not None
+
+
+def target_kind(path: Path) -> str:
+    if path.suffix.lower() == ".onnx":
+        return "onnx"
+    if path.suffix.lower() in ENGINE_SUFFIXES:
+        return "engine"
+    raise UserError(f"{path} is neither an ONNX file (.onnx) nor a TensorRT engine "
+                    f"({', '.join(ENGINE_SUFFIXES)})")
+
+
+def open_target(path: Union[str, Path], provider: str = "cpu") -> Target:
+    """Load `path` behind its backend. Missing or corrupt files are UserErrors (the user
+    named them); a runtime that is not installed is a Target with a reason."""
+    path = Path(path)
+    kind = target_kind(path)
+    if not path.is_file():
+        raise UserError(f"{kind} file not found: {path}")
+    if kind == "onnx":
+        from harness.backends.onnxruntime_backend import OnnxruntimeBackend
+
+        backend = OnnxruntimeBackend(path, provider=provider)
+        backend.load()
+        return Target(path, kind, backend, onnx_path=path, precision=backend.precision,
+                      info=backend.describe())
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError as exc:
+        return Target(path, kind, reason=f"not available: TensorRT is not available ({exc}); "
+                      "install harness[tensorrt] on a machine with an NVIDIA GPU")
+    from harness.backends.tensorrt_backend import TensorRTBackend
+
+    backend = TensorRTBackend(path)
+    try:
+        backend.load()
+    except UserError as exc:
+        return Target(path, kind, reason=f"not available: {exc}")
+    onnx_path = Path(backend.sidecar.onnx_path)
+    return Target(path, kind, backend, onnx_path=onnx_path if onnx_path.is_file() else None,
+                  precision=backend.sidecar.precision, info=backend.describe())
+
+
+def layer_backend(target: Target, node_names: list[str], work_dir: Path) -> Any:
+    """The backend whose intermediates() give the layer tensors: onnxruntime itself; for an
+    engine, a debug engine built from its source ONNX with those layers marked (marking stops
+    fusions, so the caller also compares the debug engine's final outputs with the engine's)."""
+    if target.kind == "onnx":
+        return target.backend
+    if target.onnx_path is None:
+        raise UserError(f"{target.name}: its source ONNX is gone, so its layers cannot be "
+                        "named; pass the ONNX next to the engine")
+    from harness.backends.tensorrt_backend import TensorRTBackend
+    from harness.backends.tensorrt_build import build_engine
+
+    side = target.backend.sidecar
+    debug = work_dir / f"{target.path.stem}.marked.engine"
+    build_engine(target.onnx_path, debug, precision=side.precision,
+                 min_batch=side.profile["min"][0], opt_batch=side.profile["opt"][0],
+                 max_batch=side.profile["max"][0], mark_layers=node_names)
+    backend = TensorRTBackend(debug)
+    backend.load()
+    return backend

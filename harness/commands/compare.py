@@ -1,0 +1,100 @@
+"""`harness compare cfg.py ckpt [ENGINE_OR_ONNX ...] --images DIR`: PyTorch against every
+target, layer by layer and detection by detection; writes `compare.md`, `layers.png` and the
+`compare` section of `results.json` into `--out`."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="mmyolo config (.py)")
+    p.add_argument("checkpoint", type=Path, help="checkpoint (.pth)")
+    p.add_argument("targets", type=Path, nargs="*", metavar="ENGINE_OR_ONNX",
+                   help="TensorRT engines and ONNX files to compare with PyTorch (default: "
+                        "the raw fp32 ONNX, exported into --out)")
+    p.add_argument("--images", type=Path, required=True,
+                   help="folder of images (a COCO split folder works)")
+    p.add_argument("--count", type=int, default=16, help="images to use (first N by name)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--out", type=Path, default=None,
+                   help="report folder (default reports/<config name>/)")
+    p.add_argument("--layers", action="append", default=[], metavar="PATTERN",
+                   help="module paths to compare (globs, repeatable; default every ConvModule "
+                        "and head conv)")
+    p.add_argument("--no-layers", action="store_true", help="skip the layer diff")
+    p.add_argument("--provider", choices=("cpu", "cuda", "auto"), default="cpu",
+                   help="onnxruntime provider for ONNX targets")
+    p.add_argument("--device", default="cpu", help="PyTorch device (the reference)")
+    p.add_argument("--score-tol", type=float, default=1e-3,
+                   help="score change a matched detection may show before it counts as drift")
+    p.add_argument("--box-tol", type=float, default=0.5,
+                   help="box change (pixels) a matched detection may show")
+    p.add_argument("--iou-band", type=float, default=0.02,
+                   help="how close to the IoU threshold a suppression is an IoU edge")
+
+
+def list_images(folder: Path, count: int) -> list[Path]:
+    from harness.errors import UserError
+
+    if not folder.is_dir():
+        raise UserError(f"image folder not found: {folder}")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+    if count < 1:
+        raise UserError(f"--count must be at least 1, got {count}")
+    return images[:count]
+
+
+def default_target(model, out: Path) -> Path:
+    """The raw fp32 ONNX of the model, exported into the report folder (reused when it was
+    exported from the same checkpoint)."""
+    from harness.export.metadata import file_sha256, read_metadata
+    from harness.export.onnx_export import ExportSettings, export_onnx
+
+    path = out / f"{Path(model.cfg_path).stem}_raw_fp32.onnx"
+    if path.is_file():
+        import onnx
+
+        meta = read_metadata(onnx.load(str(path), load_external_data=False)) or {}
+        source = meta.get("source") or {}
+        if meta.get("variant") == "raw" and meta.get("precision") == "fp32" and \
+                source.get("checkpoint_sha256") == file_sha256(model.ckpt_path):
+            return path
+    print(f"exporting {path}")
+    export_onnx(model, path, ExportSettings(variant="raw"))
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    from harness.align.compare import run_compare
+    from harness.align.detections import Tolerances
+    from harness.align.targets import open_target, target_kind
+    from harness.cli import writable_dir
+    from harness.errors import UserError
+    from harness.models.mmyolo import load_mmyolo_model
+    from harness.report.compare_report import write_compare_report
+
+    if args.batch < 1:
+        raise UserError(f"--batch must be at least 1, got {args.batch}")
+    for t in args.targets:
+        target_kind(t)  # refuse an unknown file type before the slow parts
+        if not t.is_file():
+            raise UserError(f"{target_kind(t)} file not found: {t}")
+    images = list_images(args.images, args.count)
+    out = writable_dir(args.out or Path("reports") / args.config.stem)
+    model = load_mmyolo_model(args.config, args.checkpoint, device=args.device)
+    paths = args.targets or [default_target(model, out)]
+    targets = [open_target(p, provider=args.provider) for p in paths]
+    for t in targets:
+        print(f"{t.name}: " + (f"{t.kind}, {t.precision}" if t.available else t.reason))
+    tol = Tolerances(score=args.score_tol, box_px=args.box_tol, iou_band=args.iou_band)
+    doc = run_compare(model, targets, images, batch=args.batch, layer_patterns=args.layers,
+                      with_layers=not args.no_layers, tol=tol, work_dir=out)
+    written = write_compare_report(doc, out)
+    print(doc["verdict"])
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0

@@ -1,0 +1,177 @@
+"""`compare.md` (and `layers.png`) from the `compare` section of results.json, top-down:
+verdict, inputs, backends, layers, first divergence, detection causes, examples."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from harness.align.detections import CAUSES
+from harness.report.markdown import fmt, table
+from harness.report.results import RESULTS_NAME, atomic_write_text, write_results
+
+LAYER_ROWS_SHOWN = 80
+
+
+def write_compare_report(doc: dict[str, Any], out: Path) -> list[Path]:
+    """Write results.json (compare section) first, then the plot and compare.md from it."""
+    from harness.report.layer_plot import plot_layer_errors
+
+    results = out / RESULTS_NAME
+    write_results(results, "compare", doc)
+    written = [results]
+    plot = out / "layers.png"
+    if plot_layer_errors(doc, plot):
+        written.append(plot)
+    md = out / "compare.md"
+    atomic_write_text(md, render_compare(doc, plot.name if plot in written else None))
+    written.append(md)
+    return written
+
+
+def _short(digest: str) -> str:
+    return digest[:12] + "…"
+
+
+def render_compare(doc: dict[str, Any], plot: str | None = None) -> str:
+    model = doc["model"]
+    inputs = doc["inputs"]
+    targets = doc["targets"]
+    out = [f"# compare: {Path(model['config']).name} — PyTorch vs "
+           f"{', '.join(t['name'] for t in targets)}", "",
+           f"**Verdict:** {doc['verdict']}", ""]
+
+    out += ["## Inputs", "",
+            f"{inputs['count']} images in batches of {inputs['batch']}; every backend got the "
+            f"same bytes (sha256 per batch: "
+            f"{', '.join(_short(d) for d in inputs['sha256'][:4])}"
+            f"{', …' if len(inputs['sha256']) > 4 else ''}).", ""]
+    pre = inputs.get("preprocess") or {}
+    if pre:
+        out += [table(["preprocessing", "value"], [[k, str(v)] for k, v in pre.items()],
+                      align="ll"), ""]
+
+    ref = doc["reference"]
+    rows = [["PyTorch (reference)", "torch " + str(ref.get("torch")), ref.get("device"),
+             ref.get("precision"), "—", _pipeline(ref.get("pipeline")), "yes"]]
+    for t in targets:
+        b = t.get("backend") or {}
+        runtime = (f"onnxruntime {b['onnxruntime']}" if "onnxruntime" in b else
+                   f"TensorRT {b['tensorrt']}" if "tensorrt" in b else t["kind"])
+        rows.append([t["name"], runtime, b.get("provider") or b.get("device") or "—",
+                     t["precision"], t.get("variant") or "—",
+                     _pipeline(t.get("pipeline")) if t["available"] else "—",
+                     "yes" if t["available"] else t["reason"]])
+    out += ["## Backends", "",
+            table(["backend", "runtime", "device", "precision", "variant", "NMS", "available"],
+                  rows, align="lllllll"), ""]
+
+    out += ["## Layers", ""]
+    if plot:
+        out += [f"![relative L2 error along network depth]({plot})", ""]
+    summary = []
+    for t in targets:
+        lay = t.get("layers") or {}
+        if not t["available"] or not lay.get("rows"):
+            summary.append([t["name"], 0, "—", "—", "—",
+                            (t["reason"] if not t["available"] else lay.get("note")) or "—"])
+            continue
+        first, past = lay.get("first_divergence"), lay.get("first_past_tolerance")
+        worst = lay["worst"][0] if lay.get("worst") else None
+        summary.append([
+            t["name"], len(lay["rows"]),
+            f"{first['module']} ({fmt(first['rel_l2'])})" if first else "none",
+            f"{past['module']} ({fmt(past['rel_l2'])} > {fmt(past['tolerance'])})" if past
+            else f"none (tolerance {fmt(lay['tolerance'])})",
+            f"{worst['module']} ({fmt(worst['rel_l2'])})" if worst else "—",
+            _layer_notes(lay)])
+    out += [table(["target", "layers", "numbers start to differ (rel-L2 > 1e-4)",
+                   "first past its precision's tolerance", "worst layer", "notes"],
+                  summary, align="lrllll"), ""]
+    for t in targets:
+        lay = t.get("layers") or {}
+        if not lay.get("rows"):
+            continue
+        rows = [[r["depth"], r["module"], r["tensor"], "×".join(map(str, r["shape"] or [])),
+                 r["max_abs"], r["mean_abs"], r["rel_l2"], r["cosine"]]
+                for r in lay["rows"][:LAYER_ROWS_SHOWN]]
+        out += [f"<details><summary>{t['name']}: every layer ({len(lay['rows'])})</summary>",
+                "", table(["depth", "module", "tensor", "shape", "max-abs", "mean-abs",
+                           "rel-L2", "cosine"], rows, align="rlllrrrr"), "", "</details>", ""]
+
+    out += ["## Detections after NMS", "",
+            "Matched: same class, IoU >= 0.5, greedily by score. Every mismatch has exactly one "
+            "cause, read from both pipelines' NMS replayed in trace mode on their own "
+            "candidates.", ""]
+    rows = []
+    for t in targets:
+        if not t["available"]:
+            rows.append([t["name"], *(["—"] * 5), *(["—"] * len(CAUSES))])
+            continue
+        d = t["detections"]
+        rows.append([t["name"], d["reference"], d["target"], d["matched"], d["match_rate"],
+                     d["mismatches"], *[d["causes"][c] for c in CAUSES]])
+    out += [table(["target", "PyTorch", "target", "matched", "match rate", "mismatches",
+                   *[c.replace("_", " ") for c in CAUSES]], rows,
+                  align="l" + "r" * (5 + len(CAUSES))), ""]
+
+    out += ["### Before NMS: decoded candidates", ""]
+    rows = []
+    for t in targets:
+        c = t.get("candidates") or {}
+        if not t["available"]:
+            continue
+        born = {"none": "no difference", "in_nms": "in NMS (same candidates)",
+                "before_nms": "before NMS (candidates differ)"}.get(c.get("born"),
+                                                                     c.get("note", "—"))
+        rows.append([t["name"], c.get("box_max_abs"), c.get("score_max_abs"),
+                     c.get("score_rel_l2"), c.get("above_threshold_reference"),
+                     c.get("above_threshold_target"), born, t.get("replay_disagrees")])
+    if rows:
+        out += [table(["target", "box max-abs (px)", "score max-abs", "score rel-L2",
+                       "PyTorch above score_thr", "target above score_thr",
+                       "difference born", "replay ≠ backend output (images)"], rows,
+                      align="lrrrrrlr"), ""]
+
+    for t in targets:
+        ex = (t.get("detections") or {}).get("examples") or []
+        if not ex:
+            continue
+        rows = [[e["image"], e["cause"].replace("_", " "), e["side"], e["class"], e["score"],
+                 "—" if e["rank"] is None else f"{e['rank']} / {e['limit']}", e["detail"]]
+                for e in ex]
+        out += [f"### Examples: {t['name']}", "",
+                "side: which pipeline has the detection the other lacks (both: a matched pair "
+                "that moved).", "",
+                table(["image", "cause", "side", "class", "score", "rank / limit", "why"],
+                      rows, align="lllllrl"), ""]
+    out += [f"_{doc['created']}, {doc['seconds']} s._", ""]
+    return "\n".join(out)
+
+
+def _pipeline(p: dict[str, Any] | None) -> str:
+    if not p:
+        return "—"
+    kind = p.get("kind")
+    if kind == "mmyolo":
+        return (f"mmyolo (score_thr {p['score_thr']:g}, nms_pre {p['nms_pre']}, IoU "
+                f"{p['iou_threshold']:g}, max_per_img {p['max_per_img']}, multi_label "
+                f"{p['multi_label']})")
+    if kind == "onnx":
+        return (f"ONNX NonMaxSuppression ({p['max_output_boxes_per_class']} per class, IoU "
+                f"{p['iou_threshold']:g}, score {p['score_threshold']})")
+    keys = {"EfficientNMS_TRT": ("max_output_boxes", "iou_threshold", "score_threshold"),
+            "BatchedNMSDynamic_TRT": ("topK", "keepTopK", "iouThreshold", "scoreThreshold"),
+            "BatchedNMS_TRT": ("topK", "keepTopK", "iouThreshold", "scoreThreshold")}
+    return f"{kind} (" + ", ".join(f"{k} {p.get(k)}" for k in keys.get(kind, ())) + ")"
+
+
+def _layer_notes(lay: dict[str, Any]) -> str:
+    notes = []
+    if lay.get("skipped"):
+        notes.append(f"{len(lay['skipped'])} skipped")
+    if lay.get("unmapped"):
+        notes.append(f"{len(lay['unmapped'])} without an ONNX node")
+    marking = lay.get("marking_changed_outputs_rel_l2")
+    if marking is not None:
+        notes.append(f"marked engine's outputs vs deployed: rel-L2 {fmt(marking)}")
+    return "; ".join(notes) or "—"

@@ -1,0 +1,133 @@
+"""Post-NMS matching and the cause of every mismatch, on hand-made candidates replayed by the
+real mmyolo kernel with different settings on each side."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from harness.align.detections import CAUSES, DetectionDiff, Tolerances, box_iou, match
+from harness.align.pipelines import Replayed
+from harness.nms import NmsResult, mmyolo_nms
+
+
+def side(boxes, scores, *, iou=0.65, nms_pre=1000, max_per_img=300, thr=0.001,
+         multi_label=True):
+    boxes = np.asarray(boxes, np.float32)
+    scores = np.asarray(scores, np.float32)
+    r = mmyolo_nms(boxes, scores, None, score_thr=thr, nms_pre=nms_pre, iou_threshold=iou,
+                   max_per_img=max_per_img, multi_label=multi_label, trace=True)
+    return Replayed(r, boxes, scores, iou, True)
+
+
+def apart(n, size=10.0):
+    """n boxes that do not overlap."""
+    return [[20.0 * i, 0.0, 20.0 * i + size, size] for i in range(n)]
+
+
+def one_class(scores):
+    return [[s] for s in scores]
+
+
+def diff_of(ref, tgt, tol=Tolerances()):
+    d = DetectionDiff(tol)
+    found = d.add_image("img.jpg", ref, tgt)
+    return d, found
+
+
+def test_match_is_greedy_by_score_and_class_aware():
+    a = NmsResult(np.array([[0, 0, 10, 10], [0, 0, 10, 10]], np.float32),
+                  np.array([0.5, 0.9], np.float32), np.array([0, 0]), np.array([0, 1]))
+    b = NmsResult(np.array([[0, 0, 10, 10], [1, 0, 11, 10], [0, 0, 10, 10]], np.float32),
+                  np.array([0.9, 0.8, 0.7], np.float32), np.array([0, 0, 1]),
+                  np.array([0, 1, 2]))
+    pairs, lonely_a, lonely_b = match(a, b)
+    # the 0.9 reference detection goes first and takes the exact box
+    assert pairs == [(1, 0), (0, 1)] and lonely_a == [] and lonely_b == [2]
+    assert box_iou([[0, 0, 10, 10]], [[5, 0, 15, 10]])[0, 0] == pytest.approx(1 / 3)
+
+
+def test_identical_sides_have_no_mismatch():
+    ref = side(apart(4), one_class([0.9, 0.8, 0.7, 0.6]))
+    d, found = diff_of(ref, side(apart(4), one_class([0.9, 0.8, 0.7, 0.6])))
+    s = d.summary()
+    assert found == [] and s["match_rate"] == 1.0 and s["matched"] == 4
+    assert s["causes"] == dict.fromkeys(CAUSES, 0)
+
+
+def test_topk_cut_with_ranks():
+    scores = one_class([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    d, found = diff_of(side(apart(6), scores), side(apart(6), scores, nms_pre=3))
+    assert [m.cause for m in found] == ["topk_cut"] * 3
+    assert [(m.side, m.rank, m.limit) for m in found] == [("reference", r, 3) for r in (3, 4, 5)]
+    assert d.summary()["causes"]["topk_cut"] == 3
+
+
+def test_max_detections_cut_with_ranks():
+    scores = one_class([0.9, 0.8, 0.7, 0.6])
+    _, found = diff_of(side(apart(4), scores), side(apart(4), scores, max_per_img=2))
+    assert [(m.cause, m.rank, m.limit) for m in found] == [("max_det_cut", 2, 2),
+                                                          ("max_det_cut", 3, 2)]
+
+
+def test_tie_at_the_topk_boundary_is_tie_order():
+    scores = one_class([0.9, 0.8, 0.7, 0.7, 0.3])
+    _, found = diff_of(side(apart(5), scores), side(apart(5), scores, nms_pre=3))
+    causes = {m.box: m.cause for m in found}
+    assert causes == {3: "tie_order", 4: "topk_cut"}
+
+
+def test_score_edge():
+    ref = side(apart(3), one_class([0.9, 0.0012, 0.5]))
+    tgt = side(apart(3), one_class([0.9, 0.0009, 0.5]))
+    _, found = diff_of(ref, tgt)
+    assert [(m.cause, m.side, m.box) for m in found] == [("score_edge", "reference", 1)]
+    assert "threshold" in found[0].detail
+
+
+def _iou_edge_boxes():
+    x = 3.45 / 1.655  # IoU(A, B) = (10 - x) / (10 + x) ≈ 0.655
+    return [[0, 0, 10, 10], [x, 0, 10 + x, 10], [x + 0.5, 0, 10.5 + x, 10]]
+
+
+def test_iou_edge_and_its_chain():
+    boxes = _iou_edge_boxes()
+    ious = box_iou(boxes, boxes)
+    assert 0.65 < ious[0, 1] < 0.66 and ious[1, 2] > 0.66 and ious[0, 2] < 0.65
+    # A and B alone: B survives IoU 0.66 but not 0.65
+    _, found = diff_of(side(boxes[:2], one_class([0.9, 0.8]), iou=0.65),
+                       side(boxes[:2], one_class([0.9, 0.8]), iou=0.66))
+    assert [(m.cause, m.side, m.box) for m in found] == [("iou_edge", "target", 1)]
+    # with C: the reference keeps C (B is gone), the target keeps B, which suppresses C; the
+    # object matches across sides but by different candidates, and the reason is B's IoU edge
+    d, found = diff_of(side(boxes, one_class([0.9, 0.8, 0.7]), iou=0.65),
+                       side(boxes, one_class([0.9, 0.8, 0.7]), iou=0.66))
+    assert [(m.cause, m.side, m.box) for m in found] == [("iou_edge", "both", 2)]
+    assert "another candidate (row 1)" in found[0].detail and "lacks because" in found[0].detail
+    assert d.summary()["unexplained"] == 0
+
+
+def test_drift_of_a_matched_pair_and_of_a_box_moved_apart():
+    boxes = apart(2)
+    moved = [list(boxes[0]), [b + 1.0 for b in boxes[1]]]
+    _, found = diff_of(side(boxes, one_class([0.9, 0.8])), side(moved, one_class([0.9, 0.8])))
+    assert [(m.cause, m.side) for m in found] == [("drift", "both")]
+    far = [list(boxes[0]), [b + 8.0 for b in boxes[1]]]  # IoU < 0.5: no longer matched
+    _, found = diff_of(side(boxes, one_class([0.9, 0.8])), side(far, one_class([0.9, 0.8])))
+    assert sorted((m.cause, m.side) for m in found) == [("drift", "reference"),
+                                                        ("drift", "target")]
+
+
+def test_multi_label_vs_best_class_is_nms_mode():
+    boxes = apart(1)
+    scores = [[0.8, 0.6]]
+    _, found = diff_of(side(boxes, scores), side(boxes, scores, multi_label=False))
+    assert [(m.cause, m.cls) for m in found] == [("nms_mode", 1)]
+
+
+def test_different_candidate_sets_are_unexplained_not_guessed():
+    d, found = diff_of(side(apart(2), one_class([0.9, 0.8])), side(apart(3),
+                       one_class([0.9, 0.8, 0.7])))
+    assert [m.cause for m in found] == ["unexplained"]
+    s = d.summary()
+    assert s["unexplained"] == 1 and sum(s["causes"].values()) == s["mismatches"]
+    assert s["match_rate"] == pytest.approx(2 * 2 / 5)
