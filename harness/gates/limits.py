@@ -1,0 +1,485 @@
+"""Regression gates as plain data and functions: read a `[gates]` table (from an experiment file
+or from `results.json`'s `experiment.gates`), and turn every limit into one `GateCheck` per
+configuration it applies to. No pytest here; harness/gates/plugin.py makes one test per check.
+
+The table (TOML; docs/gates.md has the full description)::
+
+    [gates]
+    max_delta_ap = { fp16 = 0.02, int8 = 0.10 }   # |ΔAP vs PyTorch fp32|, per coco row
+    min_ap = { fp32 = 0.5 }                        # AP floor, per coco row
+    max_layer_rel_l2 = { fp32 = 1e-4, fp16 = 2e-2, int8 = 0.2 }  # worst layer, per compare target
+    min_match_rate = 0.95                          # detections.match_rate, per compare target
+    max_unexplained = 0                            # detections.unexplained, per compare target
+    max_latency_ratio = { baseline = "reports/baseline/results.json", limit = 1.2 }
+                                                   # total latency / the baseline's same row
+
+A number applies to every precision; a table `{fp16 = ..., int8 = ...}` gates only the
+precisions it names. Relative paths (the results file, the baseline) are relative to the
+directory pytest was started from.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+from harness.errors import UserError
+
+PRECISIONS = ("fp32", "fp16", "int8")
+EVERY_PRECISION = "*"  # the key a scalar limit is stored under
+RESULTS_NAME = "results.json"
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One entry of the `[gates]` table.
+
+    limits: precision → limit; a scalar limit is stored under EVERY_PRECISION.
+    baseline: the baseline results file as written in the table (max_latency_ratio only).
+    """
+    name: str
+    limits: dict[str, float]
+    baseline: Optional[str] = None
+
+    def limit_for(self, precision: Optional[str]) -> Optional[float]:
+        """The limit for a row of this precision; None where the gate does not apply."""
+        if EVERY_PRECISION in self.limits:
+            return self.limits[EVERY_PRECISION]
+        return self.limits.get(precision or "")
+
+    def precisions_text(self) -> str:
+        if EVERY_PRECISION in self.limits:
+            return "any precision"
+        return "precision " + " or ".join(sorted(self.limits))
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    """One gate applied to one configuration: a coco row or a compare target.
+
+    `bool(check)` is pass/fail; a check with `skipped` set was not evaluated (the row is not
+    available, or nothing in the results matched the gate) and says why.
+    """
+    gate: str
+    configuration: str          # short id: "onnxruntime-cpu-fp16-b4", "model_fp16.onnx"
+    described: str              # the configuration in words, for the failure message
+    report: str                 # the report to open: compare.md / coco.md next to results.json
+    value: Optional[float] = None
+    limit: Optional[float] = None
+    skipped: Optional[str] = None
+    detail: str = ""            # what else helps: worst layer, unexplained examples, baseline
+
+    @property
+    def test_name(self) -> str:
+        return f"{self.gate}[{self.configuration}]"
+
+    def __bool__(self) -> bool:
+        if self.skipped is not None or self.value is None or self.limit is None:
+            return False
+        if GATES[self.gate].bound == "max":
+            return self.value <= self.limit
+        return self.value >= self.limit
+
+    def failure_message(self) -> str:
+        spec = GATES[self.gate]
+        op = ">" if spec.bound == "max" else "<"
+        lines = [f"{self.test_name}: {spec.quantity} = {_num(self.value)} {op} limit "
+                 f"{_num(self.limit)}",
+                 f"configuration: {self.described}"]
+        if self.detail:
+            lines.append(self.detail)
+        lines.append(f"open: {self.report}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """What a gate measures: which results section, which direction, how to read one value."""
+    section: str                # "coco" or "compare"
+    bound: str                  # "max": value <= limit; "min": value >= limit
+    quantity: str               # what the value is, in words
+    value: Callable[[dict[str, Any], "Gate", "Baselines"], tuple[Optional[float], str]]
+
+
+@dataclass(frozen=True)
+class GatePlan:
+    """What a gates run checks: the results file (absolute, and as the user spelled it), where
+    the gates came from, and every check."""
+    results_path: Path
+    results_spelled: str
+    gates_source: str
+    checks: list[GateCheck]
+
+
+def plan_gates(results: Optional[str], experiment: Optional[str],
+               base_dir: Union[str, Path]) -> GatePlan:
+    """Read the gates and the numbers they are checked against.
+
+    results: --harness-results (a results.json, its report folder, or an experiment .toml);
+    experiment: --harness-experiment. With an experiment the gates come from its [gates] table
+    and the results default to reports/<name>/results.json; without one they come from the
+    results file's experiment.gates. Relative paths start at base_dir.
+    """
+    base = Path(base_dir)
+    if results is not None and experiment is None and results.endswith(".toml"):
+        results, experiment = None, results
+    table, source = None, ""
+    if experiment is not None:
+        name, table = read_experiment(base / experiment)
+        if table is None:
+            raise UserError(f"experiment file {experiment} has no [gates] table")
+        source = experiment
+        if results is None:
+            results = str(Path("reports") / name / RESULTS_NAME)
+    if results is None:
+        raise UserError("name the results (--harness-results) or the experiment "
+                        "(--harness-experiment) to gate")
+    if (base / results).is_dir():
+        results = str(Path(results) / RESULTS_NAME)
+    doc = read_results(base / results)
+    if table is None:
+        experiment_copy = doc.get("experiment")
+        table = experiment_copy.get("gates") if isinstance(experiment_copy, dict) else None
+        if table is None:
+            raise UserError(f"results file {results} names no gates (no experiment.gates); "
+                            "pass --harness-experiment experiments/<name>.toml")
+        source = f"{results} (experiment.gates)"
+    gates = parse_gates(table, source)
+    checks = evaluate(gates, doc, results, base)
+    return GatePlan(Path(os.path.abspath(base / results)), results, source, checks)
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """The results document at `path`; a missing or corrupt file is a UserError."""
+    if path.is_dir():
+        path = path / RESULTS_NAME
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"results file {path} does not exist; run the harness command that "
+                        "writes it first, or point --harness-results at it") from None
+    except OSError as exc:
+        raise UserError(f"results file {path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        doc = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"results file {path} is not valid JSON ({exc})") from None
+    if not isinstance(doc, dict) or "schema" not in doc:
+        raise UserError(f"results file {path} is not a harness results document "
+                        "(no 'schema' key)")
+    if doc["schema"] != SCHEMA_VERSION:
+        raise UserError(f"results file {path} has schema {doc['schema']!r}; these gates read "
+                        f"schema {SCHEMA_VERSION}")
+    return doc
+
+
+def read_experiment(path: Path) -> tuple[str, Optional[dict[str, Any]]]:
+    """(name, [gates] table or None) of an experiment file; `name` defaults to the file stem."""
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise UserError("reading experiment files needs Python >= 3.11 or the 'tomli' "
+                            "package") from None
+    try:
+        doc = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"experiment file {path} does not exist") from None
+    except OSError as exc:
+        raise UserError(f"experiment file {path} cannot be read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"experiment file {path} is not valid TOML ({exc})") from None
+    name = doc.get("name", path.stem)
+    if not isinstance(name, str) or not name:
+        raise UserError(f"experiment file {path}: 'name' must be a non-empty string")
+    return name, doc.get("gates")
+
+
+def parse_gates(table: Any, source: str) -> list[Gate]:
+    """The `[gates]` table → Gates, in table order. Unknown names and malformed limits are
+    UserErrors that name `source` (where the table came from) and what is allowed."""
+    if not isinstance(table, dict) or not table:
+        raise UserError(f"{source}: no gates (an empty or missing [gates] table)")
+    gates = []
+    for name, value in table.items():
+        if name not in GATES:
+            raise UserError(f"{source}: unknown gate {name!r}; known gates: "
+                            + ", ".join(GATES))
+        where = f"{source}: gate {name}"
+        if name == "max_latency_ratio":
+            if not isinstance(value, dict) or set(value) != {"baseline", "limit"}:
+                raise UserError(f"{where} must be a table {{ baseline = \"path/to/"
+                                f"results.json\", limit = 1.2 }}, got {value!r}")
+            if not isinstance(value["baseline"], str) or not value["baseline"]:
+                raise UserError(f"{where}: baseline must be a path, got {value['baseline']!r}")
+            gates.append(Gate(name, _parse_limit(value["limit"], where), value["baseline"]))
+        else:
+            gates.append(Gate(name, _parse_limit(value, where)))
+    return gates
+
+
+def _parse_limit(value: Any, where: str) -> dict[str, float]:
+    if _is_number(value):
+        return {EVERY_PRECISION: float(value)}
+    if isinstance(value, dict) and value:
+        unknown = [k for k in value if k not in PRECISIONS]
+        if unknown:
+            raise UserError(f"{where}: unknown precision {unknown[0]!r}; use "
+                            + ", ".join(PRECISIONS))
+        bad = [k for k, v in value.items() if not _is_number(v)]
+        if bad:
+            raise UserError(f"{where}: limit for {bad[0]} must be a number, "
+                            f"got {value[bad[0]]!r}")
+        return {k: float(v) for k, v in value.items()}
+    raise UserError(f"{where}: the limit must be a number or a table of precision → number "
+                    f"({{ {PRECISIONS[1]} = 0.02 }}), got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+class Baselines:
+    """Baseline results files, read once each; paths relative to `base_dir`."""
+
+    def __init__(self, base_dir: Path):
+        self.base_dir = base_dir
+        self._docs: dict[str, dict[str, Any]] = {}
+
+    def path(self, spelled: str) -> Path:
+        return self.base_dir / spelled
+
+    def read(self, spelled: str) -> dict[str, Any]:
+        if spelled not in self._docs:
+            try:
+                self._docs[spelled] = read_results(self.path(spelled))
+            except UserError as exc:
+                raise UserError(f"max_latency_ratio baseline: {exc}") from None
+        return self._docs[spelled]
+
+
+def evaluate(gates: list[Gate], results: dict[str, Any], results_path: Union[str, Path],
+             base_dir: Union[str, Path] = ".") -> list[GateCheck]:
+    """Every check of every gate against `results` (a results document).
+
+    results_path: the results file as the user spelled it; the reports named in messages
+    (compare.md, coco.md) are its neighbours. base_dir: where relative baseline paths start.
+    A baseline that cannot be read is a UserError.
+    """
+    folder = Path(results_path).parent
+    baselines = Baselines(Path(base_dir))
+    for gate in gates:  # a missing baseline is a usage error before any check runs
+        if gate.baseline is not None:
+            baselines.read(gate.baseline)
+    checks: list[GateCheck] = []
+    for gate in gates:
+        spec = GATES[gate.name]
+        report = str(folder / f"{spec.section}.md")
+        if spec.section == "coco":
+            configurations = [(_coco_id(r), _coco_words(r), r, _coco_unavailable(r))
+                              for r in _section_list(results, "coco", "rows")]
+        else:
+            configurations = [(_target_id(t, i), _target_words(t), t, _target_unavailable(t))
+                              for i, t in enumerate(_section_list(results, "compare",
+                                                                   "targets"))]
+        if gate.name == "max_delta_ap":  # PyTorch fp32 rows are the reference: ΔAP is 0
+            configurations = [c for c in configurations
+                              if (c[2].get("backend"), c[2].get("precision")) != ("torch",
+                                                                                   "fp32")]
+        gate_checks = []
+        seen: dict[str, int] = {}
+        for config_id, words, entry, unavailable in configurations:
+            limit = gate.limit_for(entry.get("precision"))
+            if limit is None:
+                continue
+            seen[config_id] = seen.get(config_id, 0) + 1
+            if seen[config_id] > 1:  # two rows alike: keep test names unique
+                config_id = f"{config_id}-{seen[config_id]}"
+            check = GateCheck(gate.name, config_id, words, report, limit=limit)
+            if unavailable:
+                gate_checks.append(_skip(check, unavailable))
+                continue
+            value, detail = spec.value(entry, gate, baselines)
+            if value is None:
+                gate_checks.append(_skip(check, detail))
+                continue
+            gate_checks.append(GateCheck(gate.name, config_id, words, report,
+                                         value=value, limit=limit, detail=detail))
+        if not gate_checks:
+            gate_checks.append(_nothing_to_check(gate, spec, results, report))
+        checks.extend(gate_checks)
+    return checks
+
+
+def _skip(check: GateCheck, reason: str) -> GateCheck:
+    return GateCheck(check.gate, check.configuration, check.described, check.report,
+                     limit=check.limit, skipped=f"{check.test_name}: {reason}")
+
+
+def _nothing_to_check(gate: Gate, spec: GateSpec, results: dict[str, Any],
+                      report: str) -> GateCheck:
+    kind = "coco rows" if spec.section == "coco" else "compare targets"
+    command = f"harness {spec.section}"
+    if not isinstance(results.get(spec.section), dict):
+        reason = f"the results have no '{spec.section}' section (run `{command}`)"
+    else:
+        reason = f"no {kind} of {gate.precisions_text()} in the results"
+        if gate.name == "max_delta_ap":
+            reason += " besides the PyTorch fp32 reference"
+    config_id = "no-rows" if spec.section == "coco" else "no-targets"
+    return GateCheck(gate.name, config_id, reason, report,
+                     skipped=f"{gate.name}[{config_id}]: {reason}")
+
+
+def _section_list(results: dict[str, Any], section: str, key: str) -> list[dict[str, Any]]:
+    value = results.get(section)
+    items = value.get(key) if isinstance(value, dict) else None
+    return [x for x in items if isinstance(x, dict)] if isinstance(items, list) else []
+
+
+# -- configurations: coco rows and compare targets
+
+def _coco_id(row: dict[str, Any]) -> str:
+    return (f"{row.get('backend', '?')}-{row.get('device', '?')}-{row.get('precision', '?')}"
+            f"-b{row.get('batch', '?')}")
+
+
+def _coco_words(row: dict[str, Any]) -> str:
+    return (f"backend {row.get('backend')}, device {row.get('device')}, precision "
+            f"{row.get('precision')}, batch {row.get('batch')}")
+
+
+def _coco_unavailable(row: dict[str, Any]) -> Optional[str]:
+    status = row.get("status")
+    return None if status == "ok" else str(status or "no status")
+
+
+def _target_id(target: dict[str, Any], index: int) -> str:
+    name = target.get("name") or os.path.basename(str(target.get("path") or ""))
+    return name or f"target{index}"
+
+
+def _target_words(target: dict[str, Any]) -> str:
+    words = [f"{target.get('path') or target.get('name')}"]
+    for key in ("kind", "precision", "variant"):
+        if target.get(key) is not None:
+            words.append(f"{key} {target[key]}")
+    nms = target.get("nms")
+    if isinstance(nms, dict) and nms.get("kind"):
+        words.append(f"nms {nms['kind']}")
+    return ", ".join(words)
+
+
+def _target_unavailable(target: dict[str, Any]) -> Optional[str]:
+    if target.get("available", True):
+        return None
+    return str(target.get("reason") or "not available")
+
+
+# -- the value each gate reads; (None, why) where the results hold no number
+
+def _delta_ap(row: dict[str, Any], gate: Gate, baselines: Baselines):
+    delta = row.get("delta_AP")
+    if delta is None:
+        return None, "delta_AP is null (no PyTorch fp32 row of the same batch to compare with)"
+    detail = f"AP {_num(row.get('AP'))}, ΔAP {_num(delta, signed=True)} vs PyTorch fp32"
+    return abs(float(delta)), detail
+
+
+def _ap(row: dict[str, Any], gate: Gate, baselines: Baselines):
+    if row.get("AP") is None:
+        return None, "AP is null"
+    return float(row["AP"]), ""
+
+
+def _worst_layer(target: dict[str, Any], gate: Gate, baselines: Baselines):
+    layers = target.get("layers")
+    rows = [r for r in (layers or {}).get("rows") or [] if r.get("rel_l2") is not None]
+    if not rows:
+        return None, "no layer rows (the layer diff was not run or found no layers)"
+    worst = max(rows, key=lambda r: float(r["rel_l2"]))
+    detail = f"worst layer: {worst.get('module')} ({worst.get('tensor')})"
+    first = layers.get("first_divergence")
+    if first:
+        detail += (f"; first layer past the report's tolerance {_num(first.get('tolerance'))}: "
+                   f"{first.get('module')} (rel-L2 {_num(first.get('rel_l2'))})")
+    return float(worst["rel_l2"]), detail
+
+
+def _match_rate(target: dict[str, Any], gate: Gate, baselines: Baselines):
+    det = target.get("detections") or {}
+    if det.get("match_rate") is None:
+        return None, "detections.match_rate is null (no post-NMS comparison for this target)"
+    detail = ""
+    if det.get("matched") is not None:
+        detail = (f"matched {det['matched']} of {det.get('reference')} reference detections "
+                  f"({det.get('target')} from the target)")
+    return float(det["match_rate"]), detail
+
+
+def _unexplained(target: dict[str, Any], gate: Gate, baselines: Baselines):
+    det = target.get("detections") or {}
+    if det.get("unexplained") is None:
+        return None, "detections.unexplained is null (no post-NMS comparison for this target)"
+    examples = [e for e in det.get("examples") or [] if e.get("cause") == "unexplained"][:3]
+    causes = ", ".join(f"{cause} {n}" for cause, n in (det.get("causes") or {}).items() if n)
+    detail = f"{det.get('mismatches')} mismatches ({causes or 'no causes recorded'})"
+    for e in examples:
+        detail += (f"\n  e.g. {e.get('image')}: {e.get('side')} {e.get('class')} score "
+                   f"{_num(e.get('score'))} {e.get('detail') or ''}".rstrip())
+    return float(det["unexplained"]), detail
+
+
+def _latency_ratio(row: dict[str, Any], gate: Gate, baselines: Baselines):
+    mean = ((row.get("latency_ms") or {}).get("total") or {}).get("mean")
+    if mean is None:
+        return None, "latency_ms.total.mean is null"
+    key = _row_key(row)
+    matches = [r for r in _section_list(baselines.read(gate.baseline), "coco", "rows")
+               if _row_key(r) == key]
+    if not matches:
+        return None, f"the baseline {gate.baseline} has no coco row {_coco_id(row)}"
+    base = matches[0]
+    if base.get("status") != "ok":
+        return None, f"the baseline's row is {base.get('status')}"
+    base_mean = ((base.get("latency_ms") or {}).get("total") or {}).get("mean")
+    if not base_mean:
+        return None, "the baseline's latency_ms.total.mean is null or 0"
+    detail = (f"total latency {_num(mean)} ms vs {_num(base_mean)} ms in the baseline "
+              f"{gate.baseline} (open {Path(gate.baseline).parent / 'coco.md'})")
+    return float(mean) / float(base_mean), detail
+
+
+def _row_key(row: dict[str, Any]) -> tuple:
+    return tuple(row.get(k) for k in ("backend", "device", "precision", "batch"))
+
+
+# The gates, by the name used in [gates]; order is the order of this table.
+GATES: dict[str, GateSpec] = {
+    "max_delta_ap": GateSpec("coco", "max", "|ΔAP vs PyTorch fp32|", _delta_ap),
+    "min_ap": GateSpec("coco", "min", "AP", _ap),
+    "max_layer_rel_l2": GateSpec("compare", "max", "worst layer rel-L2", _worst_layer),
+    "min_match_rate": GateSpec("compare", "min", "post-NMS match rate", _match_rate),
+    "max_unexplained": GateSpec("compare", "max", "unexplained detection mismatches",
+                                _unexplained),
+    "max_latency_ratio": GateSpec("coco", "max", "latency ratio to baseline", _latency_ratio),
+}
+
+
+def _num(value: Any, signed: bool = False) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if float(value).is_integer() and abs(value) < 1e6:
+            text = str(int(value))
+        else:
+            text = f"{value:.4g}"
+        return f"+{text}" if signed and value >= 0 else text
+    return str(value)
