@@ -12,7 +12,8 @@ from typing import Any, Sequence, Union
 import numpy as np
 
 from harness.backends.base import Backend, check_images
-from harness.backends.tensorrt_plan import BatchProfile, check_batch, output_buffer
+from harness.backends.tensorrt_plan import (BatchProfile, check_batch, numpy_dtype,
+                                            output_buffer)
 from harness.backends.tensorrt_sidecar import check_sidecar, read_sidecar
 from harness.errors import UserError
 
@@ -54,18 +55,25 @@ class TensorRTBackend(Backend):
         self._logger = trt.Logger(trt.Logger.WARNING)
         trt.init_libnvinfer_plugins(self._logger, "")  # engines with NMS plugins need them
         self._runtime = trt.Runtime(self._logger)
-        engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
-        if engine is None:
-            raise UserError(f"TensorRT {trt.__version__} cannot deserialize {self.path} "
-                            "(see its log above); rebuild it with 'harness build'")
-        self._context = engine.create_execution_context()
+        # deserialize and allocate on the chosen device, not whichever one is current
+        with torch.cuda.device(self.device_id):
+            engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+            if engine is None:
+                raise UserError(f"TensorRT {trt.__version__} cannot deserialize {self.path} "
+                                "(see its log above); rebuild it with 'harness build'")
+            self._context = engine.create_execution_context()
+        if self._context is None:
+            raise UserError(f"TensorRT could not create an execution context for "
+                            f"{self.path.name} (see its log above; often GPU memory)")
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         if len(inputs) != 1:
             raise UserError(f"{self.path.name} has {len(inputs)} inputs; the harness feeds one")
         self.input_name = inputs[0]
         self.output_names = [n for n in names if n not in inputs]
-        self._dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
+        # by DataType name, so a type numpy lacks (BF16, FP8) is a UserError, not the
+        # TypeError trt.nptype raises
+        self._dtypes = {n: numpy_dtype(engine.get_tensor_dtype(n).name, n) for n in names}
         # PyTorch already owns a CUDA context, an allocator and streams; its tensors' data_ptr()
         # are the device addresses set_tensor_address wants, so pycuda (a second context and
         # allocator) is not needed.
@@ -89,7 +97,7 @@ class TensorRTBackend(Backend):
             device_in = device_in.contiguous()
             if not ctx.set_input_shape(self.input_name, tuple(x.shape)):
                 raise UserError(f"{self.path.name} refused input shape {tuple(x.shape)}")
-            ctx.set_tensor_address(self.input_name, int(device_in.data_ptr()))
+            self._set_address(self.input_name, device_in)
             buffers: dict[str, Any] = {}
             for name in self.output_names:
                 shape, dtype, _ = output_buffer(tuple(ctx.get_tensor_shape(name)),
@@ -99,8 +107,10 @@ class TensorRTBackend(Backend):
                                     "--nms efficient or batched for TensorRT")
                 torch_dtype = torch.from_numpy(np.empty(0, dtype)).dtype
                 buffers[name] = torch.empty(shape, dtype=torch_dtype, device=self._device)
-                ctx.set_tensor_address(name, int(buffers[name].data_ptr()))
-            # the input copy ran on the current stream; ours must wait for it
+                self._set_address(name, buffers[name])
+            # the input copy ran on the current stream; ours must wait for it. A stream of our
+            # own: on the default stream TensorRT adds device-wide syncs (execute_async_v3's
+            # docstring)
             self._stream.wait_stream(torch.cuda.current_stream(self._device))
             if not ctx.execute_async_v3(self._stream.cuda_stream):
                 raise UserError(f"TensorRT failed to run {self.path.name} on "
@@ -112,22 +122,33 @@ class TensorRTBackend(Backend):
             out[name] = a.astype(np.float32) if a.dtype == np.float16 else a
         return out
 
+    def _set_address(self, name: str, tensor: Any) -> None:
+        if not self._context.set_tensor_address(name, int(tensor.data_ptr())):
+            raise UserError(f"TensorRT refused the buffer of {name} in {self.path.name} "
+                            "(see its log above)")
+
     def infer(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
-        """inputs (B, 3, H, W) float32 → the ONNX's outputs by name (marked layers left out)."""
+        """inputs (B, 3, H, W) float32 → the ONNX's outputs by name (marked tensors left out)."""
         self.load()
         marked = set(self.sidecar.marked_layers)
         return {n: v for n, v in self._execute(inputs).items() if n not in marked}
 
     def intermediate_names(self) -> list[str]:
-        """The layer outputs this (debug) engine was built with marked (`harness build
-        --mark`); an ordinary engine has none, since marking stops fusions."""
+        """The ONNX tensors this (debug) engine gives (`harness build --mark`): those it was
+        built with marked, and requested ones that were network outputs already. An ordinary
+        engine has none, since marking stops fusions."""
         self.load()
-        return list(self.sidecar.marked_layers)
+        return list(self.sidecar.build.get("layer_tensors", self.sidecar.marked_layers))
 
     def intermediates(self, inputs: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """The named tensors for `inputs`. A name requested at build but left unmarked
+        (folded into weights, a shape or int tensor; the sidecar's build["unmarked"] says
+        why) is left out of the result, as the torch backend leaves out a module without a
+        single tensor."""
         known = self.intermediate_names()
+        unmarked = self.sidecar.build.get("unmarked", {})
         for name in names:
-            if name not in known:
+            if name not in known and name not in unmarked:
                 close = difflib.get_close_matches(name, known, n=3)
                 hint = f"; did you mean {', '.join(close)}?" if close else \
                     "; build a debug engine with those layers marked"
@@ -135,7 +156,7 @@ class TensorRTBackend(Backend):
         values = self._execute(inputs)
         return {n: (values[n].astype(np.float32)
                     if np.issubdtype(values[n].dtype, np.floating) else values[n])
-                for n in names}
+                for n in names if n in values}
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"backend": self.name, "model": str(self.path)}

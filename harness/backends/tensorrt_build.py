@@ -1,8 +1,10 @@
 """Build a TensorRT engine from an ONNX file: plugins registered (EfficientNMS / BatchedNMS
 resolve), one optimization profile over the batch axis, fp32 / fp16 / int8 (explicit from a
 QDQ ONNX, or calibrated on the harness's own preprocessed images with a cache), a timing cache,
-a workspace limit, optional layers marked as outputs for the layer diff; then the sidecar.
-Written against the TensorRT 10 Python API; `tensorrt` is imported only here, when building.
+a workspace limit, optional ONNX tensors marked as outputs for the layer diff; then the sidecar.
+Written against the TensorRT 10 Python API (each call checked against the 10.0 and 10.13
+bindings, docs/tensorrt-api.md); TensorRT 11 builds only strongly typed networks, so there the
+ONNX's own types decide the precision. `tensorrt` is imported only here, when building.
 """
 from __future__ import annotations
 
@@ -16,12 +18,19 @@ import numpy as np
 
 from harness.backends.tensorrt_plan import (BatchProfile, calibration_batches,
                                             calibration_cache_path, profile_shapes,
-                                            select_layers)
+                                            select_tensors)
 from harness.backends.tensorrt_sidecar import EngineSidecar, write_sidecar
 from harness.errors import UserError
 
 PRECISIONS = ("fp32", "fp16", "int8")
 INSTALL_HINT = "install harness[tensorrt] on a machine with an NVIDIA GPU"
+# the layer diff compares float activations; other tensors are left unmarked
+MARKABLE_TYPES = ("FLOAT", "HALF")
+# layers whose outputs are never marked, as Polygraphy's mark_layerwise skips them
+# (tools/Polygraphy/polygraphy/backend/trt/util.py)
+UNMARKABLE_LAYERS = ("SHAPE", "CONSTANT")
+# plugins deprecated since TensorRT 9.0 and absent from 11.0's plugin/README.md
+REMOVED_IN_11 = ("BatchedNMS_TRT", "BatchedNMSDynamic_TRT")
 
 
 def import_tensorrt() -> Any:
@@ -60,8 +69,15 @@ class BuildResult:
 class EntropyCalibrator:
     """Factory for an IInt8EntropyCalibrator2 subclass (made when tensorrt is imported): it
     preprocesses `batches` of image paths one batch per get_batch() call into one device
-    buffer, and reads/writes `cache_path` so a rebuild with the same ONNX, images and method
-    skips calibration."""
+    buffer (float32, as calibration inputs must be), and reads/writes `cache_path` so a
+    rebuild with the same ONNX, images and method skips calibration.
+
+    IInt8EntropyCalibrator2, IBuilderConfig.int8_calibrator and set_calibration_profile are
+    deprecated since TensorRT 10.1 ("Superseded by explicit quantization": python/docstrings/
+    infer/pyInt8Doc.h, python/src/infer/pyCore.cpp) and removed in 11.0; a Q/DQ ONNX is the
+    int8 path that lasts. The bindings catch an exception raised in get_batch, print it and end
+    calibration as if the data ran out (python/src/infer/pyInt8.cpp), so the calibrator keeps
+    it in `error` and build_engine raises it after the build."""
 
     @staticmethod
     def make(trt: Any, batches: Sequence[Sequence[Path]], preprocess: Any,
@@ -76,32 +92,47 @@ class EntropyCalibrator:
                 trt.IInt8EntropyCalibrator2.__init__(self)  # pybind11 needs the base init
                 self.batches = [list(b) for b in batches]
                 self.next_index = 0
+                self.shape = (len(self.batches[0]), *(int(d) for d in input_shape[1:]))
                 self.size_hw = (int(input_shape[2]), int(input_shape[3]))
-                self.device_input = torch.empty((len(self.batches[0]), *input_shape[1:]),
-                                                dtype=torch.float32, device="cuda")
+                self.device_input: Any = None  # allocated with the first batch
+                self.error: Union[BaseException, None] = None
 
             def get_batch_size(self) -> int:
-                return len(self.batches[0])
+                # deprecated since 10.0 (no implicit batch): the calibration profile's shape
+                # is what TensorRT feeds; kept equal to it
+                return self.shape[0]
 
             def get_batch(self, names: Sequence[str]) -> Union[list[int], None]:
-                if self.next_index >= len(self.batches):
+                if self.error is not None or self.next_index >= len(self.batches):
                     return None  # tells TensorRT calibration data is exhausted
-                images = []
-                for path in self.batches[self.next_index]:
-                    x, _ = transform_image(read_image(path), preprocess, str(path))
-                    images.append(fit_to_input(x, self.size_hw, preprocess.pad_value,
-                                               str(path)))
+                try:
+                    images = []
+                    for path in self.batches[self.next_index]:
+                        x, _ = transform_image(read_image(path), preprocess, str(path))
+                        images.append(fit_to_input(x, self.size_hw, preprocess.pad_value,
+                                                   str(path)))
+                    if self.device_input is None:
+                        self.device_input = torch.empty(self.shape, dtype=torch.float32,
+                                                        device="cuda")
+                    self.device_input.copy_(torch.from_numpy(np.stack(images)))
+                    torch.cuda.synchronize()
+                except Exception as exc:  # noqa: BLE001 - re-raised by build_engine
+                    self.error = exc
+                    return None
                 self.next_index += 1
-                self.device_input.copy_(torch.from_numpy(np.stack(images)))
-                torch.cuda.synchronize()
                 return [int(self.device_input.data_ptr())]
 
             def read_calibration_cache(self) -> Union[bytes, None]:
-                return cache_path.read_bytes() if cache_path.is_file() else None
+                # an empty file means "calibrate", as Polygraphy's calibrator treats it
+                data = cache_path.read_bytes() if cache_path.is_file() else b""
+                return data or None
 
             def write_calibration_cache(self, cache: Any) -> None:
-                cache_path.parent.mkdir(parents=True, exist_ok=True)
-                cache_path.write_bytes(bytes(cache))
+                try:  # cache: a memoryview over TensorRT's bytes
+                    cache_path.parent.mkdir(parents=True, exist_ok=True)
+                    cache_path.write_bytes(bytes(cache))
+                except Exception as exc:  # noqa: BLE001 - swallowed by the bindings otherwise
+                    self.error = exc
 
         return _Calibrator()
 
@@ -113,7 +144,8 @@ def report_parser_errors(parser: Any, onnx_path: Path) -> str:
     for i in range(parser.num_errors):
         err = parser.get_error(i)
         node = err.node()
-        # node_name / node_operator exist from TensorRT 8.6 on
+        # node_name / node_operator are bound from TensorRT 9 on (in 9.1's pyOnnx.cpp, not
+        # in 8.6.1's)
         name = err.node_name() if hasattr(err, "node_name") else ""
         op = err.node_operator() if hasattr(err, "node_operator") else ""
         lines.append(f"  node {node} {name or '?'} ({op or '?'}): {err.desc()} "
@@ -124,22 +156,54 @@ def report_parser_errors(parser: Any, onnx_path: Path) -> str:
     return f"TensorRT cannot parse {onnx_path.name} ({len(lines)} error(s)); first: {first}"
 
 
-def mark_layer_outputs(network: Any, requested: Sequence[str]) -> list[str]:
-    """Mark every output of the layers matching `requested` (module paths / ONNX scopes /
-    node names) as network outputs; returns the tensor names marked. The parser names each
-    layer after its ONNX node, so the names carry the PyTorch scopes."""
-    layers = [network.get_layer(i) for i in range(network.num_layers)]
-    chosen = set(select_layers([layer.name for layer in layers], requested))
-    marked: list[str] = []
-    for layer in layers:
-        if layer.name not in chosen:
-            continue
+def network_tensors(network: Any) -> dict[str, tuple[Any, Any]]:
+    """name → (tensor, the layer that writes it, or None for a network input) of every tensor
+    the network's layers read or write (as Polygraphy's get_all_tensors, backend/trt/util.py;
+    an omitted optional input comes back as None and is left out)."""
+    found: dict[str, tuple[Any, Any]] = {}
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        for j in range(layer.num_inputs):
+            tensor = layer.get_input(j)
+            if tensor is not None and tensor.name not in found:
+                found[tensor.name] = (tensor, None)
         for j in range(layer.num_outputs):
             tensor = layer.get_output(j)
-            if not tensor.is_network_output:
-                network.mark_output(tensor)
-                marked.append(tensor.name)
-    return marked
+            if tensor is not None:
+                found[tensor.name] = (tensor, layer)
+    return found
+
+
+def mark_tensor_outputs(network: Any, names: Sequence[str]
+                        ) -> tuple[list[str], list[str], dict[str, str]]:
+    """Mark the ONNX tensors `names` (tensorrt_plan.select_tensors) as network outputs.
+    Returns (marked: newly marked, in order; available: marked or already network outputs,
+    in order; unmarked: name → why it was left out). Marking forces TensorRT to write the
+    tensor, so fusions (Myelin's included) across it are lost and the debug engine is not the
+    engine: compare its final outputs too."""
+    tensors = network_tensors(network)
+    marked: list[str] = []
+    available: list[str] = []
+    unmarked: dict[str, str] = {}
+    for name in names:
+        tensor, layer = tensors.get(name, (None, None))
+        if tensor is None:
+            unmarked[name] = "not in the TensorRT network (the parser folded it into weights)"
+        elif tensor.is_network_output:
+            available.append(name)
+        elif tensor.is_network_input:
+            unmarked[name] = "a network input"  # marking an input is an error (NvInfer.h)
+        elif layer is not None and layer.type.name in UNMARKABLE_LAYERS:
+            unmarked[name] = f"the output of a {layer.type.name} layer"
+        elif tensor.is_shape_tensor:
+            unmarked[name] = "a shape tensor (computed at build time)"
+        elif tensor.dtype.name not in MARKABLE_TYPES:
+            unmarked[name] = f"a {tensor.dtype.name} tensor, not a float activation"
+        else:
+            network.mark_output(tensor)
+            marked.append(name)
+            available.append(name)
+    return marked, available, unmarked
 
 
 def build_engine(onnx_path: Union[str, Path], engine_path: Union[str, Path],
@@ -171,23 +235,41 @@ def build_engine(onnx_path: Union[str, Path], engine_path: Union[str, Path],
         raise UserError(f"{onnx_path} has {len(inputs)} inputs; the harness feeds one batch")
     input_name = inputs[0].name
     profile = profile_shapes(_dims(inputs[0]), min_batch, opt_batch, max_batch, input_name)
-    explicit_int8 = graph_precision(model) == "int8"
+    onnx_precision = graph_precision(model)
+    explicit_int8 = onnx_precision == "int8"
     if precision == "int8" and not explicit_int8 and (not calib_images or preprocess is None):
         raise UserError(f"{onnx_path.name} has no Q/DQ nodes, so int8 needs calibration "
                         "images: --calib DIR (and the model's preprocessing)")
+    # the layer diff's names are ONNX tensor names; resolved here so a typo fails early
+    nodes = [(n.name, list(n.output)) for n in model.graph.node]
+    wanted = select_tensors(nodes, mark_layers) if mark_layers else []
+    plugins = sorted({n.op_type for n in model.graph.node if n.domain == "TRT"})
     export_record = read_metadata(model)
-    del model
+    del model, nodes
 
     trt = import_tensorrt()
+    major = trt_major(trt)
+    if major >= 11 and precision != onnx_precision:
+        # 11.0 removed BuilderFlag.FP16/INT8 and the int8 calibrators: networks are strongly
+        # typed, so an engine has the precision its ONNX has (docs: "Migrating from TensorRT
+        # 10.x to 11.x", python/src/infer/pyCore.cpp at v11.0)
+        raise UserError(f"TensorRT {trt.__version__} builds only strongly typed networks, so "
+                        f"{onnx_path.name} ({onnx_precision}) gives a {onnx_precision} engine, "
+                        f"not {precision}: export a {precision} ONNX (fp16 weights or Q/DQ "
+                        "nodes), or build with TensorRT 10")
+    removed = [op for op in plugins if op in REMOVED_IN_11]
+    if major >= 11 and removed:
+        raise UserError(f"{onnx_path.name} uses {', '.join(removed)}, which TensorRT 11.0 "
+                        "removed (plugin/README.md): export with --nms efficient")
     gpu_name, capability = current_gpu()
     started = time.perf_counter()
     notes: list[str] = []
     logger = trt.Logger(trt.Logger.WARNING)
     trt.init_libnvinfer_plugins(logger, "")  # registers EfficientNMS_TRT, BatchedNMS...
     builder = trt.Builder(logger)
-    # TensorRT 10 networks are always explicit-batch (the flag is deprecated); 8.x needs it
-    flags = 0 if trt_major(trt) >= 10 else \
-        1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    # TensorRT 10 networks are always explicit batch (EXPLICIT_BATCH is "[DEPRECATED] Ignored",
+    # and gone in 11); 8.x needs it
+    flags = 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     # parse_from_file resolves external weight files relative to the ONNX
@@ -200,12 +282,20 @@ def build_engine(onnx_path: Union[str, Path], engine_path: Union[str, Path],
     trt_profile.set_shape(input_name, profile.min, profile.opt, profile.max)
     config.add_optimization_profile(trt_profile)
     if not tf32:
-        config.clear_flag(trt.BuilderFlag.TF32)
-    if precision in ("fp16", "int8"):
-        # int8 engines keep fp16 for layers TensorRT cannot quantize, not fp32
-        config.set_flag(trt.BuilderFlag.FP16)
+        config.clear_flag(trt.BuilderFlag.TF32)  # "Enabled by default" (BuilderFlag.TF32)
     calib_cache = None
-    if precision == "int8":
+    calibrator: Any = None
+    batches: list[list[Path]] = []
+    if major >= 11:
+        if precision != "fp32":
+            notes.append(f"{precision} from the ONNX's own types (strongly typed network)")
+    elif precision in ("fp16", "int8"):
+        # weakly typed precision flags (deprecated in 10.12, removed in 11.0); int8 engines
+        # keep fp16 for layers TensorRT does not quantize, not fp32 (trtexec advises --fp16
+        # with --int8: samples/common/sampleEngines.cpp)
+        config.set_flag(trt.BuilderFlag.FP16)
+    if precision == "int8" and major < 11:
+        # set for Q/DQ networks too, as Polygraphy's int8=True and trtexec --int8 do
         config.set_flag(trt.BuilderFlag.INT8)
         if explicit_int8:
             notes.append("int8 from the ONNX's Q/DQ nodes (explicit quantization)")
@@ -216,25 +306,40 @@ def build_engine(onnx_path: Union[str, Path], engine_path: Union[str, Path],
             batches = calibration_batches(list(calib_images or []),
                                           min(calib_batch_size, max_batch), last="pad")
             calib_shape = (len(batches[0]), *profile.opt[1:])
-            config.int8_calibrator = EntropyCalibrator.make(trt, batches, preprocess,
-                                                            calib_shape, calib_cache)
-            # the calibrator's batch must lie in a profile: calibrate at its own batch size
+            calibrator = EntropyCalibrator.make(trt, batches, preprocess, calib_shape,
+                                                calib_cache)
+            config.int8_calibrator = calibrator  # deprecated in 10.1: a DeprecationWarning
+            # TensorRT calibrates at the calibration profile's opt shape; min = opt = max, as
+            # trtexec's --calibProfile does (samples/common/sampleEngines.cpp)
             calib_profile = builder.create_optimization_profile()
             calib_profile.set_shape(input_name, calib_shape, calib_shape, calib_shape)
             config.set_calibration_profile(calib_profile)
-            notes.append(f"int8 calibrated (entropy2) on {len(calib_images or [])} images "
-                         f"in {len(batches)} batches; cache {calib_cache}")
+            notes.append(f"int8 calibrated (entropy2, deprecated since TensorRT 10.1 in favour "
+                         f"of Q/DQ ONNX) on {len(calib_images or [])} images in "
+                         f"{len(batches)} batches; cache {calib_cache}")
     cache_file = Path(timing_cache) if timing_cache else None
     cache_bytes = cache_file.read_bytes() if cache_file and cache_file.is_file() else b""
     trt_cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(trt_cache, ignore_mismatch=False)
+    # set_timing_cache returns False for a cache made on another device (ignore_mismatch=False)
+    if trt_cache is None or not config.set_timing_cache(trt_cache, ignore_mismatch=False):
+        notes.append(f"timing cache {cache_file} does not fit this GPU / TensorRT; "
+                     "starting a new one")
+        trt_cache = config.create_timing_cache(b"")
+        config.set_timing_cache(trt_cache, ignore_mismatch=False)
 
-    marked = mark_layer_outputs(network, mark_layers) if mark_layers else []
-    if marked:
-        notes.append(f"{len(marked)} layer outputs marked (debug engine: fusions across "
-                     "them are lost)")
+    marked, layer_tensors, unmarked = mark_tensor_outputs(network, wanted) if wanted \
+        else ([], [], {})
+    if wanted:
+        notes.append(f"{len(marked)} ONNX tensors marked as outputs (debug engine: fusions "
+                     f"across them are lost); {len(unmarked)} left unmarked")
     plan = builder.build_serialized_network(network, config)
-    if plan is None:
+    if calibrator is not None and calibrator.error is not None:
+        exc = calibrator.error
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        where = f"stopped at batch {calibrator.next_index + 1} of {len(batches)}" \
+            if calibrator.next_index < len(batches) else f"failed after {len(batches)} batches"
+        raise UserError(f"int8 calibration of {onnx_path.name} {where}: {reason}")
+    if not plan:  # None when the build fails (Polygraphy's loader tests it the same way)
         raise UserError(f"TensorRT failed to build {engine_path.name} from {onnx_path.name} "
                         "(see the TensorRT log above)")
     engine_path.parent.mkdir(parents=True, exist_ok=True)
@@ -256,7 +361,8 @@ def build_engine(onnx_path: Union[str, Path], engine_path: Union[str, Path],
         onnx_sha256=file_sha256(onnx_path), export=export_record, marked_layers=marked,
         build={"workspace_gb": workspace_gb, "timing_cache": str(cache_file or ""),
                "calibration_cache": str(calib_cache or ""),
-               "explicit_int8": explicit_int8, "tf32": tf32})
+               "explicit_int8": explicit_int8, "tf32": tf32,
+               "layer_tensors": layer_tensors, "unmarked": unmarked})
     side = write_sidecar(engine_path, sidecar)
     return BuildResult(engine_path, side, sidecar, time.perf_counter() - started, notes)
 

@@ -1,7 +1,7 @@
 """What a TensorRT build and run need that can be computed without TensorRT: the optimization
 profile from the ONNX input and the batch options, output buffer sizes, calibration batches and
-their cache file, and the layers to mark as outputs for the layer diff. Plain functions, tested
-on CPU; harness.backends.tensorrt_build and tensorrt_backend call them.
+their cache file, and the ONNX tensors to mark as outputs for the layer diff. Plain functions,
+tested on CPU; harness.backends.tensorrt_build and tensorrt_backend call them.
 """
 from __future__ import annotations
 
@@ -18,11 +18,14 @@ from harness.errors import UserError
 Dim = Union[int, str, None]
 T = TypeVar("T")
 
-# TensorRT DataType names (str(trt.DataType.X) ends with them) → numpy dtype of the host array
+# TensorRT DataType member names (trt.DataType.X.name; str() gives "DataType.X") → numpy dtype
+# of the buffer. The same seven types trt.nptype() maps (python/packaging/bindings_wheel/
+# tensorrt/__init__.py, TensorRT 10.x); BF16, FP8, INT4, FP4 and E8M0 have no numpy type and
+# are refused rather than given a buffer of the wrong element size.
 TRT_DTYPES: dict[str, np.dtype] = {
     "FLOAT": np.dtype(np.float32), "HALF": np.dtype(np.float16), "INT8": np.dtype(np.int8),
     "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64), "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8), "BF16": np.dtype(np.float32),
+    "UINT8": np.dtype(np.uint8),
 }
 
 
@@ -91,17 +94,22 @@ def resolve_shape(shape: Sequence[int], batch: int) -> tuple[int, ...]:
     return tuple(dims)
 
 
+def numpy_dtype(trt_dtype: str, tensor: str = "") -> np.dtype:
+    """The numpy dtype of a TensorRT DataType name (`FLOAT`, `DataType.HALF`, ...); a type
+    without one (BF16, FP8, ...) is a UserError naming the tensor."""
+    key = trt_dtype.rsplit(".", 1)[-1].upper()
+    if key not in TRT_DTYPES:
+        where = f" of tensor {tensor}" if tensor else ""
+        raise UserError(f"unsupported TensorRT type {trt_dtype}{where}: the harness reads "
+                        f"{', '.join(TRT_DTYPES)}; export the ONNX with float32 outputs")
+    return TRT_DTYPES[key]
+
+
 def output_buffer(shape: Sequence[int], dtype: Union[str, np.dtype], batch: int
                   ) -> tuple[tuple[int, ...], np.dtype, int]:
     """(resolved shape, numpy dtype, bytes) of one output buffer. dtype: a numpy dtype or a
     TensorRT DataType name (`FLOAT`, `DataType.HALF`, ...)."""
-    if isinstance(dtype, str):
-        key = dtype.rsplit(".", 1)[-1].upper()
-        if key not in TRT_DTYPES:
-            raise UserError(f"unsupported TensorRT output type {dtype}")
-        np_dtype = TRT_DTYPES[key]
-    else:
-        np_dtype = np.dtype(dtype)
+    np_dtype = numpy_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
     resolved = resolve_shape(shape, batch)
     return resolved, np_dtype, int(np.prod(resolved, dtype=np.int64)) * np_dtype.itemsize
 
@@ -186,6 +194,23 @@ def select_layers(node_names: Sequence[str], requested: Sequence[str]) -> list[s
                             f"with {' or '.join(prefixes)})")
         chosen |= hits
     return [n for n in node_names if n in chosen]
+
+
+def select_tensors(nodes: Sequence[tuple[str, Sequence[str]]], requested: Sequence[str]
+                   ) -> list[str]:
+    """The ONNX tensor names to mark for `requested` (module paths / scopes / node names, as
+    select_layers takes them): every output of each matching node of `nodes` ((node name,
+    output names) in graph order), in graph order, without repeats.
+
+    Tensors, not layers, because the ONNX parser names each TensorRT tensor after the ONNX
+    tensor it computes (onnx-tensorrt ModelImporter.cpp: registerTensor(output, outputName)),
+    and those are the names onnxruntime's intermediates use; its layers get the node name only
+    for the first layer of a node ("name_N" for the next, "ONNXTRT_*" for helpers,
+    ImporterContext.cpp registerLayer), so a layer-name match can miss the node's output and
+    mark internal helper tensors instead."""
+    chosen = set(select_layers([name for name, _ in nodes], requested))
+    names = [t for name, outputs in nodes if name in chosen for t in outputs if t]
+    return list(dict.fromkeys(names))
 
 
 def chunks(names: Sequence[T], size: int) -> Iterator[list[T]]:

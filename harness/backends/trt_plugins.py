@@ -1,6 +1,8 @@
 """TensorRT plugin nodes computed on the CPU by harness.nms's reference kernels, from the node's
 own attributes, so an end2end file made for TensorRT gives through onnxruntime the detections
 TensorRT's plugin would give (SPEC-nms.md, EfficientNMS_TRT and BatchedNMS sections).
+Both plugins are deprecated in TensorRT (plugin/README.md): BatchedNMS(Dynamic)_TRT since 9.0
+and gone from 11.0, EfficientNMS_TRT since 10.12 (INMSLayer replaces them).
 """
 from __future__ import annotations
 
@@ -12,6 +14,15 @@ from harness.errors import UserError
 
 # a node's (outputs in graph order, the kernel's full result with per-image NmsResults)
 PluginRun = tuple[list[np.ndarray], Any]
+
+# the attributes each plugin creator requires (validateRequiredAttributesExist in
+# plugin/efficientNMSPlugin/efficientNMSPlugin.cpp and plugin/batchedNMSPlugin/
+# batchedNMSPlugin.cpp, unchanged from TensorRT 8.6.1 to 10.13, and to 11.0 for EfficientNMS):
+# TensorRT refuses a node without one, so the emulation does too
+EFFICIENT_NMS_REQUIRED = ("score_threshold", "iou_threshold", "max_output_boxes",
+                          "background_class", "score_activation", "box_coding")
+BATCHED_NMS_REQUIRED = ("shareLocation", "backgroundLabelId", "numClasses", "topK", "keepTopK",
+                        "scoreThreshold", "iouThreshold")
 
 
 def node_attributes(node: Any) -> dict[str, Any]:
@@ -39,7 +50,7 @@ def run_efficient_nms(node: Any, inputs: list[np.ndarray], trace: bool = False) 
     from harness.nms import efficient_nms_trt
 
     attrs = node_attributes(node)
-    _required(node, attrs, ("score_threshold", "iou_threshold", "max_output_boxes"))
+    _required(node, attrs, EFFICIENT_NMS_REQUIRED)
     if len(inputs) > 2:
         raise UserError(f"EfficientNMS_TRT node {node.name!r} has an anchors input (the fused "
                         "box decoder), which the harness does not emulate")
@@ -65,7 +76,7 @@ def run_batched_nms(node: Any, inputs: list[np.ndarray], trace: bool = False) ->
     from harness.nms import batched_nms_trt
 
     attrs = node_attributes(node)
-    _required(node, attrs, ("topK", "keepTopK", "scoreThreshold", "iouThreshold"))
+    _required(node, attrs, BATCHED_NMS_REQUIRED)
     scores = inputs[1]
     num_classes = attrs.get("numClasses")
     if num_classes is not None and scores.ndim == 3 and int(num_classes) != scores.shape[2]:

@@ -10,7 +10,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("onnx", type=Path, help="ONNX file (from 'harness export' or your own)")
     p.add_argument("-o", "--output", type=Path, required=True, help="engine file to write")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
-                   help="int8: from the ONNX's Q/DQ nodes, else calibrated on --calib")
+                   help="int8: from the ONNX's Q/DQ nodes, else calibrated on --calib "
+                        "(TensorRT's calibrators are deprecated since 10.1, gone in 11)")
     p.add_argument("--min-batch", type=int, default=1)
     p.add_argument("--opt-batch", type=int, default=4)
     p.add_argument("--max-batch", type=int, default=4)
@@ -26,8 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timing-cache", type=Path, default=None,
                    help="TensorRT timing cache file, read if present and written after")
     p.add_argument("--mark", nargs="+", default=None, metavar="MODULE",
-                   help="debug engine: mark these modules' layers (module paths or ONNX "
-                        "scopes) as outputs for the layer diff")
+                   help="debug engine: mark the ONNX output tensors of these modules' nodes "
+                        "(module paths, ONNX scopes or node names) as outputs for the layer "
+                        "diff")
 
 
 def run(args: argparse.Namespace) -> int:

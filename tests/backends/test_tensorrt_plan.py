@@ -7,8 +7,8 @@ import pytest
 
 from harness.backends.tensorrt_plan import (BatchProfile, calibration_batches,
                                             calibration_cache_path, check_batch, chunks,
-                                            module_prefixes, output_buffer, profile_shapes,
-                                            select_layers)
+                                            module_prefixes, numpy_dtype, output_buffer,
+                                            profile_shapes, select_layers, select_tensors)
 from harness.errors import UserError
 
 
@@ -52,6 +52,15 @@ def test_output_buffer_sizes_resolve_batch():
         output_buffer((-1, -1, 4), "FLOAT", 2)
     with pytest.raises(UserError, match="unsupported"):
         output_buffer((1,), "FP4", 1)
+
+
+def test_types_without_numpy_equivalent_are_refused_not_resized():
+    """trt.nptype maps these seven and raises TypeError for the rest (TensorRT 10.x
+    tensorrt/__init__.py); BF16 once mapped to float32 here, a buffer of the wrong size."""
+    assert numpy_dtype("DataType.FLOAT") == np.float32 and numpy_dtype("BOOL") == np.bool_
+    for name in ("BF16", "FP8", "INT4", "FP4", "E8M0"):
+        with pytest.raises(UserError, match=f"unsupported TensorRT type {name} of tensor x"):
+            numpy_dtype(name, "x")
 
 
 def test_calibration_batches_pad_or_drop_the_last():
@@ -111,6 +120,20 @@ def test_select_layers_keeps_graph_order_and_onnx_names():
     assert select_layers(NODES, []) == []
     with pytest.raises(UserError, match="no ONNX node matches 'backbone.stage9'"):
         select_layers(NODES, ["backbone.stage9"])
+
+
+def test_select_tensors_gives_the_nodes_onnx_outputs_in_graph_order():
+    nodes = [("/backbone/stem/conv/Conv", ["/backbone/stem/conv/Conv_output_0"]),
+             ("/backbone/stem/Split", ["/backbone/stem/Split_output_0",
+                                       "/backbone/stem/Split_output_1", ""]),
+             ("/neck/Concat", ["/neck/Concat_output_0"]),
+             ("/backbone/stem/Identity", ["/backbone/stem/conv/Conv_output_0"])]
+    assert select_tensors(nodes, ["backbone.stem"]) == [
+        "/backbone/stem/conv/Conv_output_0", "/backbone/stem/Split_output_0",
+        "/backbone/stem/Split_output_1"]  # optional empty outputs and repeats left out
+    assert select_tensors(nodes, ["/neck/Concat"]) == ["/neck/Concat_output_0"]
+    with pytest.raises(UserError, match="no ONNX node matches"):
+        select_tensors(nodes, ["head"])
 
 
 def test_chunks_split_marked_layers():

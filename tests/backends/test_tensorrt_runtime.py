@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harness.errors import UserError
 from harness.align.tensor_diff import relative_l2 as rel_l2
+from harness.errors import UserError
 
 pytestmark = [pytest.mark.tensorrt, pytest.mark.gpu, pytest.mark.slow]
 
@@ -61,9 +61,17 @@ def engines(trt, fixture_onnx, fixture_model, varied_images, tmp_path_factory):
     return build
 
 
-
-
-# relative L2 to onnxruntime fp32 (CPU) on the raw head maps, per TensorRT precision
+# relative L2 to onnxruntime fp32 (CPU) on the raw head maps, per TensorRT precision.
+# fp32 (TF32 cleared at build): Polygraphy's own defaults for TensorRT vs onnxruntime are
+#   elementwise atol = rtol = 1e-5 (tools/Polygraphy/polygraphy/comparator/compare.py,
+#   CompareFunc.simple), and ultralytics/yolov5#12433 reports every layer of yolov5s passing
+#   atol = rtol = 1e-3 at fp32; a rel-L2 of 1e-4 sits between the two for a whole head map.
+# fp16: jkjung-avt/tensorrt_demos#315 (yolov3-tiny, `polygraphy run --trt --fp16 --onnxrt`)
+#   shows mean abs error 0.0106 on a head map of mean -6.58 (about 1.6e-3 relative), and
+#   yolov5s fails atol = rtol = 1e-3 past its first layer at fp16 (ultralytics/yolov5#12433):
+#   1e-2 leaves a margin of about 5x.
+# int8: no public bound; calibrated int8 on SiLU YOLOs loses accuracy (NVIDIA/TensorRT#1834,
+#   wang-xinyu/tensorrtx#753), so 0.15 is this fixture's budget, not a published figure.
 RAW_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "int8": 0.15}
 
 
@@ -159,12 +167,14 @@ def test_debug_engine_marks_requested_layers_with_onnx_names(trt, fixture_onnx, 
     result = build_engine(onnx_path, tmp_path / "debug.engine", precision="fp32",
                           mark_layers=["backbone.stage1.0"])
     marked = result.sidecar.marked_layers
+    # ONNX tensor names (the parser names TensorRT tensors after them), scoped by module
     assert marked and all(n.startswith("/backbone/stage1/") for n in marked)
+    assert all(n.startswith("/backbone/stage1/") for n in result.sidecar.build["unmarked"])
     backend = TensorRTBackend(result.engine_path)
     assert backend.intermediate_names() == marked
     reference = OnnxruntimeBackend(onnx_path, provider="cpu")
     common = [n for n in marked if n in set(reference.intermediate_names())]
-    assert common
+    assert common == marked  # the same names onnxruntime gives
     got = backend.intermediates(fixture_batch.inputs, common)
     want = reference.intermediates(fixture_batch.inputs, common)
     for name in common:

@@ -87,3 +87,28 @@ def test_missing_or_corrupt_sidecar_refused(built):
     with pytest.raises(UserError, match="is missing") as exc:
         read_sidecar(engine)
     one_line(exc)
+
+
+def test_debug_engine_names_come_from_the_sidecar(built, monkeypatch):
+    """intermediates() of a debug engine: the tensors it gives (marked, or network outputs
+    already), a requested tensor that could not be marked left out (as the torch backend
+    leaves out a module without a single tensor), any other name refused."""
+    import numpy as np
+
+    from harness.backends.tensorrt_backend import TensorRTBackend
+
+    engine, _, sidecar = built
+    sidecar.marked_layers = ["/a/Conv_output_0"]
+    sidecar.build = {"layer_tensors": ["/a/Conv_output_0", "num_dets"],
+                     "unmarked": {"/a/Shape_output_0": "a shape tensor"}}
+    backend = TensorRTBackend(engine)
+    backend._engine, backend.sidecar = object(), sidecar  # loaded, without TensorRT
+    monkeypatch.setattr(backend, "_execute", lambda x: {
+        "num_dets": np.ones((1, 1), np.int32), "/a/Conv_output_0": np.zeros(2, np.float16)})
+    assert backend.intermediate_names() == ["/a/Conv_output_0", "num_dets"]
+    got = backend.intermediates(None, ["/a/Conv_output_0", "/a/Shape_output_0", "num_dets"])
+    assert list(got) == ["/a/Conv_output_0", "num_dets"]
+    assert got["/a/Conv_output_0"].dtype == np.float32
+    assert set(backend.infer(np.zeros((1, 3, 4, 4), np.float32))) == {"num_dets"}
+    with pytest.raises(UserError, match="has no marked tensor '/a/Relu_output_0'"):
+        backend.intermediates(None, ["/a/Relu_output_0"])
