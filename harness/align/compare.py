@@ -66,9 +66,9 @@ class TargetRun:
 
         self.target = target
         self.model = model
-        graph = onnx.load(str(target.onnx_path), load_external_data=False) \
+        proto = onnx.load(str(target.onnx_path), load_external_data=False) \
             if target.onnx_path else None
-        self.pipeline = pipeline_for(model, graph) if graph is not None \
+        self.pipeline = pipeline_for(model, proto) if proto is not None \
             else MmyoloPipeline(model)
         self.detections = DetectionDiff(tol)
         self.candidates = CandidateDiff(model.nms.score_thr)
@@ -77,10 +77,10 @@ class TargetRun:
         self.layer_note: Optional[str] = None
         self.layers: Optional[LayerDiff] = None
         self.unmapped: list[str] = []
-        if with_layers and graph is not None:
+        if with_layers and proto is not None:
             from harness.errors import UserError
 
-            layers, self.unmapped = layers_for(model, list(graph.node), layer_patterns)
+            layers, self.unmapped = layers_for(model, list(proto.graph.node), layer_patterns)
             try:
                 self.layer_backend = layer_backend(target, [lay.node for lay in layers],
                                                    work_dir)

@@ -65,7 +65,8 @@ class Mismatch:
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix of xyxy boxes a (M, 4) and b (K, 4), float64."""
+    """IoU matrix of xyxy boxes a (M, 4) and b (K, 4), float64; two zero-area boxes have
+    IoU 1 when they coincide (within 1e-3 px), else 0."""
     a = np.asarray(a, np.float64).reshape(-1, 4)
     b = np.asarray(b, np.float64).reshape(-1, 4)
     lt = np.maximum(a[:, None, :2], b[None, :, :2])
@@ -74,7 +75,9 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=1)
     area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
     union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+    # two zero-area boxes (clamped to the image border) are the same box when they coincide
+    same = np.all(np.abs(a[:, None, :] - b[None, :, :]) <= 1e-3, axis=2)
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), same.astype(np.float64))
 
 
 def match(ref: Any, tgt: Any, iou: float = 0.5) -> tuple[list[tuple[int, int]], list[int],
@@ -164,10 +167,19 @@ class Explainer:
             if lo <= fate.iou <= hi:
                 return "iou_edge", (f"{where}; {present} IoU {iou_a:.4f} vs threshold "
                                     f"{a.iou_threshold:g}"), fate
+            pair = [box, j]
+            if np.allclose(a.boxes[pair], b.boxes[pair], atol=1e-3):
+                # same boxes, different verdict: the pipelines measure IoU differently
+                return "iou_edge", (f"{where}; same boxes, but {present} computes IoU "
+                                    f"{iou_a:.4f} (threshold {a.iou_threshold:g})"), fate
             return "drift", f"{where}; {present} IoU {iou_a:.4f}: the boxes moved", fate
-        if other.kind == FateKind.SUPPRESSED and other.by_box == box and \
-                a.scores[j, cj] == a.scores[box, cls]:
-            return "tie_order", f"{where}; {present} ranks the tied pair the other way", fate
+        if other.kind == FateKind.SUPPRESSED and (other.by_box, other.by_class) == (box, cls):
+            # each side kept one of the pair and suppressed the other with it
+            if a.scores[j, cj] == a.scores[box, cls]:
+                return "tie_order", f"{where}; {present} ranks the tied pair the other way", fate
+            return "drift", (f"{where}; the pair's scores swap order: {present} "
+                             f"{a.scores[box, cls]:.6g} vs {a.scores[j, cj]:.6g}, {absent} "
+                             f"{b.scores[box, cls]:.6g} vs {b.scores[j, cj]:.6g}"), fate
         # the suppressor is missing on the other side: that is the reason
         cause, detail, _ = self.explain(absent, j, cj, depth + 1)
         return cause, f"{where}, a box {present} lacks because {detail}", fate

@@ -131,3 +131,12 @@ def test_different_candidate_sets_are_unexplained_not_guessed():
     s = d.summary()
     assert s["unexplained"] == 1 and sum(s["causes"].values()) == s["mismatches"]
     assert s["match_rate"] == pytest.approx(2 * 2 / 5)
+
+
+def test_two_overlapping_boxes_swapping_score_order_is_drift():
+    boxes = [[0, 0, 10, 10], [1.0, 0, 11.0, 10]]
+    _, found = diff_of(side(boxes, one_class([0.80, 0.79])),
+                       side(boxes, one_class([0.79, 0.80])))
+    # the object is matched on both sides, by different candidates whose order swapped
+    assert [(m.cause, m.side) for m in found] == [("drift", "both")]
+    assert "swap order" in found[0].detail

@@ -1,0 +1,78 @@
+"""`harness compare` end to end through the CLI: the default export, the report files, a
+TensorRT engine on a machine without TensorRT as a "not available" column, bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harness.cli import main
+from harness.models.zoo import FIXTURE_CHECKPOINT, FIXTURE_CONFIG
+from tests.test_cli_errors import assert_one_line_error, run_cli
+
+
+def test_compare_without_targets_exports_and_writes_the_report(capsys, tmp_path,
+                                                               varied_images):
+    out = tmp_path / "report"
+    images = varied_images[0].parent
+    code = main(["compare", str(FIXTURE_CONFIG), str(FIXTURE_CHECKPOINT), "--images",
+                 str(images), "--count", "4", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    onnx_file = out / f"{FIXTURE_CONFIG.stem}_raw_fp32.onnx"
+    assert onnx_file.is_file() and (out / "layers.png").stat().st_size > 1000
+    doc = json.loads((out / "results.json").read_text())["compare"]
+    (target,) = doc["targets"]
+    assert target["available"] and target["variant"] == "raw"
+    assert target["detections"]["mismatches"] == 0 and target["layers"]["rows"]
+    md = (out / "compare.md").read_text()
+    for heading in ("**Verdict:**", "## Inputs", "## Backends", "## Layers",
+                    "## Detections after NMS", "### Before NMS"):
+        assert heading in md
+    assert doc["verdict"] in md and "matches PyTorch" in doc["verdict"]
+    assert md.index("## Inputs") < md.index("## Backends") < md.index("## Layers") \
+        < md.index("## Detections after NMS")
+
+    # again, with the exported file reused and an engine this machine cannot run
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"not really an engine")
+    code = main(["compare", str(FIXTURE_CONFIG), str(FIXTURE_CHECKPOINT), str(onnx_file),
+                 str(engine), "--images", str(images), "--count", "2", "--out", str(out),
+                 "--no-layers"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "exporting" not in printed
+    doc = json.loads((out / "results.json").read_text())["compare"]
+    onnx_t, engine_t = doc["targets"]
+    assert onnx_t["available"] and onnx_t["layers"]["rows"] == []
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        assert not engine_t["available"]
+        assert engine_t["reason"].startswith("not available: TensorRT is not available")
+        assert engine_t["reason"] in (out / "compare.md").read_text()
+
+
+@pytest.mark.parametrize("target, message", [
+    ("model.bin", "neither an ONNX file"),
+    ("missing.onnx", "onnx file not found"),
+])
+def test_bad_targets(capsys, tmp_path, varied_images, target, message):
+    if target.endswith(".bin"):
+        (tmp_path / target).write_bytes(b"x")
+    code, err = run_cli(capsys, "compare", FIXTURE_CONFIG, FIXTURE_CHECKPOINT,
+                        tmp_path / target, "--images", varied_images[0].parent)
+    assert_one_line_error(code, err, message)
+
+
+def test_missing_image_folder(capsys, tmp_path):
+    code, err = run_cli(capsys, "compare", FIXTURE_CONFIG, FIXTURE_CHECKPOINT, "--images",
+                        tmp_path / "nowhere")
+    assert_one_line_error(code, err, "image folder not found")
+
+
+def test_corrupt_onnx_target(capsys, tmp_path, varied_images):
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"\x00garbage")
+    code, err = run_cli(capsys, "compare", FIXTURE_CONFIG, FIXTURE_CHECKPOINT, bad,
+                        "--images", varied_images[0].parent, "--count", "1")
+    assert_one_line_error(code, err, "broken.onnx")
