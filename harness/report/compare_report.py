@@ -162,7 +162,7 @@ def _pipeline(p: dict[str, Any] | None) -> str:
     keys = {"EfficientNMS_TRT": ("max_output_boxes", "iou_threshold", "score_threshold"),
             "BatchedNMSDynamic_TRT": ("topK", "keepTopK", "iouThreshold", "scoreThreshold"),
             "BatchedNMS_TRT": ("topK", "keepTopK", "iouThreshold", "scoreThreshold")}
-    return f"{kind} (" + ", ".join(f"{k} {p.get(k)}" for k in keys.get(kind, ())) + ")"
+    return f"{kind} (" + ", ".join(f"{k} {fmt(p.get(k), 4)}" for k in keys.get(kind, ())) + ")"
 
 
 def _layer_notes(lay: dict[str, Any]) -> str:

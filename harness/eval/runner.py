@@ -1,0 +1,225 @@
+"""The COCO experiment: every configuration of the matrix (backend × device × precision ×
+batch) through a resumable pass over the split, a latency measurement and one COCO
+evaluation, gathered into the `coco` section of results.json (docs/results-schema.md).
+
+Each configuration's detections and timings live in `<cache>/runs/<key>.jsonl` (RunStore);
+a second run with the same model, files and data reuses what is there and computes only
+what is missing, so an interrupted experiment resumes without recomputing or duplicating.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from harness.errors import UserError
+from harness.experiment import Configuration
+
+REFERENCE = ("torch", "fp32")  # ΔAP is measured against PyTorch fp32
+ROW_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
+
+
+@dataclass(frozen=True)
+class CocoSettings:
+    """Everything one `harness coco` run needs, from flags and / or an experiment file.
+
+    count: 0 = every image; warmup / runs: None = the device's default; cache_dir: where
+    exports and per-configuration JSONL files go; evaluator: auto | pycocotools |
+    faster-coco-eval; progress: tqdm bars.
+    """
+
+    images_dir: Path
+    annotations: Optional[Path]
+    config: Path
+    checkpoint: Optional[Path]
+    configurations: tuple[Configuration, ...]
+    cache_dir: Path
+    count: int = 0
+    onnx: Mapping[str, Path] = field(default_factory=dict)
+    engines: Mapping[str, Path] = field(default_factory=dict)
+    warmup: Optional[int] = None
+    runs: Optional[int] = None
+    calib_count: int = 32
+    evaluator: str = "auto"
+    progress: bool = True
+
+
+@dataclass
+class ConfigurationRun:
+    """What one configuration produced besides its row (for benchmarks and tests)."""
+
+    config: Configuration
+    pass_times: Any = None  # coco_pass.PassTimes of this invocation, None if not run
+    resumed: bool = False
+
+
+def _say(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
+def run_coco(settings: CocoSettings, log: Callable[[str], None] = _say,
+             on_batch: Optional[Callable[[Configuration, int], None]] = None
+             ) -> tuple[dict[str, Any], list[ConfigurationRun]]:
+    """Run the matrix; returns (the `coco` results section, per-configuration run info).
+
+    on_batch(config, batches stored) runs after each stored batch (tests interrupt with it).
+    """
+    from harness.eval.coco_backends import ModelFiles
+    from harness.eval.coco_scores import resolve_evaluator
+    from harness.eval.coco_split import category_ids_for, open_split
+    from harness.eval.latency import machine_info
+    from harness.models.mmyolo import load_mmyolo_model
+
+    started = time.perf_counter()
+    if not settings.configurations:
+        raise UserError("the experiment matrix is empty: no backend has any of the precisions "
+                        "asked for")
+    split = open_split(settings.images_dir, settings.annotations, settings.count)
+    evaluator = resolve_evaluator(settings.evaluator)
+    model = load_mmyolo_model(settings.config, settings.checkpoint)
+    category_ids = category_ids_for(split, model.class_names)
+    names_by_cat = {c: n for c, n in zip(category_ids, model.class_names) if c >= 0}
+    files = ModelFiles(model, settings.cache_dir, settings.onnx, settings.engines,
+                       calib_images=settings.images_dir, calib_count=settings.calib_count,
+                       batches=[c.batch for c in settings.configurations], log=log)
+    rows, runs = [], []
+    for config in settings.configurations:
+        row, run = _run_configuration(config, model, files, split, category_ids,
+                                      names_by_cat, settings, evaluator, log, on_batch)
+        rows.append(row)
+        runs.append(run)
+    add_delta_ap(rows)
+    unreadable = max((r["unreadable"] or 0 for r in rows if r["status"] == "ok"), default=0)
+    doc = {
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "seconds": round(time.perf_counter() - started, 2),
+        "dataset": split.describe(unreadable),
+        "machine": machine_info(),
+        "model": model.describe(),
+        "evaluator": {"name": evaluator, "max_dets": [1, 10, 100],
+                      "per_class": "AP@[.50:.95], area all, maxDets 100"},
+        "latency": {"unit": "ms per batch", "images_per_s": "batch / mean total latency"},
+        "rows": rows,
+    }
+    return doc, runs
+
+
+def _empty_row(config: Configuration, status: str) -> dict[str, Any]:
+    row: dict[str, Any] = {"backend": config.backend, "device": config.device,
+                           "precision": config.precision, "batch": config.batch,
+                           "status": status}
+    row.update(dict.fromkeys(ROW_STATS))
+    row.update({"delta_AP": None, "per_class": None, "latency_ms": None,
+                "images_per_s": None, "images": None, "unreadable": None})
+    return row
+
+
+def _run_configuration(config: Configuration, model: Any, files: Any, split: Any,
+                       category_ids: list[int], names_by_cat: dict[int, str],
+                       settings: CocoSettings, evaluator: str, log: Callable[[str], None],
+                       on_batch: Optional[Callable[[Configuration, int], None]]
+                       ) -> tuple[dict[str, Any], ConfigurationRun]:
+    from harness.eval.coco_backends import open_backend
+    from harness.eval.coco_pass import run_pass
+    from harness.eval.coco_scores import evaluate
+    from harness.eval.latency import LatencyResult, default_settings
+    from harness.eval.store import RunStore
+    from harness.export.metadata import file_sha256
+    from harness.export.outputs import detections_from_outputs
+
+    run = ConfigurationRun(config)
+    try:
+        target = open_backend(config, model, files)
+    except UserError as exc:  # an export or engine build that failed: the other rows go on
+        log(f"{config.key}: failed: {exc}")
+        return _empty_row(config, f"failed: {exc}"), run
+    if not target.available:
+        log(f"{config.key}: {target.reason}")
+        return _empty_row(config, target.reason or "not available"), run
+    # what the stored records depend on; not the image count, so a longer run after a
+    # shorter one (--count) keeps what the shorter one computed
+    header = {"configuration": config.key,
+              "model": target.fingerprint,
+              "annotations_sha256": file_sha256(split.annotations),
+              "images_dir": str(split.images_dir.resolve())}
+    store = RunStore(settings.cache_dir / "runs" / f"{config.key}.jsonl", header).open()
+    run.resumed = store.resumed
+    if store.resumed:
+        done = sum(im.image_id in store.images for im in split.images)
+        log(f"{config.key}: resuming, {done} of {len(split.images)} images already done")
+    backend = target.backend
+    timing = default_settings(config.device, settings.warmup, settings.runs)
+
+    def post(outputs: Any, metas: Sequence[Any]) -> list:
+        return detections_from_outputs(model, outputs, metas)
+
+    try:
+        run.pass_times = run_pass(
+            split.images, config.batch, model.preprocess, backend.infer, post, category_ids,
+            store, sync=target.sync, desc=config.key, progress=settings.progress,
+            on_batch=None if on_batch is None else (lambda n: on_batch(config, n)),
+            warn=log)
+        stored = store.latency or {}
+        if (stored.get("warmup"), stored.get("runs")) != (timing.warmup, timing.runs):
+            store.append_latency(_measure(config, split, model, backend, post, target.sync,
+                                          timing).to_json())
+    except UserError as exc:  # a backend that loads but cannot run these inputs
+        log(f"{config.key}: failed: {exc}")
+        return _empty_row(config, f"failed: {exc}"), run
+    latency = LatencyResult.from_json(store.latency)
+    ids = [im.image_id for im in split.images if im.image_id in store.images]
+    readable = [i for i in ids if not store.images[i].get("unreadable")]
+    scores = evaluate(split.coco, store.detections(readable), readable, names_by_cat,
+                      evaluator)
+    row = _empty_row(config, "ok")
+    row.update({k: scores.stats[k] for k in ROW_STATS})
+    row.update({"per_class": scores.per_class, "latency_ms": latency.stages,
+                "images_per_s": latency.images_per_s, "images": len(readable),
+                "unreadable": len(ids) - len(readable)})
+    log(f"{config.key}: AP {row['AP']:.4f}  latency {latency.stages['total']['mean']:.2f} "
+        f"ms/batch  {latency.images_per_s:.1f} img/s")
+    return row, run
+
+
+def _measure(config: Configuration, split: Any, model: Any, backend: Any,
+             post: Callable[..., Any], sync: Optional[Callable[[], None]],
+             latency: Any) -> Any:
+    """Latency on the split's first readable images, cycled in batches of config.batch."""
+    from harness.data.preprocess import preprocess_files, read_image
+    from harness.eval.coco_pass import plan_batches
+    from harness.eval.latency import measure_latency
+
+    readable = []
+    for im in split.images[: max(8 * config.batch, 32)]:
+        try:
+            read_image(im.path)
+        except UserError:
+            continue
+        readable.append(im.path)
+    batches = [b for b in plan_batches(readable, config.batch) if len(b) == config.batch]
+    if not batches:
+        batches = [readable] if readable else []
+    return measure_latency(
+        batches, lambda paths: preprocess_files(paths, model.preprocess),
+        lambda batch: backend.infer(batch.inputs),
+        lambda batch, outputs: post(outputs, batch.metas), latency,
+        batch_size=len(batches[0]) if batches else config.batch, sync=sync)
+
+
+def add_delta_ap(rows: list[dict[str, Any]]) -> None:
+    """delta_AP = AP − AP of PyTorch fp32 at the same batch (on any device, the row's own
+    first), else of any PyTorch fp32 row; None without one."""
+    refs = [r for r in rows if (r["backend"], r["precision"]) == REFERENCE
+            and r["status"] == "ok"]
+    for row in rows:
+        if row["status"] != "ok" or not refs:
+            continue
+        same = [r for r in refs if r["batch"] == row["batch"]]
+        same.sort(key=lambda r: r["device"] != row["device"])
+        ref = (same or refs)[0]
+        row["delta_AP"] = row["AP"] - ref["AP"]

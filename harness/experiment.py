@@ -1,0 +1,308 @@
+"""Experiment files (`experiments/*.toml`): one model, one dataset split, the matrix of backends
+× precisions × batch sizes × devices to run it through, latency settings, and the tables other
+tools read ([compare], [gates]). `load_experiment` turns a file into a frozen `Experiment`;
+any mistake in it is one line naming the key.
+
+Relative paths in the file are relative to the current directory (where `harness` runs),
+not to the file, so one file works from the repository root as the README shows it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Union
+
+from harness.errors import UserError
+
+BACKEND_NAMES = ("torch", "onnxruntime", "tensorrt")
+DEVICES = ("cpu", "cuda")
+# The pairing rule, in this one place: which precisions each backend has. A combination not
+# listed (torch int8, onnxruntime bf16, tensorrt bf16) is silently not in the matrix.
+PRECISIONS_BY_BACKEND: dict[str, tuple[str, ...]] = {
+    "torch": ("fp32", "fp16", "bf16"),
+    "onnxruntime": ("fp32", "fp16", "int8"),
+    "tensorrt": ("fp32", "fp16", "int8"),
+}
+PRECISION_NAMES = ("fp32", "fp16", "bf16", "int8")
+# Engines run on a GPU only: a tensorrt row is on cuda whatever `devices` says.
+FIXED_DEVICE = {"tensorrt": "cuda"}
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One row of the matrix: a backend on a device at a precision and batch size."""
+
+    backend: str
+    device: str
+    precision: str
+    batch: int
+
+    @property
+    def key(self) -> str:
+        """File-name-safe name: `onnxruntime_cpu_int8_b4`."""
+        return f"{self.backend}_{self.device}_{self.precision}_b{self.batch}"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """config (.py), checkpoint (.pth); onnx / engines: precision → file the user already has
+    (missing ones are exported / built)."""
+
+    config: Path
+    checkpoint: Union[Path, None]
+    onnx: Mapping[str, Path] = field(default_factory=dict)
+    engines: Mapping[str, Path] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """images: a COCO split folder; annotations: None = COCO layout
+    (`<images>/../annotations/instances_<split>.json`); count: 0 = every image."""
+
+    images: Path
+    annotations: Union[Path, None] = None
+    count: int = 0
+
+
+@dataclass(frozen=True)
+class MatrixSpec:
+    backends: tuple[str, ...] = BACKEND_NAMES
+    precisions: tuple[str, ...] = PRECISION_NAMES
+    batches: tuple[int, ...] = (1, 4)
+    devices: tuple[str, ...] = ("cpu",)
+
+    def configurations(self) -> list[Configuration]:
+        return matrix_configurations(self.backends, self.precisions, self.batches,
+                                     self.devices)
+
+
+@dataclass(frozen=True)
+class LatencySpec:
+    """None: the device's default (harness.eval.latency.default_settings)."""
+
+    warmup: Union[int, None] = None
+    runs: Union[int, None] = None
+
+
+@dataclass(frozen=True)
+class CompareSpec:
+    """[compare]: what `harness compare --experiment` reads (its flags of the same names)."""
+
+    count: Union[int, None] = None
+    batch: Union[int, None] = None
+    layers: tuple[str, ...] = ()
+    provider: Union[str, None] = None
+    device: Union[str, None] = None
+    score_tol: Union[float, None] = None
+    box_tol: Union[float, None] = None
+    iou_band: Union[float, None] = None
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A whole experiment file. gates: the [gates] table verbatim (for the pytest plugin and
+    results.json's "experiment" section)."""
+
+    name: str
+    path: Path
+    model: ModelSpec
+    data: DataSpec
+    matrix: MatrixSpec = MatrixSpec()
+    latency: LatencySpec = LatencySpec()
+    compare: CompareSpec = CompareSpec()
+    gates: Mapping[str, Any] = field(default_factory=dict)
+
+    def results_section(self) -> dict[str, Any]:
+        """The "experiment" section of results.json (docs/results-schema.md)."""
+        return {"name": self.name, "path": str(self.path), "gates": dict(self.gates)}
+
+
+def matrix_configurations(backends: Iterable[str], precisions: Iterable[str],
+                          batches: Iterable[int], devices: Iterable[str]) -> list[Configuration]:
+    """Every (backend, device, precision, batch) the pairing rule allows, in the order given
+    (backend, device, precision, batch), without duplicates."""
+    out: list[Configuration] = []
+    precisions, batches, devices = list(precisions), list(batches), list(devices)
+    for backend in backends:
+        if backend not in PRECISIONS_BY_BACKEND:
+            raise UserError(f"unknown backend '{backend}'; choose from "
+                            f"{', '.join(BACKEND_NAMES)}")
+        for device in devices:
+            if device not in DEVICES:
+                raise UserError(f"unknown device '{device}'; choose from {', '.join(DEVICES)}")
+            device = FIXED_DEVICE.get(backend, device)
+            for precision in precisions:
+                if precision not in PRECISION_NAMES:
+                    raise UserError(f"unknown precision '{precision}'; choose from "
+                                    f"{', '.join(PRECISION_NAMES)}")
+                if precision not in PRECISIONS_BY_BACKEND[backend]:
+                    continue
+                for batch in batches:
+                    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+                        raise UserError(f"batch sizes must be whole numbers >= 1, got {batch!r}")
+                    c = Configuration(backend, device, precision, batch)
+                    if c not in out:
+                        out.append(c)
+    return out
+
+
+# -- reading the file ------------------------------------------------------------------------
+
+def load_experiment(path: Union[str, Path]) -> Experiment:
+    """Read and check an experiment file; every mistake is a one-line UserError."""
+    import tomllib
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"experiment file not found: {p}")
+    try:
+        doc = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"experiment file {p} is not valid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read experiment file {p}: {exc}") from None
+    r = _Reader(p)
+    r.keys(doc, "", {"name", "model", "data", "matrix", "latency", "compare", "gates"})
+    name = r.get(doc, "name", str, required=True)
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise UserError(f"{p}: name must be a plain folder name, got {name!r}")
+
+    m = r.table(doc, "model", required=True)
+    r.keys(m, "model", {"config", "checkpoint", "onnx", "engines"})
+    model = ModelSpec(
+        config=Path(r.get(m, "config", str, "model", required=True)),
+        checkpoint=_path(r.get(m, "checkpoint", str, "model")),
+        onnx=r.precision_files(m, "onnx", PRECISIONS_BY_BACKEND["onnxruntime"]),
+        engines=r.precision_files(m, "engines", PRECISIONS_BY_BACKEND["tensorrt"]))
+
+    d = r.table(doc, "data", required=True)
+    r.keys(d, "data", {"images", "annotations", "count"})
+    count = r.get(d, "count", int, "data", default=0)
+    if count < 0:
+        raise UserError(f"{p}: data.count must be 0 (every image) or more, got {count}")
+    data = DataSpec(images=Path(r.get(d, "images", str, "data", required=True)),
+                    annotations=_path(r.get(d, "annotations", str, "data")), count=count)
+
+    mx = r.table(doc, "matrix")
+    r.keys(mx, "matrix", {"backends", "precisions", "batches", "devices"})
+    default = MatrixSpec()
+    matrix = MatrixSpec(
+        backends=r.choices(mx, "backends", BACKEND_NAMES, default.backends),
+        precisions=r.choices(mx, "precisions", PRECISION_NAMES, default.precisions),
+        batches=tuple(r.list_of(mx, "batches", int, "matrix", default.batches)),
+        devices=r.choices(mx, "devices", DEVICES, default.devices))
+    if any(b < 1 for b in matrix.batches):
+        raise UserError(f"{p}: matrix.batches must be >= 1, got {list(matrix.batches)}")
+    matrix.configurations()  # the pairing rule's checks, now
+
+    la = r.table(doc, "latency")
+    r.keys(la, "latency", {"warmup", "runs"})
+    latency = LatencySpec(warmup=r.get(la, "warmup", int, "latency"),
+                          runs=r.get(la, "runs", int, "latency"))
+    if (latency.warmup is not None and latency.warmup < 0) or \
+            (latency.runs is not None and latency.runs < 1):
+        raise UserError(f"{p}: latency.warmup must be >= 0 and latency.runs >= 1")
+
+    c = r.table(doc, "compare")
+    r.keys(c, "compare", {f for f in CompareSpec.__dataclass_fields__})
+    compare = CompareSpec(
+        count=r.get(c, "count", int, "compare"), batch=r.get(c, "batch", int, "compare"),
+        layers=tuple(r.list_of(c, "layers", str, "compare", ())),
+        provider=r.get(c, "provider", str, "compare"), device=r.get(c, "device", str, "compare"),
+        score_tol=r.get(c, "score_tol", float, "compare"),
+        box_tol=r.get(c, "box_tol", float, "compare"),
+        iou_band=r.get(c, "iou_band", float, "compare"))
+
+    gates = r.table(doc, "gates")
+    return Experiment(name=name, path=p, model=model, data=data, matrix=matrix,
+                      latency=latency, compare=compare, gates=gates)
+
+
+def _path(value: Union[str, None]) -> Union[Path, None]:
+    return None if value is None else Path(value)
+
+
+_TYPE_NAMES = {str: "a string", int: "a whole number", float: "a number", dict: "a table",
+               list: "a list"}
+
+
+class _Reader:
+    """Typed access to the parsed TOML with messages that name the file and the key."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, message: str) -> UserError:
+        return UserError(f"experiment file {self.path}: {message}")
+
+    def keys(self, table: Mapping[str, Any], where: str, allowed: set[str]) -> None:
+        unknown = sorted(set(table) - allowed)
+        if unknown:
+            place = f"[{where}]" if where else "the top level"
+            raise self.fail(f"unknown key '{unknown[0]}' in {place} (known: "
+                            f"{', '.join(sorted(allowed))})")
+
+    def get(self, table: Mapping[str, Any], key: str, kind: type, where: str = "",
+            default: Any = None, required: bool = False) -> Any:
+        name = f"{where}.{key}" if where else key
+        if key not in table:
+            if required:
+                raise self.fail(f"missing '{name}'")
+            return default
+        value = table[key]
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise self.fail(f"'{name}' must be {_TYPE_NAMES[kind]}, got {value!r}")
+        return value
+
+    def table(self, doc: Mapping[str, Any], key: str, required: bool = False) -> dict[str, Any]:
+        if key not in doc:
+            if required:
+                raise self.fail(f"missing table [{key}]")
+            return {}
+        value = doc[key]
+        if not isinstance(value, dict):
+            raise self.fail(f"'{key}' must be a table ([{key}]), got {value!r}")
+        return value
+
+    def list_of(self, table: Mapping[str, Any], key: str, kind: type, where: str,
+                default: Iterable[Any]) -> list[Any]:
+        if key not in table:
+            return list(default)
+        value = table[key]
+        if not isinstance(value, list) or not all(
+                isinstance(v, kind) and not (kind is int and isinstance(v, bool))
+                for v in value):
+            raise self.fail(f"'{where}.{key}' must be a list of {_TYPE_NAMES[kind][2:]}s, "
+                            f"got {value!r}")
+        return value
+
+    def choices(self, table: Mapping[str, Any], key: str, allowed: tuple[str, ...],
+                default: tuple[str, ...]) -> tuple[str, ...]:
+        values = self.list_of(table, key, str, "matrix", default)
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise self.fail(f"matrix.{key} has unknown '{bad[0]}'; choose from "
+                            f"{', '.join(allowed)}")
+        if not values:
+            raise self.fail(f"matrix.{key} is empty")
+        return tuple(values)
+
+    def precision_files(self, table: Mapping[str, Any], key: str,
+                        allowed: tuple[str, ...]) -> dict[str, Path]:
+        files = table.get(key, {})
+        if not isinstance(files, dict):
+            raise self.fail(f"'model.{key}' must be a table {{ precision = \"path\" }}, "
+                            f"got {files!r}")
+        out = {}
+        for precision, value in files.items():
+            if precision not in allowed:
+                raise self.fail(f"model.{key} has unknown precision '{precision}'; choose "
+                                f"from {', '.join(allowed)}")
+            if not isinstance(value, str):
+                raise self.fail(f"'model.{key}.{precision}' must be a string path, got "
+                                f"{value!r}")
+            out[precision] = Path(value)
+        return out

@@ -1,0 +1,149 @@
+"""`coco.md`, `coco.csv` and `coco_ap_vs_latency.png` from the `coco` section of results.json:
+one table of every configuration (accuracy, ΔAP to PyTorch fp32, latency, throughput; rows
+that cannot run here say why), the latency split into its stages, and AP per class."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any, Optional
+
+from harness.report.markdown import fmt, table
+from harness.report.results import RESULTS_NAME, atomic_write_text, write_results
+
+ACCURACY = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+CSV_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "delta_AP")
+STAGES = ("preprocess", "infer", "post", "total")
+PLOT_NAME = "coco_ap_vs_latency.png"
+
+
+def write_coco_report(doc: dict[str, Any], out: Path,
+                      experiment: Optional[dict[str, Any]] = None) -> list[Path]:
+    """Write results.json (coco section, and the experiment section when given) first, then
+    the CSV, the plot and coco.md from the same data."""
+    from harness.report.plots import plot_ap_vs_latency
+
+    results = out / RESULTS_NAME
+    if experiment is not None:
+        write_results(results, "experiment", experiment)
+    write_results(results, "coco", doc)
+    written = [results]
+    csv_path = out / "coco.csv"
+    atomic_write_text(csv_path, render_csv(doc))
+    written.append(csv_path)
+    plot = out / PLOT_NAME
+    if plot_ap_vs_latency(doc["rows"], plot):
+        written.append(plot)
+    md = out / "coco.md"
+    atomic_write_text(md, render_coco(doc, plot.name if plot in written else None))
+    written.append(md)
+    return written
+
+
+def _label(row: dict[str, Any]) -> str:
+    return f"{row['backend']} {row['device']} {row['precision']} b{row['batch']}"
+
+
+def _ok(row: dict[str, Any]) -> bool:
+    return row["status"] == "ok"
+
+
+def _lat(row: dict[str, Any], stage: str, stat: str) -> Any:
+    lat = row.get("latency_ms") or {}
+    return (lat.get(stage) or {}).get(stat)
+
+
+def main_table(doc: dict[str, Any]) -> str:
+    headers = ["backend", "device", "precision", "batch", *ACCURACY, "ΔAP vs PyTorch fp32",
+               "latency mean (ms/batch)", "latency p99 (ms/batch)", "images/s", "status"]
+    rows = []
+    for r in doc["rows"]:
+        delta = r.get("delta_AP")
+        rows.append([r["backend"], r["device"], r["precision"], r["batch"],
+                     *(r.get(k) for k in ACCURACY),
+                     None if delta is None else f"{delta:+.4f}",
+                     _lat(r, "total", "mean"), _lat(r, "total", "p99"),
+                     r.get("images_per_s"), r["status"]])
+    return table(headers, rows, align="lllr" + "r" * 10 + "l", digits=3)
+
+
+def stage_table(doc: dict[str, Any]) -> str:
+    headers = ["configuration"] + [f"{s} mean / p99" for s in STAGES]
+    rows = []
+    for r in doc["rows"]:
+        if not _ok(r):
+            continue
+        cells = [f"{fmt(_lat(r, s, 'mean'))} / {fmt(_lat(r, s, 'p99'))}" for s in STAGES]
+        rows.append([_label(r), *cells])
+    return table(headers, rows, align="l" + "r" * len(STAGES))
+
+
+def per_class_table(doc: dict[str, Any]) -> Optional[str]:
+    ran = [r for r in doc["rows"] if _ok(r) and r.get("per_class")]
+    if not ran:
+        return None
+    classes = list(ran[0]["per_class"])
+    rows = [[name, *(r["per_class"].get(name) for r in ran)] for name in classes]
+    return table(["class", *(_label(r) for r in ran)], rows, align="l" + "r" * len(ran))
+
+
+def render_coco(doc: dict[str, Any], plot: Optional[str] = None) -> str:
+    ds, machine = doc["dataset"], doc["machine"]
+    versions = machine.get("versions") or {}
+    shown = ", ".join(f"{k} {v}" for k, v in versions.items() if v)
+    evaluator = (doc.get("evaluator") or {}).get("name", "pycocotools")
+    ok = [r for r in doc["rows"] if _ok(r)]
+    lines = [
+        "# COCO accuracy and latency",
+        "",
+        f"{ds['images']} images of `{ds['images_dir']}` (annotations `{ds['annotations']}`)"
+        + (f"; **{ds['unreadable']} unreadable images skipped**" if ds.get("unreadable") else "")
+        + f". {len(ok)} of {len(doc['rows'])} configurations ran.",
+        "",
+        f"Machine: {machine.get('cpu')}, GPU {machine.get('gpu') or 'none'}, "
+        f"{machine.get('threads')} PyTorch threads. {shown}.",
+        "",
+        f"AP: {evaluator} COCOeval (bbox, maxDets 1/10/100; AP and AP50... at 100). "
+        "ΔAP: AP minus PyTorch fp32's AP at the same batch size. Latency: milliseconds per "
+        "**batch** (preprocessing — read, decode, resize, normalise — then inference, then "
+        "decode + NMS, one after the other), after warm-up; images/s = batch size / mean "
+        "latency.",
+        "",
+        main_table(doc),
+        "",
+    ]
+    if plot:
+        lines += [f"![AP vs latency]({plot})", ""]
+    if ok:
+        lines += ["## Latency by stage (ms per batch)", "", stage_table(doc), ""]
+    per_class = per_class_table(doc)
+    if per_class:
+        lines += ["## AP per class", "", "AP@[.50:.95], area all, maxDets 100; — where the "
+                  "split has no object of the class.", "", per_class, ""]
+    return "\n".join(lines)
+
+
+def render_csv(doc: dict[str, Any]) -> str:
+    """One line per configuration: its accuracy, ΔAP, every latency statistic, throughput."""
+    stats = ("mean", "median", "p90", "p99")
+    headers = ["backend", "device", "precision", "batch", "status", *CSV_STATS,
+               *(f"{s}_{q}_ms" for s in STAGES for q in stats), "images_per_s", "images",
+               "unreadable"]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(headers)
+    for r in doc["rows"]:
+        writer.writerow([r["backend"], r["device"], r["precision"], r["batch"], r["status"],
+                         *(_cell(r.get(k)) for k in CSV_STATS),
+                         *(_cell(_lat(r, s, q)) for s in STAGES for q in stats),
+                         _cell(r.get("images_per_s")), _cell(r.get("images")),
+                         _cell(r.get("unreadable"))])
+    return buf.getvalue()
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)

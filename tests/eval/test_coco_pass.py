@@ -1,0 +1,160 @@
+"""The pipelined COCO pass with stand-in stages (no model): fixed batches, every image stored
+once, unreadable images recorded and skipped, errors and interruptions from any thread
+surface in the caller, and reading / writing overlap inference."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from harness.errors import UserError
+from harness.eval.coco_pass import plan_batches, run_pass
+from harness.eval.coco_split import open_split
+from harness.eval.store import RunStore
+from harness.models.pipeline import preprocess_spec_from_config
+from harness.models.zoo import FIXTURE_CONFIG
+from tests.eval.split_data import copy_split
+
+CATEGORY_IDS = [1, 2, 3, 4, 5]
+
+
+@dataclass
+class FakeDetections:
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+
+@pytest.fixture(scope="module")
+def spec():
+    from harness.models.mmyolo import read_config
+
+    return preprocess_spec_from_config(read_config(FIXTURE_CONFIG))
+
+
+class Stages:
+    """infer: the per-image mean of the input; post: one box per image from it."""
+
+    def __init__(self, infer_sleep: float = 0.0, post_sleep: float = 0.0, fail_at: int = 0):
+        self.shapes: list[tuple] = []
+        self.infer_sleep, self.post_sleep, self.fail_at = infer_sleep, post_sleep, fail_at
+
+    def infer(self, x: np.ndarray) -> dict:
+        self.shapes.append(x.shape)
+        if self.fail_at and len(self.shapes) == self.fail_at:
+            raise UserError("backend refused the batch")
+        time.sleep(self.infer_sleep)
+        return {"mean": x.mean(axis=(1, 2, 3))}
+
+    def post(self, outputs: dict, metas) -> list:
+        time.sleep(self.post_sleep)
+        return [FakeDetections(np.array([[1, 2, 30 + 10 * m, 40]], np.float32),
+                               np.array([0.5], np.float32), np.array([i % 5]))
+                for i, m in enumerate(outputs["mean"])]
+
+
+def store_for(tmp_path, name="run"):
+    return RunStore(tmp_path / f"{name}.jsonl", {"configuration": name}).open()
+
+
+def test_batches_are_fixed_by_position():
+    assert plan_batches(list(range(10)), 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    with pytest.raises(UserError):
+        plan_batches([1], 0)
+
+
+def test_every_image_once_with_timings(synth_val, spec, tmp_path):
+    split = open_split(synth_val)
+    stages, store = Stages(), store_for(tmp_path)
+    times = run_pass(split.images, 4, spec, stages.infer, stages.post, CATEGORY_IDS, store,
+                     progress=False)
+    assert [s[0] for s in stages.shapes] == [4, 4, 4]
+    assert (times.batches, times.images, times.skipped, times.unreadable) == (3, 12, 0, 0)
+    assert times.infer_s > 0 and times.wall_s >= times.infer_s
+    records = [json.loads(x) for x in store.path.read_text().splitlines()[1:]]
+    assert sorted(r["image_id"] for r in records) == split.image_ids
+    first = records[0]
+    assert set(first["ms"]) == {"preprocess", "infer", "post"}
+    det = first["detections"][0]
+    assert det["image_id"] == first["image_id"] and det["category_id"] in CATEGORY_IDS
+    assert det["bbox"][:2] == [1.0, 2.0] and det["score"] == 0.5
+
+
+def test_interrupted_pass_resumes_without_redoing_or_duplicating(synth_val, spec, tmp_path):
+    split = open_split(synth_val)
+    clean_store = store_for(tmp_path, "clean")
+    run_pass(split.images, 4, spec, Stages().infer, Stages().post, CATEGORY_IDS, clean_store,
+             progress=False)
+
+    def crash(stored: int) -> None:
+        if stored == 1:
+            raise KeyboardInterrupt  # Ctrl-C after the first batch reached the disk
+
+    stages = Stages()
+    with pytest.raises(KeyboardInterrupt):
+        run_pass(split.images, 4, spec, stages.infer, stages.post, CATEGORY_IDS,
+                 store_for(tmp_path), progress=False, on_batch=crash)
+    resumed_stages = Stages()
+    store = store_for(tmp_path)
+    assert store.resumed and len(store.images) == 4
+    times = run_pass(split.images, 4, spec, resumed_stages.infer, resumed_stages.post,
+                     CATEGORY_IDS, store, progress=False)
+    assert len(resumed_stages.shapes) == 2 and times.skipped == 4 and times.images == 8
+    ids = [json.loads(x).get("image_id") for x in store.path.read_text().splitlines()[1:]]
+    assert sorted(ids) == split.image_ids  # nothing twice
+    assert store.detections() == clean_store.detections()
+
+
+def test_unreadable_image_is_recorded_and_skipped(synth_val, spec, tmp_path):
+    val = copy_split(synth_val, tmp_path / "copy")
+    split = open_split(val)
+    broken = split.images[5]
+    broken.path.write_bytes(b"not a jpeg at all")
+    warnings: list[str] = []
+    stages, store = Stages(), store_for(tmp_path)
+    times = run_pass(split.images, 4, spec, stages.infer, stages.post, CATEGORY_IDS, store,
+                     progress=False, warn=warnings.append)
+    assert [s[0] for s in stages.shapes] == [4, 3, 4]
+    assert times.unreadable == 1 and times.images == 11
+    assert store.unreadable().keys() == {broken.image_id}
+    assert len(warnings) == 1 and broken.file_name in warnings[0]
+    # resuming does not try it again
+    again = Stages()
+    run_pass(split.images, 4, spec, again.infer, again.post, CATEGORY_IDS,
+             store_for(tmp_path), progress=False, warn=warnings.append)
+    assert again.shapes == [] and len(warnings) == 1
+
+
+def test_a_failing_backend_stops_the_pass(synth_val, spec, tmp_path):
+    split = open_split(synth_val)
+    stages, store = Stages(fail_at=2), store_for(tmp_path)
+    with pytest.raises(UserError, match="refused"):
+        run_pass(split.images, 4, spec, stages.infer, stages.post, CATEGORY_IDS, store,
+                 progress=False)
+    assert len(store.images) == 4  # the batch before the failure was kept
+
+
+def test_a_failing_post_step_stops_the_pass(synth_val, spec, tmp_path):
+    split = open_split(synth_val)
+    stages = Stages()
+
+    def bad_post(outputs, metas):
+        raise ValueError("bug in decoding")
+
+    with pytest.raises(ValueError, match="bug in decoding"):
+        run_pass(split.images, 2, spec, stages.infer, bad_post, CATEGORY_IDS,
+                 store_for(tmp_path), progress=False)
+    assert len(stages.shapes) <= 4  # stopped soon, not after all 6 batches
+
+
+def test_reading_and_post_processing_overlap_inference(synth_val, spec, tmp_path):
+    split = open_split(synth_val)
+    stages = Stages(infer_sleep=0.05, post_sleep=0.04)
+    times = run_pass(split.images, 2, spec, stages.infer, stages.post, CATEGORY_IDS,
+                     store_for(tmp_path), progress=False)
+    serial = times.preprocess_s + times.infer_s + times.post_s
+    assert times.batches == 6
+    assert times.wall_s < 0.85 * serial, (times, serial)
