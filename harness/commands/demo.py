@@ -1,65 +1,121 @@
-"""`harness demo`: the main job on the embedded default — synthetic data, the bundled
-fixture checkpoint through the model source, COCO mAP of its detections — printing what it
-did and where the results went."""
+"""`harness demo`: the main job on the embedded default — synthetic data, the bundled fixture
+checkpoint, its ONNX exports, `compare` and the `coco` matrix on this machine, then the
+experiment's gates — writing `reports/demo/` (compare.md, coco.md, results.json, plots)."""
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
+DEMO_EXPERIMENT = Path(__file__).resolve().parents[2] / "experiments" / "demo.toml"
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=Path("reports/demo"), help="report folder")
-    p.add_argument("--data", type=Path, default=Path("data/demo"),
-                   help="where the synthetic dataset is written (reused when present)")
-    p.add_argument("--images", type=int, default=120, help="synthetic images (half are val)")
+    p.add_argument("--experiment", type=Path, default=DEMO_EXPERIMENT,
+                   help="the demo's experiment file (model, data, matrix, gates)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="report folder (default reports/<experiment name>/)")
+    p.add_argument("--images", type=int, default=120,
+                   help="synthetic images to make when the experiment's data is missing "
+                        "(half are val)")
     p.add_argument("--seed", type=int, default=1,
                    help="dataset seed (the fixture was trained on seed 0)")
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--compare-count", type=int, default=None,
+                   help="images for compare (default the experiment's [compare] count)")
+
+
+def _step(i: int, text: str) -> None:
+    print(f"[{i}/5] {text}", flush=True)
+
+
+def export_targets(model, folder: Path, calib_dir: Path) -> dict[str, Path]:
+    """The files the demo compares: raw fp32 / fp16 / int8 and an end2end file with
+    EfficientNMS at mmyolo's own thresholds. Made once, reused while the checkpoint is the
+    same."""
+    import onnx
+
+    from harness.export.calibration import CalibrationSettings
+    from harness.export.metadata import file_sha256, read_metadata
+    from harness.export.onnx_export import ExportSettings, export_onnx
+
+    stem = Path(model.cfg_path).stem
+    wanted = {
+        "fp32": ExportSettings(variant="raw"),
+        "fp16": ExportSettings(variant="raw", precision="fp16"),
+        "int8": ExportSettings(variant="raw", precision="int8"),
+        "end2end": ExportSettings(variant="end2end", nms="efficient"),
+    }
+    ckpt_sha = file_sha256(model.ckpt_path)
+    paths = {}
+    for key, settings in wanted.items():
+        name = f"{stem}_raw_{key}.onnx" if key != "end2end" else f"{stem}_end2end_efficient.onnx"
+        path = folder / name
+        if path.is_file():
+            meta = read_metadata(onnx.load(str(path), load_external_data=False)) or {}
+            if (meta.get("source") or {}).get("checkpoint_sha256") == ckpt_sha:
+                paths[key] = path
+                continue
+        calib = CalibrationSettings(images=calib_dir, count=16, cache_dir=folder / "calib") \
+            if settings.precision == "int8" else None
+        print(f"      exporting {path.name}", flush=True)
+        export_onnx(model, path, settings, calib)
+        paths[key] = path
+    return paths
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+    from harness.cli import main as cli_main
     from harness.cli import writable_dir
-    from harness.data.preprocess import preprocess_files
     from harness.data.synth import generate_synthetic_coco
-    from harness.eval.coco import coco_map, detections_to_coco, load_coco
+    from harness.errors import UserError
+    from harness.experiment import load_experiment
+    from harness.gates.limits import plan_gates
     from harness.models.mmyolo import load_mmyolo_model
-    from harness.models.zoo import FIXTURE_CHECKPOINT, FIXTURE_CONFIG
 
     started = time.time()
-    out = writable_dir(args.out)
-    ann = args.data / "annotations" / "instances_val2017.json"
-    if not ann.is_file():
-        print(f"[1/3] writing {args.images} synthetic images (seed {args.seed}) to {args.data}")
-        generate_synthetic_coco(args.data, images=args.images, seed=args.seed,
+    exp = load_experiment(args.experiment)
+    out = writable_dir(args.out or Path("reports") / exp.name)
+    images = exp.data.images
+    data_root = images.parent
+    if not images.is_dir() or not any(images.iterdir()):
+        _step(1, f"writing {args.images} synthetic images (seed {args.seed}) to {data_root}")
+        generate_synthetic_coco(data_root, images=args.images, seed=args.seed,
                                 val_fraction=0.5, progress=True)
     else:
-        print(f"[1/3] reusing synthetic data in {args.data}")
+        _step(1, f"reusing the synthetic data in {data_root}")
 
-    print(f"[2/3] loading {FIXTURE_CONFIG.name} + {FIXTURE_CHECKPOINT.name}")
-    model = load_mmyolo_model(FIXTURE_CONFIG, FIXTURE_CHECKPOINT)
-    print(f"      {model.family}, classes {', '.join(model.class_names)}; NMS {model.nms}")
+    _step(2, f"loading {exp.model.config.name} + {exp.model.checkpoint.name} and exporting "
+             "ONNX files")
+    model = load_mmyolo_model(exp.model.config, exp.model.checkpoint)
+    files = export_targets(model, writable_dir(out / "models"), images)
 
-    coco = load_coco(ann)
-    images = sorted(coco.imgs.values(), key=lambda im: im["id"])
-    cat_ids = [c["id"] for c in sorted(coco.cats.values(), key=lambda c: c["id"])]
-    results, n_det = [], 0
-    print(f"[3/3] detecting on {len(images)} val images, batch {args.batch}")
-    for i in tqdm(range(0, len(images), args.batch), unit="batch"):
-        chunk = images[i:i + args.batch]
-        batch = preprocess_files([args.data / "val2017" / im["file_name"] for im in chunk],
-                                 model.preprocess)
-        for im, det in zip(chunk, model.predict(batch)):
-            results += detections_to_coco(im["id"], det.boxes, det.scores, det.labels, cat_ids)
-            n_det += len(det.scores)
-    stats = coco_map(coco, results)
-    summary = {"model": model.describe(), "data": str(args.data), "images": len(images),
-               "detections": n_det, "coco": stats, "seconds": round(time.time() - started, 1)}
-    (out / "results.json").write_text(json.dumps(summary, indent=1))
-    print(f"PyTorch CPU fp32: AP {stats['AP']:.3f}  AP50 {stats['AP50']:.3f}  "
-          f"AP75 {stats['AP75']:.3f}  ({n_det} detections on {len(images)} images)")
-    print(f"wrote {out / 'results.json'} in {summary['seconds']} s")
+    count = args.compare_count or exp.compare.count or 8
+    _step(3, f"compare: PyTorch vs {len(files)} ONNX files on {count} images")
+    code = cli_main(["compare", str(exp.model.config), str(exp.model.checkpoint),
+                     *[str(p) for p in files.values()], "--images", str(images),
+                     "--count", str(count), "--out", str(out)])
+    if code:
+        return code
+
+    _step(4, "coco: mAP and latency across the experiment's matrix")
+    code = cli_main(["coco", "--experiment", str(args.experiment), "--out", str(out),
+                     "--no-progress"])
+    if code:
+        return code
+
+    _step(5, f"gates of {args.experiment.name}")
+    plan = plan_gates(str(out / "results.json"), str(args.experiment), ".")
+    failed = [c for c in plan.checks if c.skipped is None and not c]
+    for c in plan.checks:
+        state = "skip" if c.skipped is not None else ("pass" if c else "FAIL")
+        value = c.skipped if c.skipped is not None else f"{c.value:.4g} (limit {c.limit:g})"
+        print(f"      {state:4}  {c.test_name:<48} {value}")
+    print(f"demo finished in {time.time() - started:.0f} s; reports: {out / 'compare.md'}, "
+          f"{out / 'coco.md'}")
+    if failed:
+        raise UserError(f"{len(failed)} of {len(plan.checks)} gates failed: "
+                        + ", ".join(c.test_name for c in failed))
+    print(f"all {sum(1 for c in plan.checks if c)} gates passed "
+          f"({sum(1 for c in plan.checks if c.skipped is not None)} skipped); the same gates "
+          f"as tests: pytest --harness-experiment {args.experiment}")
     return 0
