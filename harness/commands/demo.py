@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     failed = [c for c in plan.checks if c.skipped is None and not c]
     for c in plan.checks:
         state = "skip" if c.skipped is not None else ("pass" if c else "FAIL")
-        value = c.skipped if c.skipped is not None else f"{c.value:.4g} (limit {c.limit:g})"
+        value = c.skipped.removeprefix(f"{c.test_name}: ") if c.skipped is not None \
+            else f"{c.value:.4g} (limit {c.limit:g})"
         print(f"      {state:4}  {c.test_name:<48} {value}")
     print(f"demo finished in {time.time() - started:.0f} s; reports: {out / 'compare.md'}, "
           f"{out / 'coco.md'}")

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from harness.errors import UserError
+from harness.experiment import PRECISION_NAMES as PRECISIONS
 
-PRECISIONS = ("fp32", "fp16", "int8")
 EVERY_PRECISION = "*"  # the key a scalar limit is stored under
 RESULTS_NAME = "results.json"
 SCHEMA_VERSION = 1

@@ -74,5 +74,6 @@ def test_corrupt_onnx_target(capsys, tmp_path, varied_images):
     bad = tmp_path / "broken.onnx"
     bad.write_bytes(b"\x00garbage")
     code, err = run_cli(capsys, "compare", FIXTURE_CONFIG, FIXTURE_CHECKPOINT, bad,
-                        "--images", varied_images[0].parent, "--count", "1")
+                        "--images", varied_images[0].parent, "--count", "1", "--out",
+                        tmp_path / "out")
     assert_one_line_error(code, err, "broken.onnx")

@@ -45,7 +45,7 @@ def test_unknown_gate_names_the_known_ones():
 
 
 @pytest.mark.parametrize("table, message", [
-    ({"max_delta_ap": {"bf16": 0.1}}, "unknown precision 'bf16'"),
+    ({"max_delta_ap": {"fp8": 0.1}}, "unknown precision 'fp8'"),
     ({"max_delta_ap": {"fp16": "0.1"}}, "limit for fp16 must be a number"),
     ({"max_unexplained": True}, "must be a number or a table"),
     ({"max_latency_ratio": 1.2}, "must be a table { baseline"),
