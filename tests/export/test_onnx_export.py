@@ -11,6 +11,7 @@ import onnx
 import pytest
 import torch
 
+from harness.align.layers import module_path_of
 from harness.backends import OnnxruntimeBackend, TorchBackend
 from harness.errors import UserError
 from harness.export.metadata import file_sha256, read_metadata
@@ -99,25 +100,13 @@ def test_opset_11(fixture_model, fixture_onnx, fixture_batch, variant):
     assert_close(errors)
 
 
-def _module_path(node_name: str) -> str:
-    """`/backbone/stage1/stage1.0/conv/Conv` → `backbone.stage1.0.conv`: the TorchScript
-    exporter repeats a container's name in its children's scope (`stage1/stage1.0`)."""
-    parts: list[str] = []
-    for piece in node_name.strip("/").split("/")[:-1]:
-        if parts and piece.startswith(parts[-1] + "."):
-            parts[-1] = piece
-        else:
-            parts.append(piece)
-    return ".".join(parts)
-
-
 def test_node_names_keep_module_scopes(fixture_model, fixture_onnx):
     model = onnx.load(str(fixture_onnx(variant="raw").path))
     names = {n.name for n in model.graph.node}
     for expected in ("/backbone/stem/conv/Conv", "/backbone/stage1/stage1.0/conv/Conv",
                      "/bbox_head/head_module/convs_pred.0/Conv"):
         assert expected in names
-    conv_nodes = {_module_path(n.name) for n in model.graph.node if n.op_type == "Conv"}
+    conv_nodes = {module_path_of(n.name) for n in model.graph.node if n.op_type == "Conv"}
     conv_modules = {p for p, m in fixture_model.module.named_modules()
                     if isinstance(m, torch.nn.Conv2d)}
     # every convolution of the detector is one ONNX node named after its module path

@@ -6,18 +6,7 @@
 set -euo pipefail
 export PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
-# a second call on the same warm machine skips what the first one installed
-if [ ! -d /tmp/site/mmcv ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  python3 -m pip install -q --no-index --no-deps --target /tmp/oldst .whl/build/*.whl
-  mkdir -p /tmp/b && tar xzf .whl/mmcv-2.0.1.tar.gz -C /tmp/b
-  sed -i 's/-std=c++14/-std=c++17/' /tmp/b/mmcv-2.0.1/setup.py
-  t0=$(date +%s)
-  (cd /tmp/b/mmcv-2.0.1 && CUDA_VISIBLE_DEVICES= MMCV_WITH_OPS=1 MAX_JOBS=16 \
-    PYTHONPATH=/tmp/oldst:/tmp/site python3 -m pip install -q --no-index --no-deps \
-    --no-build-isolation --target /tmp/site . > "$OUT/mmcv_build.log" 2>&1)
-  echo "mmcv built in $(( $(date +%s) - t0 )) s"
-fi
+. "$(dirname "$0")/install_stack.sh"
 if [ ! -d /tmp/ortsite/onnxruntime ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/ortsite \
     /root/wheels/onnxruntime_gpu-*.whl
