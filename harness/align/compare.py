@@ -15,7 +15,7 @@ import numpy as np
 
 from harness.align.detections import DetectionDiff, Tolerances
 from harness.align.layers import LayerDiff, layers_for
-from harness.align.pipelines import Candidates, MmyoloPipeline, pipeline_for
+from harness.align.pipelines import Candidates, MmyoloPipeline, PluginPipeline, pipeline_for
 from harness.align.targets import Target, layer_backend
 from harness.align.tensor_diff import DiffAccumulator, relative_l2
 
@@ -77,18 +77,27 @@ class TargetRun:
         self.layer_note: Optional[str] = None
         self.layers: Optional[LayerDiff] = None
         self.unmapped: list[str] = []
+        self.layer_backend: Any = None
+        layers: list[Any] = []
         if with_layers and proto is not None:
-            from harness.errors import UserError
-
             layers, self.unmapped = layers_for(model, list(proto.graph.node), layer_patterns)
-            try:
-                self.layer_backend = layer_backend(target, [lay.node for lay in layers],
-                                                   work_dir)
-                self.layers = LayerDiff(layers)
-            except UserError as exc:
-                self.layer_note = f"layer diff not available: {exc}"
         elif with_layers:
             self.layer_note = "layer diff not available: no ONNX graph names this target's layers"
+        # an engine keeps its NMS plugin's inputs inside: the debug engine marks them too
+        plugin_nodes = _producers(proto, self.pipeline.inputs[:2]) \
+            if target.kind == "engine" and isinstance(self.pipeline, PluginPipeline) else []
+        if layers or plugin_nodes:
+            from harness.errors import UserError
+
+            try:
+                self.layer_backend = layer_backend(
+                    target, [lay.node for lay in layers] + plugin_nodes, work_dir)
+                if layers:
+                    self.layers = LayerDiff(layers)
+            except UserError as exc:
+                self.layer_note = f"layer diff not available: {exc}"
+        # where the NMS candidates are read: the target itself, or its debug engine
+        self.candidate_backend = self.layer_backend if plugin_nodes else target.backend
 
     def add_batch(self, reference: Any, ref_replays: list[Any], ref_cands: Candidates,
                   batch: Any) -> None:
@@ -96,7 +105,12 @@ class TargetRun:
 
         backend = self.target.backend
         outputs = backend.infer(batch.inputs)
-        cands = self.pipeline.candidates(outputs, backend, batch.inputs)
+        if self.candidate_backend is None:
+            from harness.errors import UserError
+
+            raise UserError(f"{self.target.name}: {self.layer_note}; its NMS inputs cannot be "
+                            "read without a debug engine")
+        cands = self.pipeline.candidates(outputs, self.candidate_backend, batch.inputs)
         replays = self.pipeline.replay(cands, batch.metas)
         actual = detections_from_outputs(self.model, outputs, batch.metas)
         for rep, act in zip(replays, actual):
@@ -127,6 +141,12 @@ class TargetRun:
         else:
             doc["layers"] = {"note": self.layer_note, "rows": []}
         return doc
+
+
+def _producers(proto: Any, tensors: Sequence[str]) -> list[str]:
+    """Names of the nodes that produce `tensors` (what the debug engine marks)."""
+    made_by = {out: node.name for node in proto.graph.node for out in node.output}
+    return [made_by[t] for t in tensors if t in made_by]
 
 
 def run_compare(model: Any, targets: Sequence[Target], images: Sequence[Path], batch: int = 4,
