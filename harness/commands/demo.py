@@ -91,9 +91,9 @@ def run(args: argparse.Namespace) -> int:
 
     count = args.compare_count or exp.compare.count or 8
     _step(3, f"compare: PyTorch vs {len(files)} ONNX files on {count} images")
-    code = cli_main(["compare", str(exp.model.config), str(exp.model.checkpoint),
-                     *[str(p) for p in files.values()], "--images", str(images),
-                     "--count", str(count), "--out", str(out)])
+    code = cli_main(["compare", "--experiment", str(args.experiment),
+                     *[str(p) for p in files.values()], "--count", str(count),
+                     "--out", str(out)])
     if code:
         return code
 

@@ -12,11 +12,15 @@ from harness.report.results import RESULTS_NAME, atomic_write_text, write_result
 LAYER_ROWS_SHOWN = 80
 
 
-def write_compare_report(doc: dict[str, Any], out: Path) -> list[Path]:
-    """Write results.json (compare section) first, then the plot and compare.md from it."""
+def write_compare_report(doc: dict[str, Any], out: Path,
+                         experiment: dict[str, Any] | None = None) -> list[Path]:
+    """Write results.json (compare section, and the experiment's section when run from one)
+    first, then the plot and compare.md from it."""
     from harness.report.layer_plot import plot_layer_errors
 
     results = out / RESULTS_NAME
+    if experiment is not None:
+        write_results(results, "experiment", experiment)
     write_results(results, "compare", doc)
     written = [results]
     plot = out / "layers.png"

@@ -77,3 +77,34 @@ def test_corrupt_onnx_target(capsys, tmp_path, varied_images):
                         "--images", varied_images[0].parent, "--count", "1", "--out",
                         tmp_path / "out")
     assert_one_line_error(code, err, "broken.onnx")
+
+
+def test_compare_from_an_experiment_file(capsys, tmp_path, varied_images):
+    exp = tmp_path / "exp.toml"
+    exp.write_text(f"""
+name = "cmp"
+[model]
+config = "{FIXTURE_CONFIG}"
+checkpoint = "{FIXTURE_CHECKPOINT}"
+[data]
+images = "{varied_images[0].parent}"
+[compare]
+count = 2
+batch = 2
+layers = ["backbone.stem"]
+[gates]
+max_unexplained = 0
+""")
+    out = tmp_path / "out"
+    code = main(["compare", "--experiment", str(exp), "--out", str(out)])
+    assert code == 0, capsys.readouterr()
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["experiment"]["gates"] == {"max_unexplained": 0}
+    compare = doc["compare"]
+    assert compare["inputs"]["count"] == 2 and compare["inputs"]["batch"] == 2
+    assert [r["module"] for r in compare["targets"][0]["layers"]["rows"]] == ["backbone.stem"]
+
+
+def test_compare_needs_config_and_checkpoint_without_an_experiment(capsys, tmp_path):
+    code, err = run_cli(capsys, "compare", FIXTURE_CONFIG, "--images", tmp_path)
+    assert_one_line_error(code, err, "give the config and the checkpoint")
