@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from harness.report.markdown import fmt, table
-from harness.report.results import RESULTS_NAME, atomic_write_text, write_results
+from harness.report.results import atomic_write_text, write_command_results
 
 ACCURACY = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 CSV_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "delta_AP")
@@ -23,10 +23,7 @@ def write_coco_report(doc: dict[str, Any], out: Path,
     the CSV, the plot and coco.md from the same data."""
     from harness.report.plots import plot_ap_vs_latency
 
-    results = out / RESULTS_NAME
-    if experiment is not None:
-        write_results(results, "experiment", experiment)
-    write_results(results, "coco", doc)
+    results = write_command_results(out, "coco", doc, experiment)
     written = [results]
     csv_path = out / "coco.csv"
     atomic_write_text(csv_path, render_csv(doc))

@@ -7,7 +7,7 @@ from typing import Any
 
 from harness.align.detections import CAUSES
 from harness.report.markdown import fmt, table
-from harness.report.results import RESULTS_NAME, atomic_write_text, write_results
+from harness.report.results import atomic_write_text, write_command_results
 
 LAYER_ROWS_SHOWN = 80
 
@@ -18,10 +18,7 @@ def write_compare_report(doc: dict[str, Any], out: Path,
     first, then the plot and compare.md from it."""
     from harness.report.layer_plot import plot_layer_errors
 
-    results = out / RESULTS_NAME
-    if experiment is not None:
-        write_results(results, "experiment", experiment)
-    write_results(results, "compare", doc)
+    results = write_command_results(out, "compare", doc, experiment)
     written = [results]
     plot = out / "layers.png"
     if plot_layer_errors(doc, plot):

@@ -44,6 +44,17 @@ def write_results(path: Union[str, Path], section: str, value: Any) -> dict[str,
     return doc
 
 
+def write_command_results(out: Path, section: str, value: Any,
+                          experiment: Any = None) -> Path:
+    """`out`/results.json with a command's section, and the experiment's section (name,
+    path, gates) when the command ran from an experiment file; returns the file."""
+    path = Path(out) / RESULTS_NAME
+    if experiment is not None:
+        write_results(path, "experiment", experiment)
+    write_results(path, section, value)
+    return path
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)

@@ -7,12 +7,6 @@ set -euo pipefail
 export PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
 . "$(dirname "$0")/install_stack.sh"
-if [ ! -d /tmp/ortsite/onnxruntime ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/ortsite \
-    /root/wheels/onnxruntime_gpu-*.whl
-fi
-# onnxruntime-gpu ahead of the machine's CPU-only onnxruntime
-export PYTHONPATH=/tmp/ortsite:/tmp/site:$PWD
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
 python3 -m harness synth data/gpu --images 400 --seed 2 --val-fraction 0.5 > "$OUT/synth.log" 2>&1

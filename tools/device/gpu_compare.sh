@@ -6,11 +6,6 @@ set -euo pipefail
 export PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
 . "$(dirname "$0")/install_stack.sh"
-if [ ! -d /tmp/ortsite/onnxruntime ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/ortsite \
-    /root/wheels/onnxruntime_gpu-*.whl
-fi
-export PYTHONPATH=/tmp/ortsite:/tmp/site:$PWD
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -m pytest -q -p no:cacheprovider tests/backends -m gpu -rs 2>&1 | tee "$OUT/gpu_tests.log"
 cfg=experiments/fixture/yolov5_n_synth_320.py; ckpt=experiments/fixture/yolov5_n_synth_320.pth

@@ -6,6 +6,5 @@ set -euo pipefail
 export PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
 . "$(dirname "$0")/install_stack.sh"
-export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -m pytest -q -p no:cacheprovider tests/backends -m gpu -rs 2>&1 | tee "$OUT/gpu_tests.log"

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Sourced by the GPU scripts: install the carried cp312 wheels (.whl/, from fetch_wheels.sh)
 # into /tmp/site and build mmcv 2.0.1's CPU ops there from its sdist (C++17 patch,
-# setuptools 69.5.1 + wheel 0.43 from a side folder). A second call on the same warm machine
-# skips it. Expects $OUT (logs).
+# setuptools 69.5.1 + wheel 0.43 from a side folder); install onnxruntime-gpu into
+# /tmp/ortsite when its wheel was reassembled in /root/wheels; set PYTHONPATH so that
+# onnxruntime-gpu comes before the machine's CPU-only onnxruntime. A second call on the same
+# warm machine skips the installs. Expects $OUT (logs).
 if [ ! -d /tmp/site/mmcv ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   python3 -m pip install -q --no-index --no-deps --target /tmp/oldst .whl/build/*.whl
@@ -14,3 +16,8 @@ if [ ! -d /tmp/site/mmcv ]; then
     --no-build-isolation --target /tmp/site . > "$OUT/mmcv_build.log" 2>&1)
   echo "mmcv built in $(( $(date +%s) - t0 )) s"
 fi
+if [ ! -d /tmp/ortsite/onnxruntime ] && ls /root/wheels/onnxruntime_gpu-*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/ortsite \
+    /root/wheels/onnxruntime_gpu-*.whl
+fi
+export PYTHONPATH=/tmp/ortsite:/tmp/site:$PWD
