@@ -1,5 +1,5 @@
 """`compare.md` (and `layers.png`) from the `compare` section of results.json, top-down:
-verdict, inputs, backends, layers, first divergence, detection causes, examples."""
+inputs, backends, verdict, layers and first divergence, detection causes, examples."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,8 +38,7 @@ def render_compare(doc: dict[str, Any], plot: str | None = None) -> str:
     inputs = doc["inputs"]
     targets = doc["targets"]
     out = [f"# compare: {Path(model['config']).name} — PyTorch vs "
-           f"{', '.join(t['name'] for t in targets)}", "",
-           f"**Verdict:** {doc['verdict']}", ""]
+           f"{', '.join(t['name'] for t in targets)}", ""]
 
     out += ["## Inputs", "",
             f"{inputs['count']} images in batches of {inputs['batch']}; every backend got the "
@@ -65,6 +64,8 @@ def render_compare(doc: dict[str, Any], plot: str | None = None) -> str:
     out += ["## Backends", "",
             table(["backend", "runtime", "device", "precision", "variant", "NMS", "available"],
                   rows, align="lllllll"), ""]
+
+    out += ["## Verdict", "", f"**Verdict:** {doc['verdict']}", ""]
 
     out += ["## Layers", ""]
     if plot:

@@ -30,8 +30,8 @@ def test_compare_without_targets_exports_and_writes_the_report(capsys, tmp_path,
                     "## Detections after NMS", "### Before NMS"):
         assert heading in md
     assert doc["verdict"] in md and "matches PyTorch" in doc["verdict"]
-    assert md.index("## Inputs") < md.index("## Backends") < md.index("## Layers") \
-        < md.index("## Detections after NMS")
+    assert md.index("## Inputs") < md.index("## Backends") < md.index("## Verdict") \
+        < md.index("## Layers") < md.index("## Detections after NMS")
 
     # again, with the exported file reused and an engine this machine cannot run
     engine = tmp_path / "model.engine"
