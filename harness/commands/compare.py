@@ -57,21 +57,10 @@ def list_images(folder: Path, count: int) -> list[Path]:
 def default_target(model, out: Path) -> Path:
     """The raw fp32 ONNX of the model, exported into the report folder (reused when it was
     exported from the same checkpoint)."""
-    from harness.export.metadata import file_sha256, read_metadata
-    from harness.export.onnx_export import ExportSettings, export_onnx
+    from harness.export.onnx_export import ExportSettings, export_cached
 
-    path = out / f"{Path(model.cfg_path).stem}_raw_fp32.onnx"
-    if path.is_file():
-        import onnx
-
-        meta = read_metadata(onnx.load(str(path), load_external_data=False)) or {}
-        source = meta.get("source") or {}
-        if meta.get("variant") == "raw" and meta.get("precision") == "fp32" and \
-                source.get("checkpoint_sha256") == file_sha256(model.ckpt_path):
-            return path
-    print(f"exporting {path}")
-    export_onnx(model, path, ExportSettings(variant="raw"))
-    return path
+    return export_cached(model, out / f"{Path(model.cfg_path).stem}_raw_fp32.onnx",
+                         ExportSettings(variant="raw"))
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:

@@ -32,35 +32,21 @@ def export_targets(model, folder: Path, calib_dir: Path) -> dict[str, Path]:
     """The files the demo compares: raw fp32 / fp16 / int8 and an end2end file with
     EfficientNMS at mmyolo's own thresholds. Made once, reused while the checkpoint is the
     same."""
-    import onnx
-
     from harness.export.calibration import CalibrationSettings
-    from harness.export.metadata import file_sha256, read_metadata
-    from harness.export.onnx_export import ExportSettings, export_onnx
+    from harness.export.onnx_export import ExportSettings, export_cached
 
     stem = Path(model.cfg_path).stem
     wanted = {
-        "fp32": ExportSettings(variant="raw"),
-        "fp16": ExportSettings(variant="raw", precision="fp16"),
-        "int8": ExportSettings(variant="raw", precision="int8"),
-        "end2end": ExportSettings(variant="end2end", nms="efficient"),
+        f"{stem}_raw_fp32.onnx": ExportSettings(variant="raw"),
+        f"{stem}_raw_fp16.onnx": ExportSettings(variant="raw", precision="fp16"),
+        f"{stem}_raw_int8.onnx": ExportSettings(variant="raw", precision="int8"),
+        f"{stem}_end2end_efficient.onnx": ExportSettings(variant="end2end", nms="efficient"),
     }
-    ckpt_sha = file_sha256(model.ckpt_path)
-    paths = {}
-    for key, settings in wanted.items():
-        name = f"{stem}_raw_{key}.onnx" if key != "end2end" else f"{stem}_end2end_efficient.onnx"
-        path = folder / name
-        if path.is_file():
-            meta = read_metadata(onnx.load(str(path), load_external_data=False)) or {}
-            if (meta.get("source") or {}).get("checkpoint_sha256") == ckpt_sha:
-                paths[key] = path
-                continue
-        calib = CalibrationSettings(images=calib_dir, count=16, cache_dir=folder / "calib") \
-            if settings.precision == "int8" else None
-        print(f"      exporting {path.name}", flush=True)
-        export_onnx(model, path, settings, calib)
-        paths[key] = path
-    return paths
+    calib = CalibrationSettings(images=calib_dir, count=16, cache_dir=folder / "calib")
+    log = (lambda message: print(f"      {message}", flush=True))  # noqa: E731
+    return {name: export_cached(model, folder / name, settings,
+                                calib if settings.precision == "int8" else None, log)
+            for name, settings in wanted.items()}
 
 
 def run(args: argparse.Namespace) -> int:

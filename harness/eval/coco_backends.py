@@ -70,10 +70,8 @@ class ModelFiles:
                 raise UserError(f"ONNX file not found: {path} (model.onnx.{precision})")
             return path
         path = self.cache_dir / "onnx" / f"{Path(self.model.cfg_path).stem}_raw_{precision}.onnx"
-        if path.is_file() and self._made_here(path, precision):
-            return path
         from harness.export.calibration import CalibrationSettings
-        from harness.export.onnx_export import ExportSettings, export_onnx
+        from harness.export.onnx_export import ExportSettings, export_cached
 
         calibration = None
         if precision == "int8":
@@ -81,23 +79,8 @@ class ModelFiles:
                 raise UserError("int8 export needs calibration images")
             calibration = CalibrationSettings(images=self.calib_images, count=self.calib_count,
                                               cache_dir=self.cache_dir / "calibration")
-        self.log(f"exporting {path}")
-        export_onnx(self.model, path, ExportSettings(variant="raw", precision=precision),
-                    calibration)
-        return path
-
-    def _made_here(self, path: Path, precision: str) -> bool:
-        import onnx
-
-        from harness.export.metadata import read_metadata
-
-        try:
-            meta = read_metadata(onnx.load(str(path), load_external_data=False)) or {}
-        except Exception:  # a damaged cache file is simply made again
-            return False
-        source = meta.get("source") or {}
-        return (meta.get("variant") == "raw" and meta.get("precision") == precision
-                and source.get("checkpoint_sha256") == self.checkpoint_sha256())
+        return export_cached(self.model, path, ExportSettings(variant="raw", precision=precision),
+                             calibration, self.log)
 
     def engine(self, precision: str) -> Path:
         """A TensorRT engine at `precision`: given, cached (its sidecar still matching), or

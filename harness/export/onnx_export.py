@@ -318,3 +318,30 @@ def _save(proto: Any, output: Path) -> None:
         os.replace(partial, output)
     except OSError as exc:
         raise UserError(f"cannot write {output}: {exc.strerror or exc}") from None
+
+
+def export_cached(model: Any, output: Union[str, Path], settings: ExportSettings,
+                  calibration: Union[CalibrationSettings, None] = None,
+                  log: Any = print) -> Path:
+    """`output` as it is when it already holds this export of this checkpoint (same variant,
+    NMS kind, precision and checkpoint sha256, read from its metadata), else exported now.
+    A file that cannot be read is made again."""
+    import onnx
+
+    from harness.export.metadata import read_metadata
+
+    output = Path(output)
+    if output.is_file() and model.ckpt_path is not None:
+        try:
+            meta = read_metadata(onnx.load(str(output), load_external_data=False)) or {}
+        except Exception:  # a damaged file is simply made again
+            meta = {}
+        nms_kind = (meta.get("nms") or {}).get("kind")
+        if (meta.get("variant"), nms_kind, meta.get("precision")) == \
+                (settings.variant, settings.nms, settings.precision) and \
+                (meta.get("source") or {}).get("checkpoint_sha256") == \
+                file_sha256(model.ckpt_path):
+            return output
+    log(f"exporting {output}")
+    export_onnx(model, output, settings, calibration)
+    return output
