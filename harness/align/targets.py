@@ -59,15 +59,12 @@ def open_target(path: Union[str, Path], provider: str = "cpu") -> Target:
         backend.load()
         return Target(path, kind, backend, onnx_path=path, precision=backend.precision,
                       info=backend.describe())
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError as exc:
-        return Target(path, kind, reason=f"not available: TensorRT is not available ({exc}); "
-                      "install harness[tensorrt] on a machine with an NVIDIA GPU")
     from harness.backends.tensorrt_backend import TensorRTBackend
+    from harness.backends.tensorrt_build import import_tensorrt
 
     backend = TensorRTBackend(path)
     try:
+        import_tensorrt()
         backend.load()
     except UserError as exc:
         return Target(path, kind, reason=f"not available: {exc}")
