@@ -115,7 +115,8 @@ def _empty_row(config: Configuration, status: str) -> dict[str, Any]:
                            "status": status}
     row.update(dict.fromkeys(ROW_STATS))
     row.update({"delta_AP": None, "per_class": None, "latency_ms": None,
-                "images_per_s": None, "images": None, "unreadable": None})
+                "latency_stability": None, "images_per_s": None, "images": None,
+                "unreadable": None})
     return row
 
 
@@ -179,10 +180,12 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
     row = _empty_row(config, "ok")
     row.update({k: scores.stats[k] for k in ROW_STATS})
     row.update({"per_class": scores.per_class, "latency_ms": latency.stages,
+                "latency_stability": latency.stability.to_json(),
                 "images_per_s": latency.images_per_s, "images": len(readable),
                 "unreadable": len(ids) - len(readable)})
     log(f"{config.key}: AP {row['AP']:.4f}  latency {latency.stages['total']['mean']:.2f} "
-        f"ms/batch  {latency.images_per_s:.1f} img/s")
+        f"ms/batch  {latency.images_per_s:.1f} img/s"
+        + ("" if latency.stability else f"  ⚠ unstable latency: {latency.stability.reason}"))
     return row, run
 
 

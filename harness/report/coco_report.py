@@ -1,6 +1,7 @@
 """`coco.md`, `coco.csv` and `coco_ap_vs_latency.png` from the `coco` section of results.json:
 one table of every configuration (accuracy, ΔAP to PyTorch fp32, latency, throughput; rows
-that cannot run here say why), the latency split into its stages, and AP per class."""
+that cannot run here say why; latency too unsteady to read is marked and explained), the
+latency split into its stages, and AP per class."""
 from __future__ import annotations
 
 import csv
@@ -8,6 +9,7 @@ import io
 from pathlib import Path
 from typing import Any, Optional
 
+from harness.eval.latency import StabilityLimits
 from harness.report.markdown import fmt, table
 from harness.report.results import atomic_write_text, write_command_results
 
@@ -15,6 +17,7 @@ ACCURACY = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 CSV_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "delta_AP")
 STAGES = ("preprocess", "infer", "post", "total")
 PLOT_NAME = "coco_ap_vs_latency.png"
+UNSTABLE = "⚠ unstable"
 
 
 def write_coco_report(doc: dict[str, Any], out: Path,
@@ -50,6 +53,18 @@ def _lat(row: dict[str, Any], stage: str, stat: str) -> Any:
     return (lat.get(stage) or {}).get(stat)
 
 
+def _unstable(row: dict[str, Any]) -> bool:
+    """A row that ran and whose latency was judged unstable (rows of results written before
+    latency was judged carry no judgement and are not marked)."""
+    judged = row.get("latency_stability")
+    return _ok(row) and judged is not None and not judged["stable"]
+
+
+def _mean_cell(row: dict[str, Any]) -> Any:
+    mean = _lat(row, "total", "mean")
+    return f"{fmt(mean)} {UNSTABLE}" if _unstable(row) else mean
+
+
 def main_table(doc: dict[str, Any]) -> str:
     headers = ["backend", "device", "precision", "batch", *ACCURACY, "ΔAP vs PyTorch fp32",
                "latency mean (ms/batch)", "latency p99 (ms/batch)", "images/s", "status"]
@@ -59,9 +74,44 @@ def main_table(doc: dict[str, Any]) -> str:
         rows.append([r["backend"], r["device"], r["precision"], r["batch"],
                      *(r.get(k) for k in ACCURACY),
                      None if delta is None else f"{delta:+.4f}",
-                     _lat(r, "total", "mean"), _lat(r, "total", "p99"),
+                     _mean_cell(r), _lat(r, "total", "p99"),
                      r.get("images_per_s"), r["status"]])
     return table(headers, rows, align="lllr" + "r" * 10 + "l", digits=3)
+
+
+def stability_text(doc: dict[str, Any]) -> Optional[str]:
+    """What the reader must know about the latency figures' steadiness: which configurations
+    were unstable, by how much, against which limits, and what to do; or that all were
+    within the limits. None when no row that ran carries a judgement."""
+    judged = [r for r in doc["rows"] if _ok(r) and r.get("latency_stability") is not None]
+    if not judged:
+        return None
+    limits = _limits_text(judged)
+    unstable = [r for r in judged if _unstable(r)]
+    if not unstable:
+        return (f"Latency stability: all {len(judged)} configurations that ran are within the "
+                f"limits (unstable means {limits}).")
+    which = "; ".join(f"**{_label(r)}**: {r['latency_stability']['reason']}" for r in unstable)
+    machine = doc.get("machine") or {}
+    threads, cores = machine.get("threads"), machine.get("usable_cores")
+    crowded = (f" PyTorch ran {threads} threads on {cores} usable cores."
+               if threads and cores and threads > cores else "")
+    return (f"**{UNSTABLE} latency in {len(unstable)} of {len(judged)} configurations** "
+            f"({limits}): {which}. Their mean, p99 and images/s say more about what else "
+            "the machine was doing than about the backend; do not compare them with other "
+            "rows. Re-run them on a quiet machine, with more timed runs "
+            "(`--runs`), and with threads pinned (`OMP_NUM_THREADS` no higher than the cores "
+            f"the process has to itself, e.g. under `taskset`).{crowded}")
+
+
+def _limits_text(rows: list[dict[str, Any]]) -> str:
+    """The limits the rows were judged against, in words (normally one set for all)."""
+    seen: list[dict[str, float]] = []
+    for r in rows:
+        limits = r["latency_stability"]["limits"]
+        if limits not in seen:
+            seen.append(limits)
+    return " / ".join(StabilityLimits(**x).describe() for x in seen)
 
 
 def stage_table(doc: dict[str, Any]) -> str:
@@ -71,7 +121,7 @@ def stage_table(doc: dict[str, Any]) -> str:
         if not _ok(r):
             continue
         cells = [f"{fmt(_lat(r, s, 'mean'))} / {fmt(_lat(r, s, 'p99'))}" for s in STAGES]
-        rows.append([_label(r), *cells])
+        rows.append([_label(r) + (f" {UNSTABLE}" if _unstable(r) else ""), *cells])
     return table(headers, rows, align="l" + "r" * len(STAGES))
 
 
@@ -90,12 +140,16 @@ def render_coco(doc: dict[str, Any], plot: Optional[str] = None) -> str:
     shown = ", ".join(f"{k} {v}" for k, v in versions.items() if v)
     evaluator = (doc.get("evaluator") or {}).get("name", "pycocotools")
     ok = [r for r in doc["rows"] if _ok(r)]
+    unstable = [r for r in ok if _unstable(r)]
+    stability = stability_text(doc)
     lines = [
         "# COCO accuracy and latency",
         "",
         f"{ds['images']} images of `{ds['images_dir']}` (annotations `{ds['annotations']}`)"
         + (f"; **{ds['unreadable']} unreadable images skipped**" if ds.get("unreadable") else "")
-        + f". {len(ok)} of {len(doc['rows'])} configurations ran.",
+        + f". {len(ok)} of {len(doc['rows'])} configurations ran"
+        + (f"; **latency of {len(unstable)} of them is unstable** ({UNSTABLE} below)"
+           if unstable else "") + ".",
         "",
         f"Machine: {machine.get('cpu')}, GPU {machine.get('gpu') or 'none'}, "
         f"{machine.get('threads')} PyTorch threads. {shown}.",
@@ -109,6 +163,8 @@ def render_coco(doc: dict[str, Any], plot: Optional[str] = None) -> str:
         main_table(doc),
         "",
     ]
+    if stability:
+        lines += [stability, ""]
     if plot:
         lines += [f"![AP vs latency]({plot})", ""]
     if ok:
@@ -121,10 +177,13 @@ def render_coco(doc: dict[str, Any], plot: Optional[str] = None) -> str:
 
 
 def render_csv(doc: dict[str, Any]) -> str:
-    """One line per configuration: its accuracy, ΔAP, every latency statistic, throughput."""
-    stats = ("mean", "median", "p90", "p99")
+    """One line per configuration: its accuracy, ΔAP, every latency statistic, the total's
+    coefficient of variation, whether its latency was stable (true / false; empty when not
+    judged) and why not, throughput."""
+    stats = ("mean", "median", "p90", "p99", "std")
     headers = ["backend", "device", "precision", "batch", "status", *CSV_STATS,
-               *(f"{s}_{q}_ms" for s in STAGES for q in stats), "images_per_s", "images",
+               *(f"{s}_{q}_ms" for s in STAGES for q in stats), "total_cv",
+               "latency_stable", "latency_unstable_reason", "images_per_s", "images",
                "unreadable"]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -133,9 +192,17 @@ def render_csv(doc: dict[str, Any]) -> str:
         writer.writerow([r["backend"], r["device"], r["precision"], r["batch"], r["status"],
                          *(_cell(r.get(k)) for k in CSV_STATS),
                          *(_cell(_lat(r, s, q)) for s in STAGES for q in stats),
+                         _cell(_lat(r, "total", "cv")), *_stability_cells(r),
                          _cell(r.get("images_per_s")), _cell(r.get("images")),
                          _cell(r.get("unreadable"))])
     return buf.getvalue()
+
+
+def _stability_cells(row: dict[str, Any]) -> tuple[str, str]:
+    judged = row.get("latency_stability")
+    if judged is None:
+        return "", ""
+    return ("true" if judged["stable"] else "false"), judged["reason"] or ""
 
 
 def _cell(value: Any) -> str:

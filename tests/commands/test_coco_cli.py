@@ -1,6 +1,7 @@
 """`harness coco` end to end on the synthetic split with the fixture: every row that can run
 here (PyTorch CPU fp32 / fp16 / bf16, onnxruntime CPU fp32 / fp16 / int8, batch 1 and 4),
-rows that cannot run say why, and the report files carry the same numbers as results.json."""
+rows that cannot run say why, and the report files carry the same numbers as results.json;
+a row whose latency was unsteady is marked and explained (planted timings, no clock)."""
 from __future__ import annotations
 
 import csv
@@ -8,9 +9,12 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from harness.cli import main
+from harness.eval.latency import STAGES, STATISTICS, Stability, summarize_ms
+from harness.report.coco_report import render_coco, render_csv
 from tests.eval.split_data import copy_split, edit_annotations
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,7 +24,7 @@ RUNS_HERE = {f"{b}_cpu_{p}_b{n}" for b, ps in (("torch", ("fp32", "fp16", "bf16"
              for p in ps for n in (1, 4)}
 ROW_KEYS = {"backend", "device", "precision", "batch", "status", "AP", "AP50", "AP75", "APs",
             "APm", "APl", "AR1", "AR10", "AR100", "delta_AP", "per_class", "latency_ms",
-            "images_per_s", "images", "unreadable"}
+            "latency_stability", "images_per_s", "images", "unreadable"}
 
 
 # the tests that share the one full matrix run (about 40 s on 2 cores)
@@ -85,12 +89,16 @@ def test_every_row_that_can_run_here(matrix_run):
             assert 0.2 < r["AP"] < 1.0, r
             assert r["images"] == 8 and r["unreadable"] == 0
             assert set(r["latency_ms"]) == {"preprocess", "infer", "post", "total"}
-            assert set(r["latency_ms"]["total"]) == {"mean", "median", "p90", "p99"}
+            assert set(r["latency_ms"]["total"]) == set(STATISTICS)
+            judged = r["latency_stability"]  # stable or not depends on the machine's load
+            assert judged["stable"] is (judged["reason"] is None)
+            assert judged["limits"] == {"max_p99_over_median": 2.0, "max_cv": 0.25}
             assert r["images_per_s"] == pytest.approx(
                 r["batch"] * 1000 / r["latency_ms"]["total"]["mean"])
             assert set(r["per_class"]) == {"disc", "rectangle", "triangle", "cross", "ring"}
         else:
             assert r["AP"] is None and r["latency_ms"] is None
+            assert r["latency_stability"] is None
 
 
 @full_matrix
@@ -145,6 +153,9 @@ def test_report_files_carry_the_same_numbers(matrix_run):
     table_lines = [x for x in md.splitlines() if x.startswith("| torch") or
                    x.startswith("| onnxruntime") or x.startswith("| tensorrt")]
     assert len(table_lines) >= len(rows)
+    unstable = [r for r in rows if r["status"] == "ok" and not r["latency_stability"]["stable"]]
+    assert ("⚠ unstable latency in" in md) is bool(unstable)
+    assert ("Latency stability: all" in md) is not unstable
     ort_int8 = next(r for r in rows if key(r) == "onnxruntime_cpu_int8_b4")
     assert f"{ort_int8['AP']:.3f}" in md
     lines = list(csv.DictReader(io.StringIO(files["coco.csv"].decode())))
@@ -155,6 +166,7 @@ def test_report_files_carry_the_same_numbers(matrix_run):
             assert float(line["AP"]) == pytest.approx(row["AP"], rel=1e-5)
             assert float(line["total_p99_ms"]) == pytest.approx(
                 row["latency_ms"]["total"]["p99"], rel=1e-5)
+            assert line["latency_stable"] == str(row["latency_stability"]["stable"]).lower()
         else:
             assert line["AP"] == "" and line["status"] == row["status"]
     assert files["coco_ap_vs_latency.png"][:8] == b"\x89PNG\r\n\x1a\n"
@@ -178,6 +190,87 @@ def test_exports_are_cached_and_reused(matrix_run, capsys):
     again = json.loads((out / "results.json").read_text())["coco"]["rows"]
     before = next(r for r in results["coco"]["rows"] if key(r) == "onnxruntime_cpu_int8_b4")
     assert again[0]["AP"] == before["AP"]
+
+
+# -- unstable latency in the report (planted timings) ----------------------------------------
+
+def planted_row(backend: str, precision: str, total_seconds: np.ndarray) -> dict:
+    """A row as the runner writes it, its latency from planted per-run totals."""
+    stages = {s: summarize_ms(total_seconds / 3 if s != "total" else total_seconds)
+              for s in STAGES}
+    return {"backend": backend, "device": "cpu", "precision": precision, "batch": 1,
+            "status": "ok", "AP": 0.55, "AP50": 0.8, "AP75": 0.6, "APs": 0.3, "APm": 0.5,
+            "APl": 0.7, "AR1": 0.4, "AR10": 0.6, "AR100": 0.65, "delta_AP": 0.0,
+            "per_class": {"disc": 0.6}, "latency_ms": stages,
+            "latency_stability": Stability.of(stages).to_json(),
+            "images_per_s": 1000 / stages["total"]["mean"], "images": 8, "unreadable": 0}
+
+
+def planted_doc() -> dict:
+    """Three configurations: ONNX Runtime steady, PyTorch fp32 timed on a busy machine (most
+    runs 16 ms, three stalled for 2.6 s), TensorRT not available."""
+    steady = 0.016 * (1 + 0.05 * np.sin(np.arange(50)))
+    busy = steady.copy()
+    busy[[5, 20, 45]] = 2.6
+    trt = {"backend": "tensorrt", "device": "cuda", "precision": "fp32", "batch": 1,
+           "status": "not available: TensorRT is not available", "AP": None,
+           "latency_ms": None, "latency_stability": None}
+    return {"dataset": {"images_dir": "val2017", "annotations": "instances_val2017.json",
+                        "images": 8, "unreadable": 0},
+            "machine": {"cpu": "planted", "gpu": None, "threads": 8, "usable_cores": 2,
+                        "versions": {}},
+            "rows": [planted_row("torch", "fp32", busy),
+                     planted_row("onnxruntime", "fp32", steady), trt]}
+
+
+def test_unstable_row_is_marked_and_explained():
+    doc = planted_doc()
+    busy, steady, _ = doc["rows"]
+    assert not busy["latency_stability"]["stable"] and steady["latency_stability"]["stable"]
+    md = render_coco(doc)
+    lines = md.splitlines()
+    torch_line = next(x for x in lines if x.startswith("| torch"))
+    ort_line = next(x for x in lines if x.startswith("| onnxruntime"))
+    mean = busy["latency_ms"]["total"]["mean"]
+    assert f"| {mean:.3g} ⚠ unstable |" in torch_line
+    assert "unstable" not in ort_line
+    assert "2 of 3 configurations ran; **latency of 1 of them is unstable**" in md
+    sentence = next(x for x in lines if "⚠ unstable latency in 1 of 2 configurations" in x)
+    ratio = busy["latency_ms"]["total"]["p99"] / busy["latency_ms"]["total"]["median"]
+    assert "p99 / median > 2 or coefficient of variation (std / mean) > 0.25" in sentence
+    assert "**torch cpu fp32 b1**: p99 / median = " + f"{ratio:.3g} > 2" in sentence
+    assert "onnxruntime cpu fp32 b1" not in sentence
+    assert "quiet machine" in sentence and "`--runs`" in sentence
+    assert "threads pinned" in sentence and "8 threads on 2 usable cores" in sentence
+    # the table comes first, the explanation right below it
+    assert lines.index(torch_line) < lines.index(sentence) < lines.index(
+        "## Latency by stage (ms per batch)")
+    assert next(x for x in lines if x.startswith("| torch cpu fp32 b1 ⚠ unstable |"))
+
+    by_backend = {x["backend"]: x for x in csv.DictReader(io.StringIO(render_csv(doc)))}
+    assert by_backend["torch"]["latency_stable"] == "false"
+    assert by_backend["torch"]["latency_unstable_reason"] == \
+        busy["latency_stability"]["reason"]
+    assert float(by_backend["torch"]["total_cv"]) == pytest.approx(
+        busy["latency_ms"]["total"]["cv"], rel=1e-5)
+    assert by_backend["onnxruntime"]["latency_stable"] == "true"
+    assert by_backend["onnxruntime"]["latency_unstable_reason"] == ""
+    assert by_backend["tensorrt"]["latency_stable"] == ""
+
+
+def test_steady_rows_say_so_and_old_rows_are_not_judged():
+    doc = planted_doc()
+    doc["rows"].pop(0)
+    md = render_coco(doc)
+    assert "unstable" not in md.replace("unstable means", "")
+    assert "Latency stability: all 1 configurations that ran are within the limits " \
+           "(unstable means p99 / median > 2 or" in md
+    # results.json written before latency was judged: rendered as before, no verdict
+    for r in doc["rows"]:
+        del r["latency_stability"]
+    md = render_coco(doc)
+    assert "unstable" not in md and "Latency stability" not in md
+    assert next(csv.DictReader(io.StringIO(render_csv(doc))))["latency_stable"] == ""
 
 
 # -- mistakes: one line, exit 2 -------------------------------------------------------------
