@@ -86,3 +86,35 @@ def fixture_onnx(fixture_model, varied_images, tmp_path_factory):
         return made[key]
 
     return export
+
+
+# Real photographs of real size and varied aspect, from packages the test extra installs:
+# (package, file, rotate) → landscape 600x400, portrait 427x640 (the rocket photo turned on
+# its side), portrait 512x600. Public domain / CC0 (scikit-image's data/README.txt,
+# matplotlib's sample_data: Grace Hopper, US Navy).
+REAL_PHOTOS = [("skimage", "data/coffee.png", False), ("skimage", "data/rocket.jpg", True),
+               ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg", False)]
+
+
+@pytest.fixture(scope="session")
+def real_photos(tmp_path_factory) -> list[Path]:
+    """Real photographs as JPEG files (w x h in the name)."""
+    import importlib.util
+
+    import cv2
+
+    folder = tmp_path_factory.mktemp("real_photos")
+    paths = []
+    for package, name, rotate in REAL_PHOTOS:
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            pytest.fail(f"{package} is not installed: install harness[test]")
+        img = cv2.imread(str(Path(spec.origin).parent / name))
+        assert img is not None, f"{package} ships no {name}"
+        if rotate:
+            img = cv2.rotate(img, cv2.ROTATE_90_CLOCKWISE)
+        h, w = img.shape[:2]
+        p = folder / f"{Path(name).stem}_{w}x{h}.jpg"
+        cv2.imwrite(str(p), img)
+        paths.append(p)
+    return paths

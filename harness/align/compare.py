@@ -9,15 +9,17 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
 from harness.align.detections import DetectionDiff, Tolerances
 from harness.align.layers import LayerDiff, layers_for
 from harness.align.pipelines import Candidates, MmyoloPipeline, PluginPipeline, pipeline_for
+from harness.align.reference import ReplayCheck, adopt_mmyolo_output
 from harness.align.targets import Target, layer_backend
 from harness.align.tensor_diff import DiffAccumulator, relative_l2
+from harness.errors import UserError
 
 # candidates this close count as the same set: a difference was then born in NMS
 SAME_CANDIDATES = {"box_max_abs": 1e-2, "score_max_abs": 1e-4}
@@ -99,18 +101,21 @@ class TargetRun:
         # where the NMS candidates are read: the target itself, or its debug engine
         self.candidate_backend = self.layer_backend if plugin_nodes else target.backend
 
-    def add_batch(self, reference: Any, ref_replays: list[Any], ref_cands: Candidates,
-                  batch: Any) -> None:
+    def add_batch(self, reference: Any, ref_out: dict[str, np.ndarray], ref_replays: list[Any],
+                  ref_cands: Candidates, batch: Any) -> None:
         from harness.export.outputs import detections_from_outputs
 
         backend = self.target.backend
         outputs = backend.infer(batch.inputs)
+        check_outputs_fit(outputs, ref_out)
         if self.candidate_backend is None:
-            from harness.errors import UserError
-
-            raise UserError(f"{self.target.name}: {self.layer_note}; its NMS inputs cannot be "
-                            "read without a debug engine")
+            raise UserError(f"{self.layer_note}; its NMS inputs cannot be read without a "
+                            "debug engine")
         cands = self.pipeline.candidates(outputs, self.candidate_backend, batch.inputs)
+        if cands.scores.shape != ref_cands.scores.shape:
+            raise UserError(f"its NMS candidates have shape {list(cands.scores.shape)} but "
+                            f"PyTorch's have {list(ref_cands.scores.shape)}: is it exported "
+                            "from another model, class count or input size?")
         replays = self.pipeline.replay(cands, batch.metas)
         if not isinstance(self.pipeline, MmyoloPipeline):
             # the backend ran its own NMS: check the replay reproduces it (for raw / decoded
@@ -167,84 +172,190 @@ class _LastChunk:
         return self._values
 
 
+def check_outputs_fit(outputs: dict[str, np.ndarray], ref_out: dict[str, np.ndarray]) -> None:
+    """UserError when an output the reference also has (head maps, decoded boxes / scores)
+    has another shape: the file was exported from another model or input size, and decoding
+    it with this model's priors would crash or compare unrelated numbers."""
+    for name, value in outputs.items():
+        if name in ref_out and np.shape(value) != np.shape(ref_out[name]):
+            raise UserError(f"its output {name} has shape {list(np.shape(value))} but "
+                            f"PyTorch's has {list(np.shape(ref_out[name]))}: is it exported "
+                            "from another model, class count or input size?")
+
+
 def _producers(proto: Any, tensors: Sequence[str]) -> list[str]:
     """Names of the nodes that produce `tensors` (what the debug engine marks)."""
     made_by = {out: node.name for node in proto.graph.node for out in node.output}
     return [made_by[t] for t in tensors if t in made_by]
 
 
+def _batches(images: Sequence[Path], spec: Any, batch: int,
+             unreadable: list[dict[str, str]]) -> Iterator[Any]:
+    """Preprocessed batches of `batch` readable images; an image that cannot be read is set
+    aside in `unreadable` (image, reason) and the next one takes its place."""
+    from harness.data.preprocess import Batch, read_image, stack_inputs, transform_image
+
+    arrays: list[np.ndarray] = []
+    metas: list[Any] = []
+    for path in images:
+        try:
+            x, meta = transform_image(read_image(path), spec, str(path))
+        except UserError as exc:
+            unreadable.append({"image": str(path), "reason": str(exc)})
+            continue
+        arrays.append(x)
+        metas.append(meta)
+        if len(arrays) == batch:
+            yield Batch(inputs=stack_inputs(arrays, spec), metas=metas)
+            arrays, metas = [], []
+    if arrays:
+        yield Batch(inputs=stack_inputs(arrays, spec), metas=metas)
+
+
 def run_compare(model: Any, targets: Sequence[Target], images: Sequence[Path], batch: int = 4,
                 layer_patterns: Sequence[str] = (), with_layers: bool = True,
                 tol: Tolerances = Tolerances(), work_dir: Path = Path("."),
                 progress: bool = True) -> dict[str, Any]:
-    """The compare section for `targets` against PyTorch on `images`."""
+    """The compare section for `targets` against PyTorch on `images`. The reference's
+    detections are mmyolo's own (`predict_by_feat`); a target that cannot be compared (it
+    fails to run, or its outputs do not fit the model) gets a row saying why, and the others
+    go on; unreadable images are skipped and listed."""
     from tqdm import tqdm
 
     from harness.backends.torch_backend import TorchBackend
-    from harness.data.preprocess import preprocess_files
+    from harness.export.outputs import head_maps_from_outputs
 
     started = time.perf_counter()
-    reference = TorchBackend(model, device=str(model.device), outputs="decoded")
+    reference = TorchBackend(model, device=str(model.device), outputs="all")
     reference.load()
     ref_layers = _LastChunk(reference)
     ref_pipeline = MmyoloPipeline(model)
-    runs = [TargetRun(model, t, layer_patterns, with_layers, tol, work_dir)
-            for t in targets if t.available]
-    digests = []
-    chunks = [list(images[i:i + batch]) for i in range(0, len(images), batch)]
-    for paths in tqdm(chunks, desc="compare", unit="batch", disable=not progress):
-        data = preprocess_files(paths, model.preprocess)
+    failed: dict[int, str] = {}
+    runs: dict[int, TargetRun] = {}
+    for t in targets:
+        if not t.available:
+            continue
+        try:
+            runs[id(t)] = TargetRun(model, t, layer_patterns, with_layers, tol, work_dir)
+        except UserError as exc:
+            failed[id(t)] = str(exc)
+    digests: list[str] = []
+    unreadable: list[dict[str, str]] = []
+    check = ReplayCheck()
+    total = -(-len(images) // batch)
+    for data in tqdm(_batches(images, model.preprocess, batch, unreadable), total=total,
+                     desc="compare", unit="batch", disable=not progress):
         digests.append(data.sha256)
         ref_out = reference.infer(data.inputs)
         ref_cands = ref_pipeline.candidates(ref_out, reference, data.inputs)
         ref_replays = ref_pipeline.replay(ref_cands, data.metas)
+        found = model.mmyolo_detections(head_maps_from_outputs(ref_out), data.metas)
+        adopt_mmyolo_output(ref_replays, found, data.metas, check)
         ref_layers.new_batch()
-        for run in runs:
-            run.add_batch(ref_layers, ref_replays, ref_cands, data)
+        for key, run in list(runs.items()):
+            try:
+                run.add_batch(ref_layers, ref_out, ref_replays, ref_cands, data)
+            except UserError as exc:
+                failed[key] = str(exc)
+                del runs[key]  # its partial results would mislead: the row says why instead
 
-    by_path = {id(r.target): r for r in runs}
     docs = []
     for t in targets:
         doc: dict[str, Any] = {"name": t.name, "path": str(t.path), "kind": t.kind,
-                               "available": t.available, "reason": t.reason,
-                               "precision": t.precision, "backend": t.info}
+                               "available": t.available and id(t) in runs,
+                               "status": "ok" if id(t) in runs else
+                               "failed" if id(t) in failed or (t.reason or "").startswith(
+                                   "could not be compared") else "not_available",
+                               "reason": t.reason, "precision": t.precision,
+                               "backend": t.info}
         doc["variant"] = (t.info or {}).get("variant")
-        if t.available:
-            doc.update(by_path[id(t)].result(model.class_names))
+        if id(t) in failed:
+            doc["reason"] = f"could not be compared: {failed[id(t)]}"
+        if id(t) in runs:
+            doc.update(runs[id(t)].result(model.class_names))
         docs.append(doc)
+    compared = len(images) - len(unreadable)
     return {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - started, 1),
         "model": model.describe(),
-        "inputs": {"images": [str(p) for p in images], "count": len(images), "batch": batch,
+        "inputs": {"images": [str(p) for p in images], "count": compared, "batch": batch,
+                   "requested": len(images), "unreadable": unreadable,
                    "sha256": digests, "preprocess": model.preprocess.describe(),
                    "note": "every backend received these exact bytes"},
-        "reference": {**reference.describe(), "pipeline": ref_pipeline.describe()},
+        "reference": {**reference.describe(), "pipeline": ref_pipeline.describe(),
+                      "detections": "mmyolo predict_by_feat (what model.test_step outputs)",
+                      "replay_check": check.to_json()},
         "targets": docs,
-        "verdict": verdict(docs),
+        "verdict": verdict(docs, check.to_json(), unreadable),
     }
 
 
-def verdict(targets: Sequence[dict[str, Any]]) -> str:
-    """One sentence over all targets."""
+def _layer_words(t: dict[str, Any]) -> str:
+    layers = t.get("layers") or {}
+    past = layers.get("first_past_tolerance")
+    words = (f"first past its {t['precision']} tolerance at {past['module']} "
+             f"(rel-L2 {past['rel_l2']:.2g} > {past['tolerance']:g})") if past else (
+        f"no layer past its {t['precision']} tolerance" if layers.get("rows") else
+        "layers not compared")
+    bad = layers.get("first_nonfinite")
+    if bad:
+        words += (f"; inf/NaN first at {bad['module']} ({bad['target']} values in the target, "
+                  f"{bad['reference']} in PyTorch; {layers.get('layers_with_nonfinite')} layers "
+                  "with inf/NaN)")
+    return words
+
+
+def _tie_words(det: dict[str, Any]) -> str:
+    ties = det.get("ties") or {}
+    if not (ties.get("reference") or ties.get("target")):
+        return ""
+    return (f"; {ties['reference']} PyTorch and {ties['target']} target detections sit in "
+            "tie groups (equal scores: an order no runtime promises decides them)")
+
+
+def _settings_words(det: dict[str, Any]) -> str:
+    parts = [f"{d['label']} {d['target']} vs {d['reference']} ({d['explains']} detections)"
+             for d in det.get("settings_differ") or []]
+    return f"; NMS settings differ: {', '.join(parts)}" if parts else ""
+
+
+def verdict(targets: Sequence[dict[str, Any]], replay_check: Optional[dict[str, int]] = None,
+            unreadable: Sequence[dict[str, str]] = ()) -> str:
+    """One sentence over all targets: what matched, what differed and why, what could not be
+    compared, and what the reference itself could not promise."""
     parts = []
     for t in targets:
         if not t["available"]:
             parts.append(f"{t['name']} was {t['reason']}")
             continue
         det = t["detections"]
-        layers = t.get("layers") or {}
-        past = layers.get("first_past_tolerance")
-        where = (f"first past its {t['precision']} tolerance at {past['module']} "
-                 f"(rel-L2 {past['rel_l2']:.2g})") if past else (
-            f"no layer past its {t['precision']} tolerance" if layers.get("rows") else
-            "layers not compared")
+        where = _layer_words(t)
+        if det.get("settings_problem"):
+            parts.append(f"{t['name']}: its NMS settings give no output ({det['settings_problem']}"
+                         f"), so {det['mismatches']} PyTorch detections are missing; {where}")
+            continue
+        if det["reference"] == det["target"] == 0:
+            parts.append(f"{t['name']}: neither it nor PyTorch has any detection on these "
+                         f"images, so no detection was compared; {where}")
+            continue
         if det["mismatches"] == 0:
             parts.append(f"{t['name']} matches PyTorch ({where}; all {det['reference']} "
-                         "detections agree)")
+                         f"detections agree{_tie_words(det)}{_settings_words(det)})")
             continue
         causes = ", ".join(f"{n} {c.replace('_', ' ')}" for c, n in
                            sorted(det["causes"].items(), key=lambda kv: -kv[1]) if n)
         parts.append(f"{t['name']} differs from PyTorch in {det['mismatches']} detections "
-                     f"({causes}); {where}")
+                     f"({causes}); {where}{_tie_words(det)}{_settings_words(det)}")
+    if replay_check and (replay_check["differ_outside_ties"] or
+                         replay_check["not_found_in_candidates"]):
+        parts.append(f"warning: the harness's replay of mmyolo's NMS differs from mmyolo's own "
+                     f"output in {replay_check['differ_outside_ties']} detections outside tie "
+                     f"groups and {replay_check['not_found_in_candidates']} of mmyolo's "
+                     "detections are not among the decoded candidates, so explanations of "
+                     "those may be wrong")
+    if unreadable:
+        parts.append(f"{len(unreadable)} unreadable images skipped "
+                     f"({', '.join(Path(u['image']).name for u in unreadable[:5])}"
+                     f"{', …' if len(unreadable) > 5 else ''})")
     return "; ".join(parts) + "." if parts else "no targets."

@@ -3,16 +3,21 @@ exactly one cause, read from the fates both pipelines' NMS recorded when replaye
 on their own candidates (harness.align.pipelines).
 
 A mismatch is a detection one side has and the other lacks (no same-class detection at
-IoU >= 0.5), or a matched pair whose score or box moved beyond tolerance. Causes:
+IoU >= 0.5; boxes of (almost) zero width or height match by corner distance instead), or a
+matched pair whose score or box moved beyond tolerance. Causes:
 
+- nms_settings: the two NMS are set up differently (score or IoU threshold beyond the edge
+  bands), or the other side's settings make its output empty (named once, with both values).
 - topk_cut: the other side cut the candidate by its pre-NMS top-k (nms_pre, topK).
-- score_edge: the other side scored it on the wrong side of its score threshold.
-- iou_edge: the other side suppressed it at an IoU within `iou_band` of the thresholds
-  (or between two different thresholds).
-- tie_order: equal scores, ordered differently (at a top-k / max-det boundary, or between the
-  box and its suppressor).
+- score_edge: the other side scored it on the wrong side of its score threshold, within the
+  score tolerance of it (or both sides have the same threshold).
+- iou_edge: the other side suppressed it at an IoU within `iou_band` of its threshold, or the
+  two compute IoU differently for the same boxes.
+- tie_order: equal scores, ordered differently (at a top-k / max-det boundary, between the box
+  and its suppressor, or in torch's unstable sort where the replay orders ties another way).
 - max_det_cut: the other side cut it by its max detections / keep-topk.
 - nms_mode: class-agnostic vs per-class suppression, best class vs multi-label.
+- nonfinite: its score or box is inf / NaN on one side (fp16 overflow).
 - drift: the same candidate kept by both, but its box or score moved (beyond tolerance, or so
   far that the match failed).
 - unexplained: the fates do not decide (shown, never hidden).
@@ -27,10 +32,12 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from harness.align.matching import box_iou, match
+from harness.align.ties import tie_dependent
 from harness.nms.trace import FateKind
 
-CAUSES = ("topk_cut", "score_edge", "iou_edge", "tie_order", "max_det_cut", "nms_mode",
-          "drift", "unexplained")
+CAUSES = ("nms_settings", "topk_cut", "score_edge", "iou_edge", "tie_order", "max_det_cut",
+          "nms_mode", "nonfinite", "drift", "unexplained")
 MAX_DEPTH = 4
 # fates that reached NMS proper (passed threshold and top-k)
 _PAST_TOPK = (FateKind.KEPT, FateKind.SUPPRESSED, FateKind.CUT_MAX_DETECTIONS)
@@ -46,6 +53,9 @@ class Tolerances:
     score: float = 1e-3
     box_px: float = 0.5
     iou_band: float = 0.02
+    # boxes narrower or lower than this match by corner distance (IoU says 0 for a
+    # zero-width box and its twin moved 1e-4 px)
+    degenerate_px: float = 1.0
 
 
 @dataclass
@@ -62,52 +72,24 @@ class Mismatch:
     detail: str
     rank: Optional[int] = None
     limit: Optional[int] = None
+    # the NMS setting whose difference decided it (nms_settings, and top-k / max-det cuts
+    # where the two sides' limits differ)
+    setting: Optional[str] = None
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix of xyxy boxes a (M, 4) and b (K, 4), float64; two zero-area boxes have
-    IoU 1 when they coincide (within 1e-3 px), else 0."""
-    a = np.asarray(a, np.float64).reshape(-1, 4)
-    b = np.asarray(b, np.float64).reshape(-1, 4)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=1)
-    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    # two zero-area boxes (clamped to the image border) are the same box when they coincide
-    same = np.all(np.abs(a[:, None, :] - b[None, :, :]) <= 1e-3, axis=2)
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), same.astype(np.float64))
+@dataclass
+class Why:
+    """One mismatch's cause, the sentence behind it, the fate it was read from and, where a
+    settings difference decided it, which setting."""
+
+    cause: str
+    detail: str
+    fate: Any = None
+    setting: Optional[str] = None
 
 
-def match(ref: Any, tgt: Any, iou: float = 0.5) -> tuple[list[tuple[int, int]], list[int],
-                                                         list[int]]:
-    """Greedy matching by descending reference score: each reference detection takes the
-    unmatched target detection of its class with the highest IoU >= `iou`. Returns
-    (pairs (ref row, target row), unmatched reference rows, unmatched target rows)."""
-    order = np.argsort(-np.asarray(ref.scores), kind="stable")
-    ious = box_iou(ref.boxes, tgt.boxes)
-    same = np.asarray(ref.labels)[:, None] == np.asarray(tgt.labels)[None, :]
-    ious = np.where(same, ious, -1.0)
-    taken = np.zeros(len(tgt.scores), bool)
-    pairs, lonely = [], []
-    for r in order.tolist():
-        row = np.where(taken, -1.0, ious[r]) if len(taken) else ious[r]
-        j = int(np.argmax(row)) if row.size else -1
-        if j >= 0 and row[j] >= iou:
-            taken[j] = True
-            pairs.append((r, j))
-        else:
-            lonely.append(r)
-    return pairs, sorted(lonely), [int(j) for j in np.nonzero(~taken)[0]]
-
-
-def _tied_at_boundary(side: Any, score: float, fates_past: tuple) -> bool:
-    """Whether a candidate cut at a top-k / max-det boundary has the same score as one that
-    made it past that boundary on the same side."""
-    code = side.result.trace.code
-    past = np.isin(code, [int(k) for k in fates_past])
-    return bool(past.any()) and float(np.min(side.scores[past])) == float(np.float32(score))
+def _fmt(value: Any) -> str:
+    return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 class Explainer:
@@ -118,71 +100,152 @@ class Explainer:
         self.sides = {"reference": reference, "target": target}
         self.tol = tol
         self.aligned = reference.scores.shape == target.scores.shape
+        self._lowest_past: dict[tuple[str, tuple], float] = {}
 
-    def explain(self, present: str, box: int, cls: int, depth: int = 0) -> tuple[str, str, Any]:
-        """(cause, detail, fate) for candidate (box, cls) kept on side `present` and missing
-        on the other side."""
+    def _tied_at_boundary(self, side: str, score: float, fates_past: tuple) -> bool:
+        """Whether a candidate cut at a top-k / max-det boundary of `side` has the same score
+        as one that made it past that boundary there."""
+        key = (side, fates_past)
+        if key not in self._lowest_past:
+            s = self.sides[side]
+            past = np.isin(s.result.trace.code, [int(k) for k in fates_past])
+            self._lowest_past[key] = float(np.min(s.scores[past])) if past.any() else np.nan
+        return self._lowest_past[key] == float(np.float32(score))
+
+    def _nonfinite(self, box: int, cls: int) -> Optional[str]:
+        """Which side has an inf / NaN score or box for candidate (box, cls), if any."""
+        found = []
+        for name, side in self.sides.items():
+            if box >= side.scores.shape[0]:
+                continue
+            if not np.isfinite(side.scores[box, cls]):
+                found.append(f"{name} score {side.scores[box, cls]}")
+            if not np.isfinite(side.boxes[box]).all():
+                found.append(f"{name} box {np.round(side.boxes[box], 2).tolist()}")
+            elif side.nonfinite is not None and side.nonfinite[box, cls]:
+                found.append(f"{name} decoded it from inf / NaN head values (score "
+                             f"{side.scores[box, cls]:.6g})")
+        return ", ".join(found) if found else None
+
+    def explain(self, present: str, box: int, cls: int, depth: int = 0) -> Why:
+        """Why candidate (box, cls), kept on side `present`, is missing on the other side."""
         absent = "target" if present == "reference" else "reference"
-        if not self.aligned:
-            return "unexplained", "the two sides have different candidate sets", None
-        if depth > MAX_DEPTH:
-            return "unexplained", "suppression chain too long to follow", None
         a, b = self.sides[present], self.sides[absent]
+        if b.settings.problem:
+            return Why("nms_settings", f"{absent}: {b.settings.problem}", setting="problem")
+        if not self.aligned:
+            return Why("unexplained", "the two sides have different candidate sets")
+        if depth > MAX_DEPTH:
+            return Why("unexplained", "suppression chain too long to follow")
+        bad = self._nonfinite(box, cls)
+        if bad:
+            return Why("nonfinite", f"non-finite candidate: {bad}")
         fate = b.result.trace.fate(box, cls)
         kind = fate.kind
         where = f"{absent}: {fate}"
         if kind == FateKind.KEPT:
-            return "drift", f"kept by both, moved too far to match ({where})", fate
+            if not b.outputs_pair(box, cls):
+                # the replay keeps it; the side's own output (mmyolo: torch's unstable sort)
+                # does not, which only an order of equal scores can do
+                if tie_dependent(b, [box], [cls])[0]:
+                    return Why("tie_order", f"{absent}'s own sort ordered equal scores another "
+                                            "way than its replay (which keeps it)", fate)
+                return Why("unexplained", f"{absent}'s replay keeps it but its own output does "
+                                          "not, and no equal score explains that", fate)
+            return Why("drift", f"kept by both, moved too far to match ({where})", fate)
         if kind in (FateKind.BELOW_SCORE_THRESHOLD, FateKind.OBJECTNESS_FILTERED):
-            return "score_edge", (f"{where}; {present} score {a.scores[box, cls]:.6g}"), fate
-        if kind == FateKind.CUT_PRE_NMS_TOPK:
-            if _tied_at_boundary(b, b.scores[box, cls], _PAST_TOPK):
-                return "tie_order", f"{where}, tied with the last candidate kept", fate
-            return "topk_cut", where, fate
-        if kind == FateKind.CUT_MAX_DETECTIONS:
-            if _tied_at_boundary(b, b.scores[box, cls], (FateKind.KEPT,)):
-                return "tie_order", f"{where}, tied with the last detection kept", fate
-            return "max_det_cut", where, fate
+            return self._below_threshold(present, absent, box, cls, fate)
+        if kind in (FateKind.CUT_PRE_NMS_TOPK, FateKind.CUT_MAX_DETECTIONS):
+            topk = kind == FateKind.CUT_PRE_NMS_TOPK
+            past = _PAST_TOPK if topk else (FateKind.KEPT,)
+            if self._tied_at_boundary(absent, b.scores[box, cls], past):
+                last = "candidate" if topk else "detection"
+                return Why("tie_order", f"{where}, tied with the last {last} kept", fate)
+            setting = "pre_topk" if topk else "max_detections"
+            differs = getattr(a.settings, setting) != getattr(b.settings, setting)
+            return Why("topk_cut" if topk else "max_det_cut", where, fate,
+                       setting if differs else None)
         if kind in (FateKind.NOT_BEST_CLASS, FateKind.BACKGROUND_CLASS):
-            return "nms_mode", where, fate
+            return Why("nms_mode", where, fate)
         if kind == FateKind.SUPPRESSED:
             return self._suppressed(present, absent, box, cls, fate, depth)
-        return "unexplained", where, fate
+        return Why("unexplained", where, fate)
+
+    def _below_threshold(self, present: str, absent: str, box: int, cls: int,
+                         fate: Any) -> Why:
+        a, b = self.sides[present], self.sides[absent]
+        score = float(a.scores[box, cls])
+        where = f"{absent}: {fate}; {present} score {score:.6g}"
+        if "score_threshold" not in a.settings.differences(b.settings):
+            return Why("score_edge", where, fate)
+        mine, theirs = a.settings.score_threshold, b.settings.score_threshold
+        if fate.kind == FateKind.OBJECTNESS_FILTERED or \
+                abs(score - float(fate.threshold)) <= self.tol.score:
+            return Why("score_edge", where, fate)
+        return Why("nms_settings", f"score threshold {_fmt(theirs)} ({absent}) vs "
+                                   f"{_fmt(mine)} ({present}): {present} score {score:.6g}",
+                   fate, "score_threshold")
 
     def _suppressed(self, present: str, absent: str, box: int, cls: int, fate: Any,
-                    depth: int) -> tuple[str, str, Any]:
+                    depth: int) -> Why:
         a, b = self.sides[present], self.sides[absent]
         j, cj = fate.by_box, fate.by_class
         where = f"{absent}: {fate}"
         if cj != cls and (a.per_class != b.per_class):
-            return "nms_mode", f"{where}; {present} suppresses per class", fate
+            return Why("nms_mode", f"{where}; {present} suppresses per class", fate)
         if b.scores[j, cj] == b.scores[box, cls]:
-            return "tie_order", f"{where}; both score {b.scores[box, cls]:.6g}", fate
-        other = a.result.trace.fate(j, cj)
-        if other.kind == FateKind.KEPT:
+            return Why("tie_order", f"{where}; both score {b.scores[box, cls]:.6g}", fate)
+        if a.outputs_pair(j, cj):
             # both kept the suppressor; only this side's IoU comparison removed the box
             iou_a = float(box_iou(a.boxes[box], a.boxes[j])[0, 0])
-            lo = min(a.iou_threshold, b.iou_threshold) - self.tol.iou_band
-            hi = max(a.iou_threshold, b.iou_threshold) + self.tol.iou_band
-            if lo <= fate.iou <= hi:
-                return "iou_edge", (f"{where}; {present} IoU {iou_a:.4f} vs threshold "
-                                    f"{a.iou_threshold:g}"), fate
+            t_a, t_b = a.settings.iou_threshold, b.settings.iou_threshold
+            said = f"{where}; {present} IoU {iou_a:.4f} vs threshold {t_a:g}"
+            if abs(fate.iou - t_b) <= self.tol.iou_band:
+                return Why("iou_edge", said, fate)
+            if "iou_threshold" in a.settings.differences(b.settings) and \
+                    min(t_a, t_b) - self.tol.iou_band <= iou_a <= max(t_a, t_b):
+                return Why("nms_settings", f"IoU threshold {t_b:g} ({absent}) vs {t_a:g} "
+                                           f"({present}): {where}", fate, "iou_threshold")
             pair = [box, j]
-            if np.allclose(a.boxes[pair], b.boxes[pair], atol=1e-3):
-                # same boxes, different verdict: the pipelines measure IoU differently
-                return "iou_edge", (f"{where}; same boxes, but {present} computes IoU "
-                                    f"{iou_a:.4f} (threshold {a.iou_threshold:g})"), fate
-            return "drift", f"{where}; {present} IoU {iou_a:.4f}: the boxes moved", fate
+            moved = float(np.max(np.abs(a.boxes[pair] - b.boxes[pair])))
+            if moved <= 1e-3:
+                fa, fb = a.settings.iou_formula, b.settings.iou_formula
+                if fa != fb:
+                    # same boxes, different verdict: the pipelines measure IoU differently
+                    return Why("iou_edge", f"{where}; same boxes, but {present} computes IoU "
+                                           f"{fa} ({iou_a:.4f}, threshold {t_a:g}) and "
+                                           f"{absent} {fb}", fate)
+                # same formula, boxes a hair apart: the pipeline's own float32 arithmetic
+                # (mmcv's class offset rounds tiny boxes) turned the hair into this IoU
+                return Why("drift", f"{where}; the boxes moved {moved:.2g} px, and the NMS's "
+                                    f"{fb} arithmetic gives IoU {fate.iou:.4f} where the exact "
+                                    f"value is {iou_a:.4f} (tiny boxes)", fate)
+            return Why("drift", f"{where}; {present} IoU {iou_a:.4f}: the boxes moved "
+                                f"{moved:.2g} px", fate)
+        other = a.result.trace.fate(j, cj)
         if other.kind == FateKind.SUPPRESSED and (other.by_box, other.by_class) == (box, cls):
             # each side kept one of the pair and suppressed the other with it
             if a.scores[j, cj] == a.scores[box, cls]:
-                return "tie_order", f"{where}; {present} ranks the tied pair the other way", fate
-            return "drift", (f"{where}; the pair's scores swap order: {present} "
-                             f"{a.scores[box, cls]:.6g} vs {a.scores[j, cj]:.6g}, {absent} "
-                             f"{b.scores[box, cls]:.6g} vs {b.scores[j, cj]:.6g}"), fate
+                return Why("tie_order", f"{where}; {present} ranks the tied pair the other "
+                                        "way", fate)
+            return Why("drift", (f"{where}; the pair's scores swap order: {present} "
+                                 f"{a.scores[box, cls]:.6g} vs {a.scores[j, cj]:.6g}, {absent} "
+                                 f"{b.scores[box, cls]:.6g} vs {b.scores[j, cj]:.6g}"), fate)
         # the suppressor is missing on the other side: that is the reason
-        cause, detail, _ = self.explain(absent, j, cj, depth + 1)
-        return cause, f"{where}, a box {present} lacks because {detail}", fate
+        why = self.explain(absent, j, cj, depth + 1)
+        return Why(why.cause, f"{where}, a box {present} lacks because {why.detail}", fate,
+                   why.setting)
+
+    def _mismatch(self, side: str, cls: int, score: float, box: int, why: Why,
+                  detail: Optional[str] = None) -> Mismatch:
+        m = Mismatch(self.image, side, cls, score, box, why.cause, detail or why.detail,
+                     setting=why.setting)
+        f = why.fate
+        if f is not None and f.kind in (FateKind.CUT_PRE_NMS_TOPK,
+                                        FateKind.CUT_MAX_DETECTIONS) and \
+                why.cause in ("topk_cut", "max_det_cut", "tie_order"):
+            m.rank, m.limit = f.rank, f.limit
+        return m
 
     def moved(self, r: int, t: int, ds: float, db: float) -> Mismatch:
         """A matched pair beyond tolerance: drift when both kept the same candidate; when the
@@ -192,31 +255,26 @@ class Explainer:
         box, cls = int(ref.box_index[r]), int(ref.labels[r])
         moved = f"score {ref.scores[r]:.6g} → {tgt.scores[t]:.6g}, box moved up to {db:.3g} px"
         other = int(tgt.box_index[t])
+        score = float(ref.scores[r])
+        bad = None if box < 0 else self._nonfinite(box, cls)
+        if not (np.isfinite(ds) and np.isfinite(db)) or bad:
+            return self._mismatch("both", cls, score, box,
+                                  Why("nonfinite", f"{moved}; {bad or 'non-finite values'}"))
         if box < 0 or other < 0 or (other, int(tgt.labels[t])) == (box, cls) \
                 or not self.aligned:
-            return Mismatch(self.image, "both", cls, float(ref.scores[r]), box, "drift", moved)
-        cause, detail, fate = self.explain("reference", box, cls)
-        m = Mismatch(self.image, "both", cls, float(ref.scores[r]), box, cause,
-                     f"matched to another candidate (row {other}), {moved}; {detail}")
-        if fate is not None and cause in ("topk_cut", "max_det_cut", "tie_order"):
-            m.rank, m.limit = fate.rank, fate.limit
-        return m
+            return self._mismatch("both", cls, score, box, Why("drift", moved))
+        why = self.explain("reference", box, cls)
+        return self._mismatch("both", cls, score, box, why,
+                              f"matched to another candidate (row {other}), {moved}; "
+                              f"{why.detail}")
 
     def mismatch(self, present: str, row: int) -> Mismatch:
-        side = self.sides[present]
-        res = side.result
-        box, cls = int(res.box_index[row]), int(res.labels[row])
+        res = self.sides[present].result
+        box, cls, score = int(res.box_index[row]), int(res.labels[row]), float(res.scores[row])
         if box < 0:
-            return Mismatch(self.image, present, cls, float(res.scores[row]), box,
-                            "unexplained", "the pipeline does not say which candidate this is")
-        cause, detail, fate = self.explain(present, box, cls)
-        rank = limit = None
-        if fate is not None and fate.kind in (FateKind.CUT_PRE_NMS_TOPK,
-                                              FateKind.CUT_MAX_DETECTIONS) and \
-                cause in ("topk_cut", "max_det_cut", "tie_order"):
-            rank, limit = fate.rank, fate.limit
-        return Mismatch(self.image, present, cls, float(res.scores[row]), box, cause, detail,
-                        rank, limit)
+            return self._mismatch(present, cls, score, box, Why(
+                "unexplained", "the pipeline does not say which candidate this is"))
+        return self._mismatch(present, cls, score, box, self.explain(present, box, cls))
 
 
 @dataclass
@@ -228,24 +286,56 @@ class DetectionDiff:
     target: int = 0
     matched: int = 0
     mismatches: list[Mismatch] = field(default_factory=list)
+    # detections whose fate an equal-scored candidate could have taken, per side
+    ties_reference: int = 0
+    ties_target: int = 0
+    # matched pairs that only corner distance could match (zero-width / zero-height boxes)
+    degenerate_matched: int = 0
+    settings: Optional[tuple[Any, Any]] = None  # (reference, target) PipelineSettings
 
     def add_image(self, image: str, reference: Any, target: Any) -> list[Mismatch]:
         """reference, target: pipelines.Replayed of one image."""
         ref, tgt = reference.result, target.result
-        pairs, lonely_ref, lonely_tgt = match(ref, tgt, self.tol.match_iou)
+        if self.settings is None:
+            self.settings = (reference.settings, target.settings)
+        m = match(ref.boxes, ref.scores, ref.labels, tgt.boxes, tgt.labels,
+                  iou=self.tol.match_iou, degenerate_px=self.tol.degenerate_px)
         ex = Explainer(image, reference, target, self.tol)
-        found = [ex.mismatch("reference", r) for r in lonely_ref]
-        found += [ex.mismatch("target", t) for t in lonely_tgt]
-        for r, t in pairs:
+        found = [ex.mismatch("reference", r) for r in m.lonely_ref]
+        found += [ex.mismatch("target", t) for t in m.lonely_tgt]
+        for (r, t), by_distance, dist in zip(m.pairs, m.by_distance, m.distance_px):
             ds = abs(float(ref.scores[r]) - float(tgt.scores[t]))
             db = float(np.max(np.abs(ref.boxes[r] - tgt.boxes[t])))
-            if ds > self.tol.score or db > self.tol.box_px:
-                found.append(ex.moved(r, t, ds, db))
+            self.degenerate_matched += int(by_distance)
+            if not (ds <= self.tol.score and db <= self.tol.box_px):
+                mm = ex.moved(r, t, ds, db)
+                if by_distance:
+                    mm.detail += (f"; degenerate box (width or height < "
+                                  f"{self.tol.degenerate_px:g} px), matched by corner distance "
+                                  f"{dist:.3g} px")
+                found.append(mm)
         self.reference += len(ref)
         self.target += len(tgt)
-        self.matched += len(pairs)
+        self.matched += len(m.pairs)
+        self.ties_reference += int(tie_dependent(reference, ref.box_index, ref.labels).sum())
+        self.ties_target += int(tie_dependent(target, tgt.box_index, tgt.labels).sum())
         self.mismatches += found
         return found
+
+    def settings_differ(self) -> list[dict[str, Any]]:
+        """Each NMS setting the two sides differ in, both values, and how many mismatches
+        that difference decided."""
+        if self.settings is None:
+            return []
+        ref, tgt = self.settings
+        counts: dict[str, int] = {}
+        for m in self.mismatches:
+            if m.setting:
+                counts[m.setting] = counts.get(m.setting, 0) + 1
+        rows = [{"setting": name, "label": ref.COMPARED[name], "reference": r, "target": t,
+                 "explains": counts.get(name, 0)}
+                for name, (r, t) in ref.differences(tgt).items()]
+        return rows
 
     def summary(self, class_names: Sequence[str] = (), examples: int = 12) -> dict[str, Any]:
         causes = dict.fromkeys(CAUSES, 0)
@@ -254,7 +344,8 @@ class DetectionDiff:
         total = self.reference + self.target
         # examples: the highest-scoring mismatches of each cause first
         by_cause: dict[str, list[Mismatch]] = {}
-        for m in sorted(self.mismatches, key=lambda m: -m.score):
+        for m in sorted(self.mismatches, key=lambda m: -m.score if np.isfinite(m.score)
+                        else 0.0):
             by_cause.setdefault(m.cause, []).append(m)
         picked: list[Mismatch] = []
         while len(picked) < examples and any(by_cause.values()):
@@ -262,16 +353,23 @@ class DetectionDiff:
                 if by_cause.get(cause) and len(picked) < examples:
                     picked.append(by_cause[cause].pop(0))
         name = (lambda c: class_names[c] if 0 <= c < len(class_names) else str(c))
+        problem = self.settings[1].problem if self.settings else None
         return {
             "reference": self.reference, "target": self.target, "matched": self.matched,
             # detections in both, over detections in either (F1-like: extras count too)
             "match_rate": 2 * self.matched / total if total else 1.0,
             "mismatches": len(self.mismatches), "unexplained": causes["unexplained"],
             "causes": causes,
+            "ties": {"reference": self.ties_reference, "target": self.ties_target},
+            "degenerate_matched": self.degenerate_matched,
+            "settings_differ": self.settings_differ(),
+            "settings_problem": problem,
             "tolerances": {"match_iou": self.tol.match_iou, "score": self.tol.score,
-                           "box_px": self.tol.box_px, "iou_band": self.tol.iou_band},
+                           "box_px": self.tol.box_px, "iou_band": self.tol.iou_band,
+                           "degenerate_px": self.tol.degenerate_px},
             "examples": [{"image": m.image, "cause": m.cause, "side": m.side,
                           "class": name(m.cls), "score": m.score, "box": m.box,
-                          "rank": m.rank, "limit": m.limit, "detail": m.detail}
+                          "rank": m.rank, "limit": m.limit, "setting": m.setting,
+                          "detail": m.detail}
                          for m in picked],
         }

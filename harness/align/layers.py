@@ -116,19 +116,26 @@ def summarize_layers(rows: Sequence[dict[str, Any]], precision: str,
                      worst: int = 5) -> dict[str, Any]:
     """The layer section of a target's results: tolerance of its precision, the first layer
     where numbers start to differ (past the fp32 tolerance), the first past the precision's
-    own tolerance, and the worst layers by rel-L2."""
+    own tolerance, the first with inf / NaN values (a divergence point of its own: the
+    metrics of such a layer cover only its finite elements), and the worst layers by rel-L2."""
     tol = TOLERANCES.get(precision, TOLERANCES["fp32"])
 
     def first(limit: float) -> Optional[dict[str, Any]]:
         for row in rows:
-            if row["rel_l2"] > limit or row["nonfinite"]:
+            if row["rel_l2"] > limit:
                 return {"module": row["module"], "tensor": row["tensor"], "depth": row["depth"],
                         "rel_l2": row["rel_l2"], "tolerance": limit}
         return None
 
+    nonfinite = next(({"module": r["module"], "tensor": r["tensor"], "depth": r["depth"],
+                       "target": r.get("nonfinite_target", r["nonfinite"]),
+                       "reference": r.get("nonfinite_reference", 0)}
+                      for r in rows if r["nonfinite"]), None)
     ranked = sorted(rows, key=lambda r: -r["rel_l2"])[:worst]
     return {"metric": "rel_l2", "tolerance": tol, "precision": precision, "rows": list(rows),
             "first_divergence": first(DIVERGENCE), "first_past_tolerance": first(tol),
+            "first_nonfinite": nonfinite,
+            "layers_with_nonfinite": sum(1 for r in rows if r["nonfinite"]),
             "worst": [{"module": r["module"], "rel_l2": r["rel_l2"], "depth": r["depth"]}
                       for r in ranked]}
 

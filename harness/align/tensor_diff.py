@@ -26,15 +26,20 @@ class DiffAccumulator:
         self.sum_sq_ref = 0.0
         self.sum_sq_target = 0.0
         self.dot = 0.0
-        self.nonfinite = 0
+        self.nonfinite = 0  # elements where either side is inf / NaN (left out of the rest)
+        self.nonfinite_target = 0
+        self.nonfinite_reference = 0
 
     def add(self, target: np.ndarray, reference: np.ndarray) -> None:
         t = np.asarray(target, np.float64).ravel()
         r = np.asarray(reference, np.float64).ravel()
         if t.shape != r.shape:
             raise ValueError(f"shapes differ: {target.shape} vs {reference.shape}")
-        finite = np.isfinite(t) & np.isfinite(r)
+        finite_t, finite_r = np.isfinite(t), np.isfinite(r)
+        finite = finite_t & finite_r
         self.nonfinite += int(t.size - np.count_nonzero(finite))
+        self.nonfinite_target += int(t.size - np.count_nonzero(finite_t))
+        self.nonfinite_reference += int(r.size - np.count_nonzero(finite_r))
         t, r = t[finite], r[finite]
         d = t - r
         self.count += int(d.size)
@@ -48,7 +53,8 @@ class DiffAccumulator:
 
     def summary(self) -> dict[str, float]:
         """max_abs, mean_abs, rel_l2 (the plain L2 of the difference when the reference is all
-        zeros, as relative_l2), cosine (1 when both are all zeros), nonfinite count."""
+        zeros, as relative_l2), cosine (1 when both are all zeros) — all over the elements
+        finite on both sides — and the non-finite counts: either side, target, reference."""
         norm_ref = np.sqrt(self.sum_sq_ref)
         diff = np.sqrt(self.sum_sq_diff)
         denom = np.sqrt(self.sum_sq_ref * self.sum_sq_target)
@@ -59,4 +65,6 @@ class DiffAccumulator:
         return {"max_abs": self.max_abs,
                 "mean_abs": self.sum_abs / self.count if self.count else 0.0,
                 "rel_l2": float(diff / norm_ref) if norm_ref else float(diff),
-                "cosine": float(cosine), "nonfinite": self.nonfinite}
+                "cosine": float(cosine), "nonfinite": self.nonfinite,
+                "nonfinite_target": self.nonfinite_target,
+                "nonfinite_reference": self.nonfinite_reference}

@@ -159,4 +159,6 @@ def _collect(name: str, value: Any, into: dict[str, Any]) -> None:
         for i, item in enumerate(value):
             _collect(f"{name}.{i}", item, into)
     elif hasattr(value, "float") and hasattr(value, "cpu"):
-        into[name] = value
+        # a copy now: a later in-place op (RTMDet's Hardsigmoid(inplace=True) after its
+        # channel attention's fc) would otherwise overwrite the tensor the hook kept
+        into[name] = value.detach().clone()

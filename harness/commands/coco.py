@@ -128,12 +128,24 @@ def run(args: argparse.Namespace) -> int:
         label = f"{r['backend']:<11} {r['device']:<4} {r['precision']:<4} b{r['batch']}"
         if r["status"] == "ok":
             delta = "—" if r["delta_AP"] is None else f"{r['delta_AP']:+.4f}"
+            steady = r.get("latency_stability") or {}
+            mark = "  ⚠ unstable latency" if steady.get("stable") is False else ""
             print(f"{label}  AP {r['AP']:.3f}  ΔAP {delta}  "
                   f"{r['latency_ms']['total']['mean']:.1f} ms/batch  "
-                  f"{r['images_per_s']:.1f} img/s")
+                  f"{r['images_per_s']:.1f} img/s{mark}")
         else:
             print(f"{label}  {r['status']}")
     if doc["dataset"]["unreadable"]:
         print(f"{doc['dataset']['unreadable']} unreadable images skipped")
     print("wrote " + ", ".join(str(p) for p in written))
-    return 0
+    return coco_exit_status(doc)
+
+
+def coco_exit_status(doc: dict) -> int:
+    """0 only when every configuration of the matrix ran and every image was read; 1
+    otherwise (the report says which and why), as for compare."""
+    missing = [r for r in doc["rows"] if r["status"] != "ok"]
+    if missing:
+        print(f"{len(missing)} of {len(doc['rows'])} configurations did not run (see the "
+              "report)")
+    return 1 if missing or doc["dataset"]["unreadable"] else 0

@@ -103,7 +103,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
     from harness.align.compare import run_compare
     from harness.align.detections import Tolerances
-    from harness.align.targets import open_target, target_kind
+    from harness.align.targets import target_kind
     from harness.cli import writable_dir
     from harness.errors import UserError
     from harness.models.mmyolo import load_mmyolo_model
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     out = writable_dir(args.out)
     model = load_mmyolo_model(args.config, args.checkpoint, device=args.device)
     paths = args.targets or [default_target(model, out)]
-    targets = [open_target(p, provider=args.provider) for p in paths]
+    targets = [_open_or_say_why(p, args.provider) for p in paths]
     for t in targets:
         print(f"{t.name}: " + (f"{t.kind}, {t.precision}" if t.available else t.reason))
     tol = Tolerances(score=args.score_tol, box_px=args.box_tol, iou_band=args.iou_band)
@@ -129,4 +129,28 @@ def run(args: argparse.Namespace) -> int:
     written = write_compare_report(doc, out, args.experiment_section)
     print(doc["verdict"])
     print("wrote " + ", ".join(str(p) for p in written))
-    return 0
+    return compare_exit_status(doc)
+
+
+def _open_or_say_why(path: Path, provider: str):
+    """The target behind `path`, or, when the file cannot be loaded (corrupt, of an unknown
+    layout), a target row saying why: the other targets are still compared."""
+    from harness.align.targets import Target, open_target, target_kind
+    from harness.errors import UserError
+
+    try:
+        return open_target(path, provider=provider)
+    except UserError as exc:
+        return Target(Path(path), target_kind(path), reason=f"could not be compared: {exc}")
+
+
+def compare_exit_status(doc: dict) -> int:
+    """0 only when every requested target was compared and every image read; 1 otherwise
+    (the report says which and why)."""
+    missing = [t["name"] for t in doc["targets"] if not t["available"]]
+    unreadable = doc["inputs"].get("unreadable") or []
+    if missing:
+        print(f"not compared: {', '.join(missing)} (see the report)")
+    if unreadable:
+        print(f"unreadable images skipped: {len(unreadable)}")
+    return 1 if missing or unreadable else 0

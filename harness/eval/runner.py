@@ -54,6 +54,7 @@ class ConfigurationRun:
     config: Configuration
     pass_times: Any = None  # coco_pass.PassTimes of this invocation, None if not run
     resumed: bool = False
+    unreadable: dict[int, str] = field(default_factory=dict)  # image id → why
 
 
 def _say(message: str) -> None:
@@ -95,10 +96,15 @@ def run_coco(settings: CocoSettings, log: Callable[[str], None] = _say,
         runs.append(run)
     add_delta_ap(rows)
     unreadable = max((r["unreadable"] or 0 for r in rows if r["status"] == "ok"), default=0)
+    # listed as compare lists them: the file and why it could not be read
+    names = {im.image_id: im.file_name for im in split.images}
+    skipped = {i: why for run in runs for i, why in run.unreadable.items()}
     doc = {
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "seconds": round(time.perf_counter() - started, 2),
-        "dataset": split.describe(unreadable),
+        "dataset": {**split.describe(unreadable),
+                    "unreadable_images": [{"image": names.get(i, str(i)), "reason": why}
+                                          for i, why in sorted(skipped.items())]},
         "machine": machine_info(),
         "model": model.describe(),
         "evaluator": {"name": evaluator, "max_dets": [1, 10, 100],
@@ -175,6 +181,7 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
     latency = LatencyResult.from_json(store.latency)
     ids = [im.image_id for im in split.images if im.image_id in store.images]
     readable = [i for i in ids if not store.images[i].get("unreadable")]
+    run.unreadable = store.unreadable()
     scores = evaluate(split.coco, store.detections(readable), readable, names_by_cat,
                       evaluator)
     row = _empty_row(config, "ok")

@@ -198,6 +198,37 @@ class MmyoloModel:
                 scale_factor=meta.scale_factor, clamp_hw=meta.ori_shape, trace=trace))
         return results
 
+    def mmyolo_detections(self, raw: dict[str, list[Any]], metas: Sequence[Any]) -> list[Any]:
+        """mmyolo's own detections for a batch: the head's `predict_by_feat` (what
+        `model.test_step` runs after the data preprocessor) on head maps `raw`, with the
+        harness's image metas. Returns per image an NmsResult without candidate rows
+        (box_index -1): its order of tied scores is torch's, which no replay promises."""
+        import torch
+
+        from harness.nms import NmsResult
+
+        head = self.module.bbox_head
+        img_metas = [{"ori_shape": tuple(m.ori_shape), "img_shape": tuple(m.img_shape),
+                      "scale_factor": tuple(m.scale_factor),
+                      **({"pad_param": np.asarray(m.pad_param, np.float32)}
+                         if m.pad_param is not None else {})} for m in metas]
+        maps = {k: [torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v,
+                                    device=self.device) for v in levels]
+                for k, levels in raw.items()}
+        with torch.no_grad():
+            found = head.predict_by_feat(
+                maps["cls_scores"], maps["bbox_preds"], maps.get("objectnesses"),
+                batch_img_metas=img_metas, cfg=head.test_cfg, rescale=True, with_nms=True)
+        results = []
+        for inst in found:
+            n = len(inst.scores)
+            results.append(NmsResult(
+                boxes=inst.bboxes.float().cpu().numpy().reshape(n, 4),
+                scores=inst.scores.float().cpu().numpy(),
+                labels=inst.labels.cpu().numpy().astype(np.int64),
+                box_index=np.full(n, -1, np.int64)))
+        return results
+
     def predict(self, batch: Any, trace: bool = False) -> list[Any]:
         """Preprocessed Batch → final detections per image."""
         return self.detections(self.decode(self.raw_outputs(batch.inputs)), batch.metas, trace)

@@ -160,9 +160,12 @@ def render_coco(doc: dict[str, Any], plot: Optional[str] = None) -> str:
         "decode + NMS, one after the other), after warm-up; images/s = batch size / mean "
         "latency.",
         "",
-        main_table(doc),
-        "",
     ]
+    if ds.get("unreadable_images"):
+        lines += [f"Unreadable images skipped ({len(ds['unreadable_images'])}):", ""]
+        lines += [f"- {u['image']}: {u['reason']}" for u in ds["unreadable_images"]]
+        lines += [""]
+    lines += [main_table(doc), ""]
     if stability:
         lines += [stability, ""]
     if plot:

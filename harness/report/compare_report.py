@@ -45,6 +45,11 @@ def render_compare(doc: dict[str, Any], plot: str | None = None) -> str:
             f"same bytes (sha256 per batch: "
             f"{', '.join(_short(d) for d in inputs['sha256'][:4])}"
             f"{', …' if len(inputs['sha256']) > 4 else ''}).", ""]
+    if inputs.get("unreadable"):
+        out += [f"**{len(inputs['unreadable'])} unreadable images skipped** (of "
+                f"{inputs.get('requested', inputs['count'])} asked for):", ""]
+        out += [f"- {Path(u['image']).name}: {u['reason']}" for u in inputs["unreadable"]]
+        out += [""]
     pre = inputs.get("preprocess") or {}
     if pre:
         out += [table(["preprocessing", "value"], [[k, str(v)] for k, v in pre.items()],
@@ -74,7 +79,7 @@ def render_compare(doc: dict[str, Any], plot: str | None = None) -> str:
     for t in targets:
         lay = t.get("layers") or {}
         if not t["available"] or not lay.get("rows"):
-            summary.append([t["name"], 0, "—", "—", "—",
+            summary.append([t["name"], 0, "—", "—", "—", "—",
                             (t["reason"] if not t["available"] else lay.get("note")) or "—"])
             continue
         first, past = lay.get("first_divergence"), lay.get("first_past_tolerance")
@@ -85,36 +90,69 @@ def render_compare(doc: dict[str, Any], plot: str | None = None) -> str:
             f"{past['module']} ({fmt(past['rel_l2'])} > {fmt(past['tolerance'])})" if past
             else f"none (tolerance {fmt(lay['tolerance'])})",
             f"{worst['module']} ({fmt(worst['rel_l2'])})" if worst else "—",
-            _layer_notes(lay)])
+            _nonfinite_cell(lay), _layer_notes(lay)])
     out += [table(["target", "layers", "numbers start to differ (rel-L2 > 1e-4)",
-                   "first past its precision's tolerance", "worst layer", "notes"],
-                  summary, align="lrllll"), ""]
+                   "first past its precision's tolerance", "worst layer",
+                   "first inf / NaN", "notes"],
+                  summary, align="lrlllll"), ""]
+    if any((t.get("layers") or {}).get("first_nonfinite") for t in targets):
+        out += ["Layers with inf / NaN values are compared on their finite elements only: "
+                "their metrics cannot vouch for them, and the first such layer is a divergence "
+                "point of its own.", ""]
     for t in targets:
         lay = t.get("layers") or {}
         if not lay.get("rows"):
             continue
         rows = [[r["depth"], r["module"], r["tensor"], "×".join(map(str, r["shape"] or [])),
-                 r["max_abs"], r["mean_abs"], r["rel_l2"], r["cosine"]]
+                 r["max_abs"], r["mean_abs"], r["rel_l2"], r["cosine"], r.get("nonfinite", 0)]
                 for r in lay["rows"][:LAYER_ROWS_SHOWN]]
         out += [f"<details><summary>{t['name']}: every layer ({len(lay['rows'])})</summary>",
                 "", table(["depth", "module", "tensor", "shape", "max-abs", "mean-abs",
-                           "rel-L2", "cosine"], rows, align="rlllrrrr"), "", "</details>", ""]
+                           "rel-L2", "cosine", "inf / NaN"], rows, align="rlllrrrrr"), "",
+                "</details>", ""]
 
+    check = ref.get("replay_check") or {}
     out += ["## Detections after NMS", "",
-            "Matched: same class, IoU >= 0.5, greedily by score. Every mismatch has exactly one "
-            "cause, read from both pipelines' NMS replayed in trace mode on their own "
-            "candidates.", ""]
+            "PyTorch's detections are mmyolo's own (`predict_by_feat`, what `model.test_step` "
+            "outputs). Matched: same class, IoU >= 0.5 (boxes thinner than "
+            "the degenerate limit: by corner distance), greedily by score. Every mismatch has "
+            "exactly one cause, read from both pipelines' NMS replayed in trace mode on their "
+            "own candidates. *Tie groups*: detections an equal-scored candidate could have "
+            "taken (no runtime promises an order among equal scores).", ""]
+    if check:
+        out += [f"Replay check: of mmyolo's {check['detections']} detections, "
+                f"{check['differ_from_replay']} differ from the harness's replay of the same "
+                f"NMS ({check['differ_outside_ties']} outside tie groups), "
+                f"{check['not_found_in_candidates']} are not among the decoded candidates.", ""]
     rows = []
     for t in targets:
         if not t["available"]:
-            rows.append([t["name"], *(["—"] * 5), *(["—"] * len(CAUSES))])
+            rows.append([t["name"], *(["—"] * 7), *(["—"] * len(CAUSES))])
             continue
         d = t["detections"]
+        ties = d.get("ties") or {}
         rows.append([t["name"], d["reference"], d["target"], d["matched"], d["match_rate"],
-                     d["mismatches"], *[d["causes"][c] for c in CAUSES]])
+                     d["mismatches"], ties.get("reference", "—"), ties.get("target", "—"),
+                     *[d["causes"].get(c, 0) for c in CAUSES]])
     out += [table(["target", "PyTorch", "target", "matched", "match rate", "mismatches",
+                   "PyTorch in tie groups", "target in tie groups",
                    *[c.replace("_", " ") for c in CAUSES]], rows,
-                  align="l" + "r" * (5 + len(CAUSES))), ""]
+                  align="l" + "r" * (7 + len(CAUSES))), ""]
+    for t in targets:
+        d = t.get("detections") or {}
+        if d.get("settings_problem"):
+            out += [f"**{t['name']}: NMS settings give no output:** {d['settings_problem']}.",
+                    ""]
+        if d.get("settings_differ"):
+            rows = [[x["label"], fmt(x["reference"]), fmt(x["target"]), x["explains"]]
+                    for x in d["settings_differ"]]
+            out += [f"**{t['name']}: NMS settings differ from PyTorch's**", "",
+                    table(["setting", "PyTorch", "target", "mismatches it decided"], rows,
+                          align="lrrr"), ""]
+        if d.get("degenerate_matched"):
+            out += [f"{t['name']}: {d['degenerate_matched']} pairs of degenerate boxes (width "
+                    f"or height < {d['tolerances'].get('degenerate_px', 1):g} px) matched by "
+                    "corner distance.", ""]
 
     out += ["### Before NMS: decoded candidates", ""]
     rows = []
@@ -165,6 +203,14 @@ def _pipeline(p: dict[str, Any] | None) -> str:
             "BatchedNMSDynamic_TRT": ("topK", "keepTopK", "iouThreshold", "scoreThreshold"),
             "BatchedNMS_TRT": ("topK", "keepTopK", "iouThreshold", "scoreThreshold")}
     return f"{kind} (" + ", ".join(f"{k} {fmt(p.get(k), 4)}" for k in keys.get(kind, ())) + ")"
+
+
+def _nonfinite_cell(lay: dict[str, Any]) -> str:
+    bad = lay.get("first_nonfinite")
+    if not bad:
+        return "none"
+    return (f"{bad['module']} ({bad['target']} in target, {bad['reference']} in PyTorch; "
+            f"{lay.get('layers_with_nonfinite')} layers)")
 
 
 def _layer_notes(lay: dict[str, Any]) -> str:

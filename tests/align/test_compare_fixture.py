@@ -61,15 +61,96 @@ def test_fp32_raw_and_end2end_onnx_nms_agree_with_pytorch(fixture_model, fixture
 
 def test_planted_pre_topk_cut_is_attributed_with_ranks(fixture_model, fixture_onnx,
                                                        synth_images):
-    path = fixture_onnx(variant="end2end", nms="batched", pre_topk=40).path
+    path = fixture_onnx(variant="end2end", nms="batched", pre_topk=40, keep_topk=40).path
     t = compare(fixture_model, [path], synth_images)["targets"][0]
     _consistent(t)
     det = t["detections"]
-    assert det["causes"]["topk_cut"] > 0
+    assert det["causes"]["topk_cut"] > 0 and det["settings_problem"] is None
     cuts = [e for e in det["examples"] if e["cause"] == "topk_cut"]
     assert cuts and all(e["limit"] == 40 and e["rank"] >= 40 for e in cuts)
     assert all(e["side"] in ("reference", "both") for e in cuts)
     assert t["candidates"]["born"] == "in_nms"
+    # both limits are settings differences, named once with both values and what they explain
+    differ = {d["setting"]: d for d in det["settings_differ"]}
+    assert differ["pre_topk"]["target"] == 40 and differ["pre_topk"]["explains"] > 0
+    assert differ["max_detections"]["target"] == 40
+    assert differ["max_detections"]["reference"] == fixture_model.nms.max_per_img
+
+
+def test_settings_that_empty_the_output_are_said_once(fixture_model, fixture_onnx,
+                                                      synth_images):
+    """BatchedNMS with keepTopK 300 > topK 40 writes nothing: one settings cause, never
+    top-k cuts with "rank 0 >= k = 0"."""
+    path = fixture_onnx(variant="end2end", nms="batched", pre_topk=40).path
+    doc = compare(fixture_model, [path], synth_images)
+    det = doc["targets"][0]["detections"]
+    assert det["target"] == 0 and det["mismatches"] == det["reference"] > 0
+    assert det["causes"]["nms_settings"] == det["mismatches"]
+    assert "keepTopK 300 > topK 40" in det["settings_problem"]
+    assert doc["verdict"].count("keepTopK 300 > topK 40") == 1
+
+
+def test_planted_score_threshold_is_one_settings_cause(fixture_model, fixture_onnx,
+                                                       synth_images):
+    """An export at score threshold 0.25 against mmyolo's 0.001: not hundreds of score
+    edges but one settings difference; only scores within the tolerance of 0.25 are edges."""
+    path = fixture_onnx(variant="end2end", nms="efficient", score_threshold=0.25).path
+    doc = compare(fixture_model, [path], synth_images)
+    t = doc["targets"][0]
+    _consistent(t)
+    det = t["detections"]
+    assert det["causes"]["nms_settings"] > 100
+    assert det["causes"]["score_edge"] <= 2
+    (differ,) = [d for d in det["settings_differ"] if d["setting"] == "score_threshold"]
+    assert differ["target"] == 0.25 and differ["reference"] == fixture_model.nms.score_thr
+    assert differ["explains"] == det["causes"]["nms_settings"]
+    assert "score threshold 0.25 vs 0.001" in doc["verdict"]
+
+
+def _to_centre_size(src: Path, dst: Path) -> Path:
+    """The end2end EfficientNMS file with its boxes turned into [cx, cy, w, h] before the
+    plugin and box_coding 1, as easydeploy writes YOLOv5 files."""
+    import onnx
+    from onnx import helper, numpy_helper
+    import numpy as np
+
+    m = onnx.load(str(src))
+    node = next(n for n in m.graph.node if n.op_type == "EfficientNMS_TRT")
+    boxes = node.input[0]
+    consts = {"c_lo": [0], "c_mid": [2], "c_hi": [4], "c_axis": [2], "c_half": [0.5]}
+    for name, value in consts.items():
+        dtype = np.float32 if name == "c_half" else np.int64
+        m.graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype), name))
+    extra = [
+        helper.make_node("Slice", [boxes, "c_lo", "c_mid", "c_axis"], ["xy1"]),
+        helper.make_node("Slice", [boxes, "c_mid", "c_hi", "c_axis"], ["xy2"]),
+        helper.make_node("Add", ["xy1", "xy2"], ["xy_sum"]),
+        helper.make_node("Mul", ["xy_sum", "c_half"], ["cxcy"]),
+        helper.make_node("Sub", ["xy2", "xy1"], ["wh"]),
+        helper.make_node("Concat", ["cxcy", "wh"], ["boxes_cxcywh"], axis=2),
+    ]
+    node.input[0] = "boxes_cxcywh"
+    for a in node.attribute:
+        if a.name == "box_coding":
+            a.i = 1
+    at = list(m.graph.node).index(node)
+    for k, n in enumerate(extra):
+        m.graph.node.insert(at + k, n)
+    onnx.save(m, str(dst))
+    return dst
+
+
+def test_centre_size_box_coding_is_converted_before_comparing(fixture_model, fixture_onnx,
+                                                              synth_images, tmp_path):
+    src = fixture_onnx(variant="end2end", nms="efficient").path
+    path = _to_centre_size(src, tmp_path / "efficient_cxcywh.onnx")
+    plain = compare(fixture_model, [src], synth_images)["targets"][0]
+    coded = compare(fixture_model, [path], synth_images)["targets"][0]
+    _consistent(coded)
+    assert coded["pipeline"]["box_coding"] == 1
+    # the same candidates as the corner file: nothing born before NMS, boxes within float noise
+    assert coded["candidates"]["box_max_abs"] < 1e-3
+    assert coded["detections"]["causes"] == plain["detections"]["causes"]
 
 
 def test_planted_keep_topk_is_a_max_detections_cut(fixture_model, fixture_onnx,
@@ -105,3 +186,36 @@ def test_planted_fp16_drifts_and_names_the_first_divergent_layer(fixture_model, 
     causes = t["detections"]["causes"]
     assert causes["drift"] + causes["score_edge"] > 0
     assert t["candidates"]["born"] == "before_nms"
+
+
+def test_planted_fp16_overflow_is_shown_as_nonfinite(fixture_model, synth_images, tmp_path):
+    """Scale the prediction convs so their fp16 outputs overflow (fp32's do not): the layer
+    table names the first layer with inf / NaN and how many, the verdict says it, and the
+    detections decoded from inf logits (whose sigmoid looks like an ordinary 0 or 1) have
+    their own cause — no false "within tolerance" and no score edges for them."""
+    import copy
+
+    import torch
+
+    from harness.export.onnx_export import ExportSettings, export_onnx
+
+    model = copy.copy(fixture_model)
+    model.module = copy.deepcopy(fixture_model.module)
+    with torch.no_grad():
+        for conv in model.module.bbox_head.head_module.convs_pred:
+            conv.weight.mul_(1e5)
+            conv.bias.mul_(1e5)
+    path = export_onnx(model, tmp_path / "overflow_fp16.onnx",
+                       ExportSettings(variant="raw", precision="fp16")).path
+    doc = run_compare(model, [open_target(path)], synth_images[:4], batch=4,
+                      with_layers=True, progress=False)
+    t = doc["targets"][0]
+    bad = t["layers"]["first_nonfinite"]
+    assert bad["module"].startswith("bbox_head.head_module.convs_pred")
+    assert bad["target"] > 0 and bad["reference"] == 0
+    assert all(r["nonfinite"] == 0 for r in t["layers"]["rows"] if r["depth"] < bad["depth"])
+    assert f"inf/NaN first at {bad['module']}" in doc["verdict"]
+    det = t["detections"]
+    assert det["causes"]["nonfinite"] > det["mismatches"] / 2 and det["unexplained"] == 0
+    examples = [e for e in det["examples"] if e["cause"] == "nonfinite"]
+    assert examples and all("inf / NaN head values" in e["detail"] for e in examples)

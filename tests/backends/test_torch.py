@@ -86,3 +86,17 @@ def test_cuda_matches_cpu_with_tf32_off(fixture_model, fixture_batch):
     assert backend.describe()["use_tf32"] is False
     for name in cpu:
         assert rel_l2(cuda[name], cpu[name]) < 1e-4, name
+
+
+def test_intermediates_survive_in_place_ops(fixture_model, fixture_batch):
+    """ConvModule runs SiLU(inplace=True) on its norm's output: a hook that kept the norm's
+    tensor without copying it would return the activation instead (the RTMDet false alarm:
+    Hardsigmoid(inplace=True) after the channel attention's fc)."""
+    stem = fixture_model.module.backbone.stem
+    assert getattr(stem.activate, "inplace", False), "test premise: an in-place activation"
+    x = torch.from_numpy(fixture_batch.inputs[:1])
+    with torch.no_grad():
+        expected = stem.bn(stem.conv(x)).numpy()
+    got = TorchBackend(fixture_model).intermediates(fixture_batch.inputs[:1],
+                                                    ["backbone.stem.bn"])["backbone.stem.bn"]
+    np.testing.assert_array_equal(got, expected)
