@@ -36,7 +36,7 @@ def parse() -> argparse.Namespace:
 
 
 def split_folder(args: argparse.Namespace, work: Path) -> Path:
-    from harness.data.synth import generate_synthetic_coco
+    from harness.synth import generate_synthetic_coco
 
     if args.images is not None:
         return args.images

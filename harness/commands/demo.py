@@ -52,7 +52,7 @@ def export_targets(model, folder: Path, calib_dir: Path) -> dict[str, Path]:
 def run(args: argparse.Namespace) -> int:
     from harness.cli import main as cli_main
     from harness.cli import writable_dir
-    from harness.data.synth import generate_synthetic_coco
+    from harness.synth import generate_synthetic_coco
     from harness.errors import UserError
     from harness.experiment import load_experiment
     from harness.gates.limits import plan_gates

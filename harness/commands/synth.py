@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from harness.data.synth import generate_synthetic_coco
+    from harness.synth import generate_synthetic_coco
 
     s = generate_synthetic_coco(args.out, images=args.images, seed=args.seed,
                                 val_fraction=args.val_fraction, progress=True)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def synth_images(tmp_path_factory) -> list[Path]:
-    from harness.data.synth import generate_synthetic_coco
+    from harness.synth import generate_synthetic_coco
 
     out = tmp_path_factory.mktemp("compare_synth")
     generate_synthetic_coco(out, images=16, seed=5, val_fraction=0.5)

@@ -12,7 +12,7 @@ SPLIT_SEED = 1
 
 def make_split(root: Path) -> Path:
     """Write the synthetic dataset under `root`; returns its val2017 folder."""
-    from harness.data.synth import generate_synthetic_coco
+    from harness.synth import generate_synthetic_coco
 
     generate_synthetic_coco(root, images=SPLIT_IMAGES, seed=SPLIT_SEED, val_fraction=0.5)
     return root / "val2017"

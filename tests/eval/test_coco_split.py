@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.data.synth import CLASSES
+from harness.synth import CLASSES
 from harness.errors import UserError
 from harness.eval.coco_split import category_ids_for, find_annotations, open_split
 from tests.eval.split_data import annotation_file, copy_split, edit_annotations

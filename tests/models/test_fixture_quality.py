@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from harness.data.preprocess import preprocess_files
-from harness.data.synth import generate_synthetic_coco
+from harness.synth import generate_synthetic_coco
 from harness.eval.coco import coco_map, detections_to_coco, load_coco
 from harness.models.mmyolo import load_mmyolo_model
 from harness.models.zoo import FIXTURE_CHECKPOINT, FIXTURE_CONFIG

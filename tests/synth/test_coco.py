@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.data.synth import CLASSES, SynthSummary, generate_synthetic_coco
+from harness.synth import CLASSES, SynthSummary, generate_synthetic_coco
 from harness.errors import UserError
 
 SPLITS = ("train2017", "val2017")
