@@ -183,13 +183,6 @@ class LayerDiff:
         return doc
 
 
-def onnx_nodes(path: Any) -> list[Any]:
-    """The nodes of an ONNX file in graph order (weights not loaded)."""
-    import onnx
-
-    return list(onnx.load(str(path), load_external_data=False).graph.node)
-
-
 def layers_for(model: Any, nodes: Sequence[Any],
                patterns: Iterable[str] = ()) -> tuple[list[Layer], list[str]]:
     """The layers to compare for an MmyoloModel and an ONNX graph: default_modules, or the

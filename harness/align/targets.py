@@ -73,23 +73,30 @@ def open_target(path: Union[str, Path], provider: str = "cpu") -> Target:
                   precision=backend.sidecar.precision, info=backend.describe())
 
 
-def layer_backend(target: Target, node_names: list[str], work_dir: Path) -> Any:
+def layer_backend(target: Target, node_names: list[str], work_dir: Path,
+                  chunk: Optional[int] = None) -> Any:
     """The backend whose intermediates() give the layer tensors: onnxruntime itself; for an
-    engine, a debug engine built from its source ONNX with those layers marked (marking stops
-    fusions, so the caller also compares the debug engine's final outputs with the engine's)."""
+    engine, tensorrt_marking.ChunkedDebugEngines: debug engines built from its source ONNX,
+    each marking `chunk` (default 32) of the layers of `node_names` in order, and, when the
+    list ends with the producers of its NMS plugin's inputs, one more marking those. Every
+    engine is built here (cached in `work_dir`), so a build failure is a UserError now, not
+    in the middle of the run; they are loaded one at a time as they are asked for. Marking
+    stops fusions, so the caller also compares the marked engines' final outputs with the
+    engine's (infer(), marking_changed_outputs_rel_l2)."""
     if target.kind == "onnx":
         return target.backend
     if target.onnx_path is None:
         raise UserError(f"{target.name}: its source ONNX is gone, so its layers cannot be "
                         "named; pass the ONNX next to the engine")
-    from harness.backends.tensorrt_backend import TensorRTBackend
-    from harness.backends.tensorrt_build import build_engine
+    import onnx
 
-    side = target.backend.sidecar
-    debug = work_dir / f"{target.path.stem}.marked.engine"
-    build_engine(target.onnx_path, debug, precision=side.precision,
-                 min_batch=side.profile["min"][0], opt_batch=side.profile["opt"][0],
-                 max_batch=side.profile["max"][0], mark_layers=node_names)
-    backend = TensorRTBackend(debug)
-    backend.load()
-    return backend
+    from harness.backends.tensorrt_marking import (DEFAULT_CHUNK, ChunkedDebugEngines,
+                                                   split_marking)
+
+    graph = onnx.load(str(target.onnx_path), load_external_data=False).graph
+    layer_tensors, nms_inputs = split_marking(list(graph.node), node_names)
+    del graph
+    engines = ChunkedDebugEngines(target.backend, target.onnx_path, layer_tensors, nms_inputs,
+                                  work_dir, chunk or DEFAULT_CHUNK)
+    engines.load()
+    return engines

@@ -83,7 +83,10 @@ class TensorRTBackend(Backend):
 
     # -- inference --------------------------------------------------------------------------
 
-    def _execute(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
+    def _execute(self, inputs: np.ndarray, keep: Union[Sequence[str], None] = None
+                 ) -> dict[str, np.ndarray]:
+        """Every output tensor for `inputs`; only those in `keep` (default: all) are copied
+        back to the host, so a debug engine's other marked tensors cost no host memory."""
         import torch
 
         self.load()
@@ -117,7 +120,10 @@ class TensorRTBackend(Backend):
                                 f"{tuple(x.shape)} (see its log above)")
             self._stream.synchronize()
         out = {}
+        wanted = set(buffers) if keep is None else set(keep)
         for name, t in buffers.items():
+            if name not in wanted:
+                continue
             a = t.cpu().numpy()
             out[name] = a.astype(np.float32) if a.dtype == np.float16 else a
         return out
@@ -129,9 +135,13 @@ class TensorRTBackend(Backend):
 
     def infer(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
         """inputs (B, 3, H, W) float32 → the ONNX's outputs by name (marked tensors left out)."""
+        return self.run_marked(inputs, [])[0]
+
+    def final_output_names(self) -> list[str]:
+        """The engine's outputs that are the ONNX's own (not marked for the layer diff)."""
         self.load()
         marked = set(self.sidecar.marked_layers)
-        return {n: v for n, v in self._execute(inputs).items() if n not in marked}
+        return [n for n in self.output_names if n not in marked]
 
     def intermediate_names(self) -> list[str]:
         """The ONNX tensors this (debug) engine gives (`harness build --mark`): those it was
@@ -145,6 +155,18 @@ class TensorRTBackend(Backend):
         (folded into weights, a shape or int tensor; the sidecar's build["unmarked"] says
         why) is left out of the result, as the torch backend leaves out a module without a
         single tensor."""
+        return self.run_marked(inputs, names)[1]
+
+    def run_marked(self, inputs: np.ndarray, names: Sequence[str]
+                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(final outputs, the named marked tensors) of one execution on `inputs`: a debug
+        engine's layer tensors and the outputs to check its marking against the deployed
+        engine's, without running it twice. Names as intermediates() takes them."""
+        self.load()
+        final = self.final_output_names()
+        if not names:
+            values = self._execute(inputs, keep=final)
+            return {n: values[n] for n in final}, {}
         known = self.intermediate_names()
         unmarked = self.sidecar.build.get("unmarked", {})
         for name in names:
@@ -153,10 +175,29 @@ class TensorRTBackend(Backend):
                 hint = f"; did you mean {', '.join(close)}?" if close else \
                     "; build a debug engine with those layers marked"
                 raise UserError(f"{self.path.name} has no marked tensor '{name}'{hint}")
-        values = self._execute(inputs)
-        return {n: (values[n].astype(np.float32)
-                    if np.issubdtype(values[n].dtype, np.floating) else values[n])
-                for n in names if n in values}
+        values = self._execute(inputs, keep=[*final, *names])
+        tensors = {n: (values[n].astype(np.float32)
+                       if np.issubdtype(values[n].dtype, np.floating) else values[n])
+                   for n in names if n in values}
+        return {n: values[n] for n in final}, tensors
+
+    def unload(self) -> None:
+        """Free the engine: its execution context (with its activation memory), the engine and
+        the runtime, dropped by `del` as the bindings ask (`__del__` is deprecated for "del
+        obj"; docs/tensorrt-api.md), then PyTorch's cached blocks of the I/O buffers, so the
+        next engine loaded finds the memory free. load() brings it back."""
+        if self._engine is None:
+            return
+        # the context keeps the engine alive and the engine the runtime (keep_alive<0, 1> in
+        # the bindings): drop them in that order, and every reference to each
+        del self._context
+        del self._engine
+        del self._runtime
+        del self._stream
+        self._engine = None
+        import torch
+
+        torch.cuda.empty_cache()  # a no-op where CUDA was never initialised
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"backend": self.name, "model": str(self.path)}

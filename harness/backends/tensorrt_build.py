@@ -16,9 +16,8 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
-from harness.backends.tensorrt_plan import (BatchProfile, calibration_batches,
-                                            calibration_cache_path, profile_shapes,
-                                            select_tensors)
+from harness.backends.tensorrt_plan import (calibration_batches, calibration_cache_path,
+                                            profile_shapes, select_tensors)
 from harness.backends.tensorrt_sidecar import EngineSidecar, write_sidecar
 from harness.errors import UserError
 
@@ -213,6 +212,7 @@ def build_engine(onnx_path: Union[str, Path], engine_path: Union[str, Path],
                  calib_cache_dir: Union[Path, None] = None, calib_batch_size: int = 4,
                  timing_cache: Union[str, Path, None] = None,
                  mark_layers: Union[Sequence[str], None] = None,
+                 mark_tensors: Union[Sequence[str], None] = None,
                  tf32: bool = False) -> BuildResult:
     """Build `engine_path` from `onnx_path` and write its sidecar next to it.
 
@@ -221,6 +221,11 @@ def build_engine(onnx_path: Union[str, Path], engine_path: Union[str, Path],
     short calibration batch is padded (tensorrt_plan.calibration_batches). tf32: TensorRT
     enables TF32 for fp32 layers by default; it is cleared unless asked for, so fp32 engines
     align with fp32 references (DEVICE.md), and recorded in the sidecar.
+
+    mark_layers: module paths / scopes / node names whose nodes' output tensors are marked as
+    extra outputs (`harness build --mark`); mark_tensors: ONNX tensor names marked exactly as
+    given, in that order (the layer diff's chunked debug engines, tensorrt_marking); the
+    sidecar's build["requested"] records the tensors asked for, in order.
     """
     from harness.backends.onnxruntime_backend import _dims, graph_precision, read_onnx
     from harness.export.metadata import file_sha256, read_metadata
@@ -243,6 +248,13 @@ def build_engine(onnx_path: Union[str, Path], engine_path: Union[str, Path],
     # the layer diff's names are ONNX tensor names; resolved here so a typo fails early
     nodes = [(n.name, list(n.output)) for n in model.graph.node]
     wanted = select_tensors(nodes, mark_layers) if mark_layers else []
+    if mark_tensors:
+        made = {t for _, outputs in nodes for t in outputs if t}
+        missing = [t for t in mark_tensors if t not in made]
+        if missing:
+            raise UserError(f"{onnx_path.name} has no node output named {missing[0]!r}"
+                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        wanted = list(dict.fromkeys([*wanted, *mark_tensors]))
     plugins = sorted({n.op_type for n in model.graph.node if n.domain == "TRT"})
     export_record = read_metadata(model)
     del model, nodes
@@ -362,10 +374,6 @@ def build_engine(onnx_path: Union[str, Path], engine_path: Union[str, Path],
         build={"workspace_gb": workspace_gb, "timing_cache": str(cache_file or ""),
                "calibration_cache": str(calib_cache or ""),
                "explicit_int8": explicit_int8, "tf32": tf32,
-               "layer_tensors": layer_tensors, "unmarked": unmarked})
+               "requested": wanted, "layer_tensors": layer_tensors, "unmarked": unmarked})
     side = write_sidecar(engine_path, sidecar)
     return BuildResult(engine_path, side, sidecar, time.perf_counter() - started, notes)
-
-
-def profile_of(sidecar: EngineSidecar) -> BatchProfile:
-    return BatchProfile.from_json(sidecar.profile)

@@ -22,8 +22,9 @@ class EngineSidecar:
     onnx_sha256: the source file's digest. export: the ONNX's `harness.export` record (None
     for a file the harness did not export). marked_layers: the ONNX tensor names marked as
     extra outputs (the TensorRT tensors carry the ONNX names; the field keeps its old name).
-    build: the build options, and for a debug engine "layer_tensors" (every requested tensor
-    it gives) and "unmarked" (requested tensor → why it could not be marked)."""
+    build: the build options, and for a debug engine "requested" (the tensors asked to be
+    marked, in order), "layer_tensors" (every requested tensor it gives) and "unmarked"
+    (requested tensor → why it could not be marked)."""
 
     tensorrt_version: str
     gpu_name: str

@@ -184,6 +184,37 @@ def test_debug_engine_marks_requested_layers_with_onnx_names(trt, fixture_onnx, 
         set(reference.infer(fixture_batch.inputs))
 
 
+def test_chunked_debug_engines_give_onnxruntimes_tensors_one_engine_at_a_time(
+        engines, fixture_batch, tmp_path):
+    """Ten Conv outputs marked four per debug engine: three engines, each built once (a
+    second source over the same work dir builds none), loaded one at a time, giving
+    onnxruntime's tensors; at fp32 marking barely moves the final outputs."""
+    import onnx
+
+    from harness.backends import OnnxruntimeBackend, TensorRTBackend
+    from harness.backends.tensorrt_marking import ChunkedDebugEngines
+
+    engine, onnx_path = engines("fp32", variant="raw")
+    deployed = TensorRTBackend(engine, onnx_path=onnx_path)
+    deployed.load()
+    convs = [n.output[0] for n in onnx.load(str(onnx_path)).graph.node
+             if n.op_type == "Conv"][:10]
+    source = ChunkedDebugEngines(deployed, onnx_path, convs, work_dir=tmp_path, chunk=4)
+    source.load()
+    assert len(source.built) == 3
+    reference = OnnxruntimeBackend(onnx_path, provider="cpu")
+    got = source.intermediates(fixture_batch.inputs, convs)
+    want = reference.intermediates(fixture_batch.inputs, convs)
+    assert list(got) == convs
+    for name in convs:
+        assert rel_l2(got[name], want[name]) < 1e-4, name
+    assert source.marking_changed_outputs_rel_l2 < 1e-4
+    source.close()
+    again = ChunkedDebugEngines(deployed, onnx_path, convs, work_dir=tmp_path, chunk=4)
+    again.load()
+    assert again.built == []
+
+
 def test_build_cli_writes_engine_and_sidecar(trt, fixture_onnx, tmp_path, capsys):
     from harness.backends.tensorrt_sidecar import read_sidecar
     from harness.cli import main

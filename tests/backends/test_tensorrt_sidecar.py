@@ -103,12 +103,24 @@ def test_debug_engine_names_come_from_the_sidecar(built, monkeypatch):
                      "unmarked": {"/a/Shape_output_0": "a shape tensor"}}
     backend = TensorRTBackend(engine)
     backend._engine, backend.sidecar = object(), sidecar  # loaded, without TensorRT
-    monkeypatch.setattr(backend, "_execute", lambda x: {
-        "num_dets": np.ones((1, 1), np.int32), "/a/Conv_output_0": np.zeros(2, np.float16)})
+    backend.output_names = ["num_dets", "/a/Conv_output_0"]
+    copied = []  # what each run copies back to the host
+
+    def execute(x, keep=None):
+        copied.append(list(keep))
+        return {"num_dets": np.ones((1, 1), np.int32),
+                "/a/Conv_output_0": np.zeros(2, np.float16)}
+
+    monkeypatch.setattr(backend, "_execute", execute)
     assert backend.intermediate_names() == ["/a/Conv_output_0", "num_dets"]
     got = backend.intermediates(None, ["/a/Conv_output_0", "/a/Shape_output_0", "num_dets"])
     assert list(got) == ["/a/Conv_output_0", "num_dets"]
     assert got["/a/Conv_output_0"].dtype == np.float32
     assert set(backend.infer(np.zeros((1, 3, 4, 4), np.float32))) == {"num_dets"}
+    # infer copies back the final outputs only; run_marked those and the names asked for
+    assert copied[-1] == ["num_dets"]
+    final, tensors = backend.run_marked(None, ["/a/Conv_output_0"])
+    assert set(final) == {"num_dets"} and set(tensors) == {"/a/Conv_output_0"}
+    assert copied[-1] == ["num_dets", "/a/Conv_output_0"]
     with pytest.raises(UserError, match="has no marked tensor '/a/Relu_output_0'"):
         backend.intermediates(None, ["/a/Relu_output_0"])
