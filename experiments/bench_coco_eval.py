@@ -36,9 +36,10 @@ def main() -> None:
 
 def bench(args: argparse.Namespace, work: Path) -> None:
     from harness.eval.coco_scores import evaluate, faster_coco_eval_installed
-    from harness.eval.runner import CocoSettings, run_coco
+    from harness.eval.runner import run_coco
     from harness.experiment import Configuration
     from harness.models.zoo import FIXTURE_CHECKPOINT, FIXTURE_CONFIG
+    from harness.settings import CocoSettings
 
     images = split_folder(args, work)
     config = Configuration("onnxruntime", "cpu", "fp32", 4)

@@ -1,6 +1,7 @@
 """`harness` command line: one entry point, thin subcommands that parse, call library code
-and print where the results went. User-fixable errors print one line and exit 2; bugs keep
-their traceback with --debug.
+and print where the results went. Exit status: 0 everything asked for ran and passed, 1 a
+check failed or something asked for did not run (the report says which), 2 bad input or
+usage (one line), 130 interrupted. Bugs keep their traceback with --debug.
 """
 from __future__ import annotations
 
@@ -27,15 +28,25 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+EXIT_STATUS = """exit status:
+  0    everything asked for ran (and every gate passed)
+  1    a gate or check failed, or something asked for did not run: a target or matrix row
+       not available here or not comparable, an unreadable image (the report says which)
+  2    bad input or usage: a missing or corrupt file, a wrong option (one line says what)
+  130  interrupted (Ctrl-C); long runs resume from what they stored"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="harness",
-        description="Compare a detector across PyTorch, ONNX Runtime and TensorRT.")
+        description="Compare a detector across PyTorch, ONNX Runtime and TensorRT.",
+        epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true",
                         help="show full tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, summary) in COMMANDS.items():
-        sp = sub.add_parser(name, help=summary, description=summary)
+        sp = sub.add_parser(name, help=summary, description=summary, epilog=EXIT_STATUS,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:  # a missing optional package: say so when it is used

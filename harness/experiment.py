@@ -112,9 +112,11 @@ class Experiment:
     compare: CompareSpec = CompareSpec()
     gates: Mapping[str, Any] = field(default_factory=dict)
 
-    def results_section(self) -> dict[str, Any]:
-        """The "experiment" section of results.json (docs/results-schema.md)."""
-        return {"name": self.name, "path": str(self.path), "gates": dict(self.gates)}
+    def results_section(self) -> "ExperimentSection":
+        """The "experiment" section of results.json (harness.results)."""
+        from harness.results import ExperimentSection
+
+        return ExperimentSection(name=self.name, path=str(self.path), gates=dict(self.gates))
 
 
 def matrix_configurations(backends: Iterable[str], precisions: Iterable[str],
@@ -148,19 +150,32 @@ def matrix_configurations(backends: Iterable[str], precisions: Iterable[str],
 
 # -- reading the file ------------------------------------------------------------------------
 
-def load_experiment(path: Union[str, Path]) -> Experiment:
-    """Read and check an experiment file; every mistake is a one-line UserError."""
-    import tomllib
-
+def read_toml(path: Union[str, Path]) -> dict[str, Any]:
+    """An experiment file as a dict; a missing, unreadable or malformed file is a one-line
+    UserError."""
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise UserError("reading experiment files needs Python >= 3.11 or the 'tomli' "
+                            "package") from None
     p = Path(path)
     if not p.is_file():
         raise UserError(f"experiment file not found: {p}")
     try:
-        doc = tomllib.loads(p.read_text())
+        return tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"experiment file {p} is not valid TOML: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read experiment file {p}: {exc}") from None
+
+
+def load_experiment(path: Union[str, Path]) -> Experiment:
+    """Read and check an experiment file; every mistake is a one-line UserError."""
+    p = Path(path)
+    doc = read_toml(p)
     r = _Reader(p)
     r.keys(doc, "", {"name", "model", "data", "matrix", "latency", "compare", "gates"})
     name = r.get(doc, "name", str, required=True)

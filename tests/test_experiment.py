@@ -46,7 +46,7 @@ def test_fixture_experiment_loads(monkeypatch):
     assert {"torch_cpu_fp32_b1", "torch_cpu_bf16_b4", "onnxruntime_cpu_int8_b4",
             "tensorrt_cuda_fp16_b1"} <= keys
     assert not any("torch" in k and "int8" in k for k in keys)
-    assert exp.results_section() == {"name": "fixture", "path": "experiments/fixture.toml",
+    assert exp.results_section().to_json() == {"name": "fixture", "path": "experiments/fixture.toml",
                                      "gates": {}}
 
 
@@ -74,7 +74,7 @@ def test_model_files_and_gates_verbatim(tmp_path):
         + '[gates]\nmax_delta_ap = { fp16 = 0.002, int8 = 0.02 }\nname = "x"\n'))
     assert dict(exp.model.onnx) == {"fp16": Path("m16.onnx")}
     assert dict(exp.model.engines) == {"int8": Path("m.engine")}
-    assert exp.results_section()["gates"] == {"max_delta_ap": {"fp16": 0.002, "int8": 0.02},
+    assert exp.results_section().gates == {"max_delta_ap": {"fp16": 0.002, "int8": 0.02},
                                               "name": "x"}
 
 

@@ -1,7 +1,7 @@
 """The compare run: the same preprocessed batches through PyTorch (the reference) and every
 target, then per target the layer diff, the candidates before NMS, and the post-NMS diff with
-a cause for every mismatch. Returns the `compare` section of results.json
-(docs/results-schema.md); rendering is harness.report's business.
+a cause for every mismatch. Returns the `compare` section of results.json as
+harness.results.CompareResult; rendering is harness.report's business.
 """
 from __future__ import annotations
 
@@ -18,8 +18,12 @@ from harness.align.layers import LayerDiff, layers_for
 from harness.align.pipelines import Candidates, MmyoloPipeline, PluginPipeline, pipeline_for
 from harness.align.reference import ReplayCheck, adopt_mmyolo_output
 from harness.align.targets import Target, layer_backend
-from harness.align.tensor_diff import DiffAccumulator, relative_l2
+from harness.align.tensor_diff import DiffAccumulator
 from harness.errors import UserError
+from harness.results import (
+    CandidateSummary, CompareInputs, CompareResult, DetectionSummary, LayerSummary,
+    TargetResult, Unreadable,
+)
 
 # candidates this close count as the same set: a difference was then born in NMS
 SAME_CANDIDATES = {"box_max_abs": 1e-2, "score_max_abs": 1e-4}
@@ -46,17 +50,18 @@ class CandidateDiff:
         self.above_ref += int(np.count_nonzero(ref.scores > self.score_thr))
         self.above_tgt += int(np.count_nonzero(tgt.scores > self.score_thr))
 
-    def result(self, mismatches: int) -> dict[str, Any]:
+    def result(self, mismatches: int) -> CandidateSummary:
         if self.note:
-            return {"note": self.note, "born": "unknown"}
+            return CandidateSummary(born="unknown", note=self.note)
         b, s = self.boxes.summary(), self.scores.summary()
         same = b["max_abs"] <= SAME_CANDIDATES["box_max_abs"] and \
             s["max_abs"] <= SAME_CANDIDATES["score_max_abs"]
         born = "none" if not mismatches else ("in_nms" if same else "before_nms")
-        return {"box_max_abs": b["max_abs"], "box_rel_l2": b["rel_l2"],
-                "score_max_abs": s["max_abs"], "score_rel_l2": s["rel_l2"],
-                "score_threshold": self.score_thr, "above_threshold_reference": self.above_ref,
-                "above_threshold_target": self.above_tgt, "born": born}
+        return CandidateSummary(
+            born=born, box_max_abs=b["max_abs"], box_rel_l2=b["rel_l2"],
+            score_max_abs=s["max_abs"], score_rel_l2=s["rel_l2"],
+            score_threshold=self.score_thr, above_threshold_reference=self.above_ref,
+            above_threshold_target=self.above_tgt)
 
 
 class TargetRun:
@@ -79,10 +84,12 @@ class TargetRun:
         self.layer_note: Optional[str] = None
         self.layers: Optional[LayerDiff] = None
         self.unmapped: list[str] = []
+        self.replaced: dict[str, str] = {}
         self.layer_backend: Any = None
         layers: list[Any] = []
         if with_layers and proto is not None:
-            layers, self.unmapped = layers_for(model, list(proto.graph.node), layer_patterns)
+            layers, self.unmapped, self.replaced = layers_for(model, list(proto.graph.node),
+                                                              layer_patterns)
         elif with_layers:
             self.layer_note = "layer diff not available: no ONNX graph names this target's layers"
         # an engine keeps its NMS plugin's inputs inside: the debug engine marks them too
@@ -130,25 +137,24 @@ class TargetRun:
             self.detections.add_image(Path(meta.path).name, ref, tgt)
         if self.layers is not None:
             self.layers.add_batch(reference, self.layer_backend, batch.inputs)
-            if self.layer_backend is not backend and self.marking is None:
-                marked = self.layer_backend.infer(batch.inputs)
-                self.marking = max(relative_l2(marked[k], v) for k, v in outputs.items()
-                                   if k in marked and np.issubdtype(v.dtype, np.floating))
 
     def result(self, class_names: Sequence[str]) -> dict[str, Any]:
+        """The TargetResult fields this run measured."""
+        # debug engines measure how far marking moved the final outputs, over every batch
+        # and every chunk engine (harness.backends.tensorrt_marking)
+        self.marking = getattr(self.layer_backend, "marking_changed_outputs_rel_l2",
+                               self.marking)
         det = self.detections.summary(class_names)
-        doc: dict[str, Any] = {
-            "pipeline": self.pipeline.describe(), "detections": det,
-            "candidates": self.candidates.result(det["mismatches"]),
-            "replay_disagrees": self.replay_disagrees,
-        }
         if self.layers is not None:
-            doc["layers"] = self.layers.result(self.target.precision)
-            doc["layers"]["unmapped"] = self.unmapped
-            doc["layers"]["marking_changed_outputs_rel_l2"] = self.marking
+            layers = self.layers.result(self.target.precision)
+            layers.unmapped = self.unmapped
+            layers.replaced = self.replaced
+            layers.marking_changed_outputs_rel_l2 = self.marking
         else:
-            doc["layers"] = {"note": self.layer_note, "rows": []}
-        return doc
+            layers = LayerSummary(rows=[], note=self.layer_note)
+        return {"pipeline": self.pipeline.describe(), "detections": det,
+                "candidates": self.candidates.result(det.mismatches), "layers": layers,
+                "replay_disagrees": self.replay_disagrees}
 
 
 class _LastChunk:
@@ -215,7 +221,7 @@ def _batches(images: Sequence[Path], spec: Any, batch: int,
 def run_compare(model: Any, targets: Sequence[Target], images: Sequence[Path], batch: int = 4,
                 layer_patterns: Sequence[str] = (), with_layers: bool = True,
                 tol: Tolerances = Tolerances(), work_dir: Path = Path("."),
-                progress: bool = True) -> dict[str, Any]:
+                progress: bool = True) -> CompareResult:
     """The compare section for `targets` against PyTorch on `images`. The reference's
     detections are mmyolo's own (`predict_by_feat`); a target that cannot be compared (it
     fails to run, or its outputs do not fit the model) gets a row saying why, and the others
@@ -259,93 +265,86 @@ def run_compare(model: Any, targets: Sequence[Target], images: Sequence[Path], b
                 failed[key] = str(exc)
                 del runs[key]  # its partial results would mislead: the row says why instead
 
-    docs = []
+    results = []
     for t in targets:
-        doc: dict[str, Any] = {"name": t.name, "path": str(t.path), "kind": t.kind,
-                               "available": t.available and id(t) in runs,
-                               "status": "ok" if id(t) in runs else
-                               "failed" if id(t) in failed or (t.reason or "").startswith(
-                                   "could not be compared") else "not_available",
-                               "reason": t.reason, "precision": t.precision,
-                               "backend": t.info}
-        doc["variant"] = (t.info or {}).get("variant")
-        if id(t) in failed:
-            doc["reason"] = f"could not be compared: {failed[id(t)]}"
-        if id(t) in runs:
-            doc.update(runs[id(t)].result(model.class_names))
-        docs.append(doc)
+        status = "ok" if id(t) in runs else "failed" if id(t) in failed or \
+            (t.reason or "").startswith("could not be compared") else "not_available"
+        reason = f"could not be compared: {failed[id(t)]}" if id(t) in failed else t.reason
+        results.append(TargetResult(
+            name=t.name, path=str(t.path), kind=t.kind, available=id(t) in runs,
+            status=status, reason=reason, precision=t.precision, backend=t.info or {},
+            variant=(t.info or {}).get("variant"),
+            **(runs[id(t)].result(model.class_names) if id(t) in runs else {})))
     compared = len(images) - len(unreadable)
-    return {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "seconds": round(time.perf_counter() - started, 1),
-        "model": model.describe(),
-        "inputs": {"images": [str(p) for p in images], "count": compared, "batch": batch,
-                   "requested": len(images), "unreadable": unreadable,
-                   "sha256": digests, "preprocess": model.preprocess.describe(),
-                   "note": "every backend received these exact bytes"},
-        "reference": {**reference.describe(), "pipeline": ref_pipeline.describe(),
-                      "detections": "mmyolo predict_by_feat (what model.test_step outputs)",
-                      "replay_check": check.to_json()},
-        "targets": docs,
-        "verdict": verdict(docs, check.to_json(), unreadable),
-    }
+    skipped = [Unreadable(**u) for u in unreadable]
+    return CompareResult(
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        seconds=round(time.perf_counter() - started, 1),
+        model=model.describe(),
+        inputs=CompareInputs(images=[str(p) for p in images], count=compared, batch=batch,
+                             requested=len(images), unreadable=skipped, sha256=digests,
+                             preprocess=model.preprocess.describe()),
+        reference={**reference.describe(), "pipeline": ref_pipeline.describe(),
+                   "detections": "mmyolo predict_by_feat (what model.test_step outputs)",
+                   "replay_check": check.to_json()},
+        targets=results, verdict=verdict(results, check.to_json(), skipped))
 
 
-def _layer_words(t: dict[str, Any]) -> str:
-    layers = t.get("layers") or {}
-    past = layers.get("first_past_tolerance")
-    words = (f"first past its {t['precision']} tolerance at {past['module']} "
-             f"(rel-L2 {past['rel_l2']:.2g} > {past['tolerance']:g})") if past else (
-        f"no layer past its {t['precision']} tolerance" if layers.get("rows") else
+def _layer_words(t: TargetResult) -> str:
+    layers = t.layers
+    past = layers.first_past_tolerance if layers else None
+    words = (f"first past its {t.precision} tolerance at {past.module} "
+             f"(rel-L2 {past.rel_l2:.2g} > {past.tolerance:g})") if past else (
+        f"no layer past its {t.precision} tolerance" if layers and layers.rows else
         "layers not compared")
-    bad = layers.get("first_nonfinite")
+    bad = layers.first_nonfinite if layers else None
     if bad:
-        words += (f"; inf/NaN first at {bad['module']} ({bad['target']} values in the target, "
-                  f"{bad['reference']} in PyTorch; {layers.get('layers_with_nonfinite')} layers "
+        words += (f"; inf/NaN first at {bad.module} ({bad.target} values in the target, "
+                  f"{bad.reference} in PyTorch; {layers.layers_with_nonfinite} layers "
                   "with inf/NaN)")
     return words
 
 
-def _tie_words(det: dict[str, Any]) -> str:
-    ties = det.get("ties") or {}
+def _tie_words(det: DetectionSummary) -> str:
+    ties = det.ties or {}
     if not (ties.get("reference") or ties.get("target")):
         return ""
     return (f"; {ties['reference']} PyTorch and {ties['target']} target detections sit in "
             "tie groups (equal scores: an order no runtime promises decides them)")
 
 
-def _settings_words(det: dict[str, Any]) -> str:
-    parts = [f"{d['label']} {d['target']} vs {d['reference']} ({d['explains']} detections)"
-             for d in det.get("settings_differ") or []]
+def _settings_words(det: DetectionSummary) -> str:
+    parts = [f"{d.label} {d.target} vs {d.reference} ({d.explains} detections)"
+             for d in det.settings_differ]
     return f"; NMS settings differ: {', '.join(parts)}" if parts else ""
 
 
-def verdict(targets: Sequence[dict[str, Any]], replay_check: Optional[dict[str, int]] = None,
-            unreadable: Sequence[dict[str, str]] = ()) -> str:
+def verdict(targets: Sequence[TargetResult], replay_check: Optional[dict[str, int]] = None,
+            unreadable: Sequence[Unreadable] = ()) -> str:
     """One sentence over all targets: what matched, what differed and why, what could not be
     compared, and what the reference itself could not promise."""
     parts = []
     for t in targets:
-        if not t["available"]:
-            parts.append(f"{t['name']} was {t['reason']}")
+        if not t.available or t.detections is None:
+            parts.append(f"{t.name} was {t.reason}")
             continue
-        det = t["detections"]
+        det = t.detections
         where = _layer_words(t)
-        if det.get("settings_problem"):
-            parts.append(f"{t['name']}: its NMS settings give no output ({det['settings_problem']}"
-                         f"), so {det['mismatches']} PyTorch detections are missing; {where}")
+        if det.settings_problem:
+            parts.append(f"{t.name}: its NMS settings give no output ({det.settings_problem}"
+                         f"), so {det.mismatches} PyTorch detections are missing; {where}")
             continue
-        if det["reference"] == det["target"] == 0:
-            parts.append(f"{t['name']}: neither it nor PyTorch has any detection on these "
+        if det.reference == det.target == 0:
+            parts.append(f"{t.name}: neither it nor PyTorch has any detection on these "
                          f"images, so no detection was compared; {where}")
             continue
-        if det["mismatches"] == 0:
-            parts.append(f"{t['name']} matches PyTorch ({where}; all {det['reference']} "
+        if det.mismatches == 0:
+            parts.append(f"{t.name} matches PyTorch ({where}; all {det.reference} "
                          f"detections agree{_tie_words(det)}{_settings_words(det)})")
             continue
         causes = ", ".join(f"{n} {c.replace('_', ' ')}" for c, n in
-                           sorted(det["causes"].items(), key=lambda kv: -kv[1]) if n)
-        parts.append(f"{t['name']} differs from PyTorch in {det['mismatches']} detections "
+                           sorted(det.causes.items(), key=lambda kv: -kv[1]) if n)
+        parts.append(f"{t.name} differs from PyTorch in {det.mismatches} detections "
                      f"({causes}); {where}{_tie_words(det)}{_settings_words(det)}")
     if replay_check and (replay_check["differ_outside_ties"] or
                          replay_check["not_found_in_candidates"]):
@@ -356,6 +355,6 @@ def verdict(targets: Sequence[dict[str, Any]], replay_check: Optional[dict[str, 
                      "those may be wrong")
     if unreadable:
         parts.append(f"{len(unreadable)} unreadable images skipped "
-                     f"({', '.join(Path(u['image']).name for u in unreadable[:5])}"
+                     f"({', '.join(Path(u.image).name for u in unreadable[:5])}"
                      f"{', …' if len(unreadable) > 5 else ''})")
     return "; ".join(parts) + "." if parts else "no targets."

@@ -35,6 +35,7 @@ import numpy as np
 from harness.align.matching import box_iou, match
 from harness.align.ties import tie_dependent
 from harness.nms.trace import FateKind
+from harness.results import DetectionSummary, MismatchExample, SettingDifference
 
 CAUSES = ("nms_settings", "topk_cut", "score_edge", "iou_edge", "tie_order", "max_det_cut",
           "nms_mode", "nonfinite", "drift", "unexplained")
@@ -322,7 +323,7 @@ class DetectionDiff:
         self.mismatches += found
         return found
 
-    def settings_differ(self) -> list[dict[str, Any]]:
+    def settings_differ(self) -> list[SettingDifference]:
         """Each NMS setting the two sides differ in, both values, and how many mismatches
         that difference decided."""
         if self.settings is None:
@@ -332,12 +333,11 @@ class DetectionDiff:
         for m in self.mismatches:
             if m.setting:
                 counts[m.setting] = counts.get(m.setting, 0) + 1
-        rows = [{"setting": name, "label": ref.COMPARED[name], "reference": r, "target": t,
-                 "explains": counts.get(name, 0)}
+        return [SettingDifference(setting=name, label=ref.COMPARED[name], reference=r,
+                                  target=t, explains=counts.get(name, 0))
                 for name, (r, t) in ref.differences(tgt).items()]
-        return rows
 
-    def summary(self, class_names: Sequence[str] = (), examples: int = 12) -> dict[str, Any]:
+    def summary(self, class_names: Sequence[str] = (), examples: int = 12) -> DetectionSummary:
         causes = dict.fromkeys(CAUSES, 0)
         for m in self.mismatches:
             causes[m.cause] += 1
@@ -353,23 +353,19 @@ class DetectionDiff:
                 if by_cause.get(cause) and len(picked) < examples:
                     picked.append(by_cause[cause].pop(0))
         name = (lambda c: class_names[c] if 0 <= c < len(class_names) else str(c))
-        problem = self.settings[1].problem if self.settings else None
-        return {
-            "reference": self.reference, "target": self.target, "matched": self.matched,
+        return DetectionSummary(
+            reference=self.reference, target=self.target, matched=self.matched,
             # detections in both, over detections in either (F1-like: extras count too)
-            "match_rate": 2 * self.matched / total if total else 1.0,
-            "mismatches": len(self.mismatches), "unexplained": causes["unexplained"],
-            "causes": causes,
-            "ties": {"reference": self.ties_reference, "target": self.ties_target},
-            "degenerate_matched": self.degenerate_matched,
-            "settings_differ": self.settings_differ(),
-            "settings_problem": problem,
-            "tolerances": {"match_iou": self.tol.match_iou, "score": self.tol.score,
-                           "box_px": self.tol.box_px, "iou_band": self.tol.iou_band,
-                           "degenerate_px": self.tol.degenerate_px},
-            "examples": [{"image": m.image, "cause": m.cause, "side": m.side,
-                          "class": name(m.cls), "score": m.score, "box": m.box,
-                          "rank": m.rank, "limit": m.limit, "setting": m.setting,
-                          "detail": m.detail}
-                         for m in picked],
-        }
+            match_rate=2 * self.matched / total if total else 1.0,
+            mismatches=len(self.mismatches), unexplained=causes["unexplained"], causes=causes,
+            ties={"reference": self.ties_reference, "target": self.ties_target},
+            degenerate_matched=self.degenerate_matched,
+            settings_differ=self.settings_differ(),
+            settings_problem=self.settings[1].problem if self.settings else None,
+            tolerances={"match_iou": self.tol.match_iou, "score": self.tol.score,
+                        "box_px": self.tol.box_px, "iou_band": self.tol.iou_band,
+                        "degenerate_px": self.tol.degenerate_px},
+            examples=[MismatchExample(image=m.image, cause=m.cause, side=m.side,
+                                      class_name=name(m.cls), score=m.score, box=m.box,
+                                      rank=m.rank, limit=m.limit, setting=m.setting,
+                                      detail=m.detail) for m in picked])

@@ -17,6 +17,7 @@ import numpy as np
 
 from harness.align.tensor_diff import DiffAccumulator
 from harness.errors import UserError
+from harness.results import LayerPoint, LayerRow, LayerSummary, NonfiniteLayer
 
 # rel-L2 a layer may reach before it counts as divergent, by the target's precision
 TOLERANCES = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 1e-2, "int8": 0.25}
@@ -100,44 +101,37 @@ def select_modules(all_modules: Sequence[str], patterns: Sequence[str]) -> list[
 
 
 def layer_rows(layers: Sequence[Layer], stats: dict[str, DiffAccumulator],
-               shapes: dict[str, list[int]]) -> list[dict[str, Any]]:
+               shapes: dict[str, list[int]]) -> list[LayerRow]:
     """One row per compared layer (graph order): module, tensor, depth, shape, the metrics."""
-    rows = []
-    for layer in layers:
-        if layer.module not in stats:
-            continue
-        rows.append({"module": layer.module, "tensor": layer.tensor, "node": layer.node,
-                     "depth": layer.depth, "shape": shapes.get(layer.module),
-                     **stats[layer.module].summary()})
-    return rows
+    return [LayerRow(module=layer.module, tensor=layer.tensor, node=layer.node,
+                     depth=layer.depth, shape=shapes.get(layer.module),
+                     **stats[layer.module].summary())
+            for layer in layers if layer.module in stats]
 
 
-def summarize_layers(rows: Sequence[dict[str, Any]], precision: str,
-                     worst: int = 5) -> dict[str, Any]:
+def summarize_layers(rows: Sequence[LayerRow], precision: str,
+                     worst: int = 5) -> LayerSummary:
     """The layer section of a target's results: tolerance of its precision, the first layer
     where numbers start to differ (past the fp32 tolerance), the first past the precision's
     own tolerance, the first with inf / NaN values (a divergence point of its own: the
     metrics of such a layer cover only its finite elements), and the worst layers by rel-L2."""
     tol = TOLERANCES.get(precision, TOLERANCES["fp32"])
 
-    def first(limit: float) -> Optional[dict[str, Any]]:
-        for row in rows:
-            if row["rel_l2"] > limit:
-                return {"module": row["module"], "tensor": row["tensor"], "depth": row["depth"],
-                        "rel_l2": row["rel_l2"], "tolerance": limit}
-        return None
+    def first(limit: float) -> Optional[LayerPoint]:
+        return next((LayerPoint(module=r.module, tensor=r.tensor, depth=r.depth,
+                                rel_l2=r.rel_l2, tolerance=limit)
+                     for r in rows if r.rel_l2 > limit), None)
 
-    nonfinite = next(({"module": r["module"], "tensor": r["tensor"], "depth": r["depth"],
-                       "target": r.get("nonfinite_target", r["nonfinite"]),
-                       "reference": r.get("nonfinite_reference", 0)}
-                      for r in rows if r["nonfinite"]), None)
-    ranked = sorted(rows, key=lambda r: -r["rel_l2"])[:worst]
-    return {"metric": "rel_l2", "tolerance": tol, "precision": precision, "rows": list(rows),
-            "first_divergence": first(DIVERGENCE), "first_past_tolerance": first(tol),
-            "first_nonfinite": nonfinite,
-            "layers_with_nonfinite": sum(1 for r in rows if r["nonfinite"]),
-            "worst": [{"module": r["module"], "rel_l2": r["rel_l2"], "depth": r["depth"]}
-                      for r in ranked]}
+    nonfinite = next((NonfiniteLayer(module=r.module, tensor=r.tensor, depth=r.depth,
+                                     target=r.nonfinite_target,
+                                     reference=r.nonfinite_reference)
+                      for r in rows if r.nonfinite), None)
+    ranked = sorted(rows, key=lambda r: -r.rel_l2)[:worst]
+    return LayerSummary(
+        rows=list(rows), metric="rel_l2", tolerance=tol, precision=precision,
+        first_divergence=first(DIVERGENCE), first_past_tolerance=first(tol),
+        first_nonfinite=nonfinite, layers_with_nonfinite=sum(1 for r in rows if r.nonfinite),
+        worst=[{"module": r.module, "rel_l2": r.rel_l2, "depth": r.depth} for r in ranked])
 
 
 @dataclass
@@ -177,20 +171,42 @@ class LayerDiff:
         self.stats.setdefault(layer.module, DiffAccumulator()).add(tgt, ref)
         self.shapes[layer.module] = [int(d) for d in ref.shape[1:]]
 
-    def result(self, precision: str) -> dict[str, Any]:
+    def result(self, precision: str) -> LayerSummary:
         doc = summarize_layers(layer_rows(self.layers, self.stats, self.shapes), precision)
-        doc["skipped"] = dict(self.skipped)
+        doc.skipped = dict(self.skipped)
         return doc
 
 
-def layers_for(model: Any, nodes: Sequence[Any],
-               patterns: Iterable[str] = ()) -> tuple[list[Layer], list[str]]:
-    """The layers to compare for an MmyoloModel and an ONNX graph: default_modules, or the
-    modules matching `patterns`; returns (layers, module paths with no ONNX node)."""
+def fused_into_parent(module: Any, chosen: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """A ConvModule's parts (conv, norm, activation) have no tensor of their own in an
+    exported graph — the exporter folds the BatchNorm into the convolution, so the ONNX conv's
+    output is conv + norm — and comparing PyTorch's bare conv with it is a false alarm.
+    Returns the chosen paths with each part replaced by its ConvModule (once), and
+    {part: ConvModule} for the report."""
+    kinds = {name: type(m).__name__ for name, m in module.named_modules()}
+    out: list[str] = []
+    replaced: dict[str, str] = {}
+    for path in chosen:
+        parent = path.rpartition(".")[0]
+        if parent and kinds.get(parent) == "ConvModule":
+            replaced[path] = parent
+            path = parent
+        if path not in out:
+            out.append(path)
+    return out, replaced
+
+
+def layers_for(model: Any, nodes: Sequence[Any], patterns: Iterable[str] = ()
+               ) -> tuple[list[Layer], list[str], dict[str, str]]:
+    """The layers to compare for a model source and an ONNX graph: default_modules, or the
+    modules matching `patterns` (ConvModule parts replaced by their ConvModule); returns
+    (layers, module paths with no ONNX node, {ConvModule part: the ConvModule compared})."""
     patterns = list(patterns)
+    replaced: dict[str, str] = {}
     if patterns:
         names = [n for n, _ in model.module.named_modules() if n]
-        modules = select_modules(names, patterns)
+        modules, replaced = fused_into_parent(model.module, select_modules(names, patterns))
     else:
         modules = default_modules(model.module)
-    return map_modules(nodes, modules)
+    layers, unmapped = map_modules(nodes, modules)
+    return layers, unmapped, replaced

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,73 +49,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _split_words(values: Optional[Sequence[str]]) -> Optional[list[str]]:
-    """`--backends torch,onnxruntime` and `--backends torch onnxruntime` alike."""
-    if values is None:
-        return None
-    return [w for v in values for w in v.split(",") if w]
+def settings_from_args(args: argparse.Namespace) -> Any:
+    """harness.settings.CocoSettings from the flags over the experiment file."""
+    from harness.settings import coco_settings
 
-
-def settings_from_args(args: argparse.Namespace) -> tuple[Any, Path, Any]:
-    """(CocoSettings, report folder, experiment or None) from flags over the experiment."""
-    from harness.errors import UserError
-    from harness.eval.runner import CocoSettings
-    from harness.experiment import MatrixSpec, load_experiment, matrix_configurations
-    from harness.models.zoo import FIXTURE_CHECKPOINT, FIXTURE_CONFIG
-
-    exp = load_experiment(args.experiment) if args.experiment else None
-    images = args.images or (exp.data.images if exp else None)
-    if images is None:
-        raise UserError("give a COCO split folder (e.g. ~/coco/val2017) or --experiment FILE")
-    # the experiment's annotation file belongs to its own images folder only
-    ann = args.ann or (exp.data.annotations if exp and not args.images else None)
-    if args.cfg is None and args.ckpt is not None:
-        raise UserError("--ckpt needs --cfg (the config the checkpoint belongs to)")
-    if args.cfg is not None:
-        config, checkpoint, onnx, engines = args.cfg, args.ckpt, {}, {}
-    elif exp is not None:
-        config, checkpoint = exp.model.config, exp.model.checkpoint
-        onnx, engines = exp.model.onnx, exp.model.engines
-    else:
-        config, checkpoint, onnx, engines = FIXTURE_CONFIG, FIXTURE_CHECKPOINT, {}, {}
-    for kind, given in (("onnx", onnx), ("engines", engines)):
-        for precision, path in given.items():
-            if not Path(path).is_file():
-                raise UserError(f"{path} not found (model.{kind}.{precision} of "
-                                f"{args.experiment})")
-    matrix = exp.matrix if exp else MatrixSpec()
-    configurations = matrix_configurations(
-        _split_words(args.backends) or matrix.backends,
-        _split_words(args.precisions) or matrix.precisions,
-        args.batches or matrix.batches,
-        _split_words(args.devices) or matrix.devices)
-    count = args.count if args.count is not None else (exp.data.count if exp else 0)
-    warmup = args.warmup if args.warmup is not None else (exp.latency.warmup if exp else None)
-    runs = args.runs if args.runs is not None else (exp.latency.runs if exp else None)
-    if args.calib_count < 1:
-        raise UserError(f"--calib-count must be at least 1, got {args.calib_count}")
-    out = args.out or Path("reports") / (exp.name if exp else "coco")
-    settings = CocoSettings(
-        images_dir=Path(images).expanduser(), annotations=ann, config=config,
-        checkpoint=checkpoint, configurations=tuple(configurations),
-        cache_dir=out / "cache", count=count, onnx=onnx, engines=engines, warmup=warmup,
-        runs=runs, calib_count=args.calib_count, evaluator=args.evaluator,
-        progress=not args.no_progress)
-    return settings, out, exp
+    return coco_settings(
+        args.experiment, images=args.images, annotations=args.ann, config=args.cfg,
+        checkpoint=args.ckpt, backends=args.backends, precisions=args.precisions,
+        batches=args.batches, devices=args.devices, count=args.count, warmup=args.warmup,
+        runs=args.runs, calib_count=args.calib_count, evaluator=args.evaluator,
+        progress=not args.no_progress, out=args.out)
 
 
 def run(args: argparse.Namespace) -> int:
     from harness.cli import writable_dir
     from harness.eval.latency import default_settings
     from harness.eval.runner import run_coco
+    from harness.eval.store import RunStore
     from harness.report.coco_report import write_coco_report
 
-    settings, out, exp = settings_from_args(args)
+    settings = settings_from_args(args)
     default_settings("cpu", settings.warmup, settings.runs)  # reject bad numbers early
-    writable_dir(out)
+    out = writable_dir(settings.out)
     if args.fresh:
         for c in settings.configurations:
-            (settings.cache_dir / "runs" / f"{c.key}.jsonl").unlink(missing_ok=True)
+            RunStore.path_for(settings.cache_dir, c.key).unlink(missing_ok=True)
     print(f"{len(settings.configurations)} configurations on {settings.images_dir}")
     try:
         doc, _ = run_coco(settings)
@@ -123,29 +81,34 @@ def run(args: argparse.Namespace) -> int:
         print("finished batches are kept: run the same command again to resume",
               file=sys.stderr)
         raise
-    written = write_coco_report(doc, out, exp.results_section() if exp else None)
-    for r in doc["rows"]:
-        label = f"{r['backend']:<11} {r['device']:<4} {r['precision']:<4} b{r['batch']}"
-        if r["status"] == "ok":
-            delta = "—" if r["delta_AP"] is None else f"{r['delta_AP']:+.4f}"
-            steady = r.get("latency_stability") or {}
-            mark = "  ⚠ unstable latency" if steady.get("stable") is False else ""
-            print(f"{label}  AP {r['AP']:.3f}  ΔAP {delta}  "
-                  f"{r['latency_ms']['total']['mean']:.1f} ms/batch  "
-                  f"{r['images_per_s']:.1f} img/s{mark}")
-        else:
-            print(f"{label}  {r['status']}")
-    if doc["dataset"]["unreadable"]:
-        print(f"{doc['dataset']['unreadable']} unreadable images skipped")
+    written = write_coco_report(doc, out, settings.experiment)
+    print_rows(doc)
     print("wrote " + ", ".join(str(p) for p in written))
     return coco_exit_status(doc)
 
 
-def coco_exit_status(doc: dict) -> int:
+def print_rows(doc: Any) -> None:
+    """One line per configuration: AP, ΔAP, latency, throughput, or why it did not run."""
+    for r in doc.rows:
+        label = f"{r.backend:<11} {r.device:<4} {r.precision:<4} b{r.batch}"
+        if r.ok:
+            delta = "—" if r.delta_AP is None else f"{r.delta_AP:+.4f}"
+            steady = r.latency_stability or {}
+            mark = "  ⚠ unstable latency" if steady.get("stable") is False else ""
+            print(f"{label}  AP {r.AP:.3f}  ΔAP {delta}  "
+                  f"{r.latency_ms['total']['mean']:.1f} ms/batch  "
+                  f"{r.images_per_s:.1f} img/s{mark}")
+        else:
+            print(f"{label}  {r.status}")
+    if doc.dataset.unreadable:
+        print(f"{doc.dataset.unreadable} unreadable images skipped")
+
+
+def coco_exit_status(doc) -> int:
     """0 only when every configuration of the matrix ran and every image was read; 1
-    otherwise (the report says which and why), as for compare."""
-    missing = [r for r in doc["rows"] if r["status"] != "ok"]
+    otherwise (the report says which and why), as for compare. doc: harness.results.CocoResult."""
+    missing = [r for r in doc.rows if not r.ok]
     if missing:
-        print(f"{len(missing)} of {len(doc['rows'])} configurations did not run (see the "
+        print(f"{len(missing)} of {len(doc.rows)} configurations did not run (see the "
               "report)")
-    return 1 if missing or doc["dataset"]["unreadable"] else 0
+    return 1 if missing or doc.dataset.unreadable else 0

@@ -45,6 +45,24 @@ class Batch:
         return hashlib.sha256(np.ascontiguousarray(self.inputs).tobytes()).hexdigest()
 
 
+# the image files the harness reads from a folder (what cv2.imdecode reads)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def list_images(folder: Path, count: int = 0) -> list[Path]:
+    """The first `count` image files of `folder` by name (every one for 0); a missing or
+    image-less folder is a UserError."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"image folder not found: {folder}")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+    if count < 0:
+        raise UserError(f"the image count must not be negative, got {count}")
+    return images[:count] if count else images
+
+
 def read_image(path: Union[str, Path]) -> np.ndarray:
     """BGR uint8 (H, W, 3), decoded as mmcv.imfrombytes(flag='color') does."""
     import cv2

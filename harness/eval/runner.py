@@ -17,34 +17,10 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from harness.errors import UserError
 from harness.experiment import Configuration
+from harness.results import COCO_STATS, CocoDataset, CocoResult, CocoRow, Unreadable
+from harness.settings import CocoSettings
 
 REFERENCE = ("torch", "fp32")  # ΔAP is measured against PyTorch fp32
-ROW_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
-
-
-@dataclass(frozen=True)
-class CocoSettings:
-    """Everything one `harness coco` run needs, from flags and / or an experiment file.
-
-    count: 0 = every image; warmup / runs: None = the device's default; cache_dir: where
-    exports and per-configuration JSONL files go; evaluator: auto | pycocotools |
-    faster-coco-eval; progress: tqdm bars.
-    """
-
-    images_dir: Path
-    annotations: Optional[Path]
-    config: Path
-    checkpoint: Optional[Path]
-    configurations: tuple[Configuration, ...]
-    cache_dir: Path
-    count: int = 0
-    onnx: Mapping[str, Path] = field(default_factory=dict)
-    engines: Mapping[str, Path] = field(default_factory=dict)
-    warmup: Optional[int] = None
-    runs: Optional[int] = None
-    calib_count: int = 32
-    evaluator: str = "auto"
-    progress: bool = True
 
 
 @dataclass
@@ -65,7 +41,7 @@ def _say(message: str) -> None:
 
 def run_coco(settings: CocoSettings, log: Callable[[str], None] = _say,
              on_batch: Optional[Callable[[Configuration, int], None]] = None
-             ) -> tuple[dict[str, Any], list[ConfigurationRun]]:
+             ) -> tuple[CocoResult, list[ConfigurationRun]]:
     """Run the matrix; returns (the `coco` results section, per-configuration run info).
 
     on_batch(config, batches stored) runs after each stored batch (tests interrupt with it).
@@ -95,42 +71,34 @@ def run_coco(settings: CocoSettings, log: Callable[[str], None] = _say,
         rows.append(row)
         runs.append(run)
     add_delta_ap(rows)
-    unreadable = max((r["unreadable"] or 0 for r in rows if r["status"] == "ok"), default=0)
+    unreadable = max((r.unreadable or 0 for r in rows if r.ok), default=0)
     # listed as compare lists them: the file and why it could not be read
     names = {im.image_id: im.file_name for im in split.images}
     skipped = {i: why for run in runs for i, why in run.unreadable.items()}
-    doc = {
-        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "seconds": round(time.perf_counter() - started, 2),
-        "dataset": {**split.describe(unreadable),
-                    "unreadable_images": [{"image": names.get(i, str(i)), "reason": why}
-                                          for i, why in sorted(skipped.items())]},
-        "machine": machine_info(),
-        "model": model.describe(),
-        "evaluator": {"name": evaluator, "max_dets": [1, 10, 100],
-                      "per_class": "AP@[.50:.95], area all, maxDets 100"},
-        "latency": {"unit": "ms per batch", "images_per_s": "batch / mean total latency"},
-        "rows": rows,
-    }
+    doc = CocoResult(
+        created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        seconds=round(time.perf_counter() - started, 2),
+        dataset=CocoDataset(**split.describe(unreadable), unreadable_images=[
+            Unreadable(image=names.get(i, str(i)), reason=why)
+            for i, why in sorted(skipped.items())]),
+        machine=machine_info(), model=model.describe(),
+        evaluator={"name": evaluator, "max_dets": [1, 10, 100],
+                   "per_class": "AP@[.50:.95], area all, maxDets 100"},
+        latency={"unit": "ms per batch", "images_per_s": "batch / mean total latency"},
+        rows=rows)
     return doc, runs
 
 
-def _empty_row(config: Configuration, status: str) -> dict[str, Any]:
-    row: dict[str, Any] = {"backend": config.backend, "device": config.device,
-                           "precision": config.precision, "batch": config.batch,
-                           "status": status}
-    row.update(dict.fromkeys(ROW_STATS))
-    row.update({"delta_AP": None, "per_class": None, "latency_ms": None,
-                "latency_stability": None, "images_per_s": None, "images": None,
-                "unreadable": None})
-    return row
+def _empty_row(config: Configuration, status: str) -> CocoRow:
+    return CocoRow(backend=config.backend, device=config.device, precision=config.precision,
+                   batch=config.batch, status=status)
 
 
 def _run_configuration(config: Configuration, model: Any, files: Any, split: Any,
                        category_ids: list[int], names_by_cat: dict[int, str],
                        settings: CocoSettings, evaluator: str, log: Callable[[str], None],
                        on_batch: Optional[Callable[[Configuration, int], None]]
-                       ) -> tuple[dict[str, Any], ConfigurationRun]:
+                       ) -> tuple[CocoRow, ConfigurationRun]:
     from harness.eval.coco_backends import open_backend
     from harness.eval.coco_pass import run_pass
     from harness.eval.coco_scores import evaluate
@@ -154,7 +122,7 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
               "model": target.fingerprint,
               "annotations_sha256": file_sha256(split.annotations),
               "images_dir": str(split.images_dir.resolve())}
-    store = RunStore(settings.cache_dir / "runs" / f"{config.key}.jsonl", header).open()
+    store = RunStore(RunStore.path_for(settings.cache_dir, config.key), header).open()
     run.resumed = store.resumed
     if store.resumed:
         done = sum(im.image_id in store.images for im in split.images)
@@ -185,12 +153,15 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
     scores = evaluate(split.coco, store.detections(readable), readable, names_by_cat,
                       evaluator)
     row = _empty_row(config, "ok")
-    row.update({k: scores.stats[k] for k in ROW_STATS})
-    row.update({"per_class": scores.per_class, "latency_ms": latency.stages,
-                "latency_stability": latency.stability.to_json(),
-                "images_per_s": latency.images_per_s, "images": len(readable),
-                "unreadable": len(ids) - len(readable)})
-    log(f"{config.key}: AP {row['AP']:.4f}  latency {latency.stages['total']['mean']:.2f} "
+    for k in COCO_STATS:
+        setattr(row, k, scores.stats[k])
+    row.per_class = scores.per_class
+    row.latency_ms = latency.stages
+    row.latency_stability = latency.stability.to_json()
+    row.images_per_s = latency.images_per_s
+    row.images = len(readable)
+    row.unreadable = len(ids) - len(readable)
+    log(f"{config.key}: AP {row.AP:.4f}  latency {latency.stages['total']['mean']:.2f} "
         f"ms/batch  {latency.images_per_s:.1f} img/s"
         + ("" if latency.stability else f"  ⚠ unstable latency: {latency.stability.reason}"))
     return row, run
@@ -221,15 +192,14 @@ def _measure(config: Configuration, split: Any, model: Any, backend: Any,
         batch_size=len(batches[0]) if batches else config.batch, sync=sync)
 
 
-def add_delta_ap(rows: list[dict[str, Any]]) -> None:
+def add_delta_ap(rows: list[CocoRow]) -> None:
     """delta_AP = AP − AP of PyTorch fp32 at the same batch (on any device, the row's own
     first), else of any PyTorch fp32 row; None without one."""
-    refs = [r for r in rows if (r["backend"], r["precision"]) == REFERENCE
-            and r["status"] == "ok"]
+    refs = [r for r in rows if (r.backend, r.precision) == REFERENCE and r.ok]
     for row in rows:
-        if row["status"] != "ok" or not refs:
+        if not row.ok or not refs:
             continue
-        same = [r for r in refs if r["batch"] == row["batch"]]
-        same.sort(key=lambda r: r["device"] != row["device"])
+        same = [r for r in refs if r.batch == row.batch]
+        same.sort(key=lambda r: r.device != row.device)
         ref = (same or refs)[0]
-        row["delta_AP"] = row["AP"] - ref["AP"]
+        row.delta_AP = row.AP - ref.AP

@@ -37,6 +37,11 @@ class RunStore:
 
     # -- opening ---------------------------------------------------------------------------
 
+    @staticmethod
+    def path_for(cache_dir: Path, configuration_key: str) -> Path:
+        """Where the run file of one matrix configuration lives under a report's cache."""
+        return Path(cache_dir) / "runs" / f"{configuration_key}.jsonl"
+
     @classmethod
     def read(cls, path: Path) -> "RunStore":
         """The records of an existing file, whatever its header (for reading them only)."""

@@ -16,10 +16,14 @@ The table (TOML; docs/gates.md has the full description)::
 A number applies to every precision; a table `{fp16 = ..., int8 = ...}` gates only the
 precisions it names. Relative paths (the results file, the baseline) are relative to the
 directory pytest was started from.
+
+The numbers are read through harness.results. A value a gate needs that the results lack (a
+missing or null field, a missing section, no configuration the gate applies to) FAILS the
+gate with the field named — never a skip: a renamed key must not turn a failing CI green. A
+skip is only for a row that itself says why it could not run (TensorRT not available here).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -28,10 +32,12 @@ from typing import Any, Callable, Optional, Union
 
 from harness.errors import UserError
 from harness.experiment import PRECISION_NAMES as PRECISIONS
+from harness.experiment import read_toml
+from harness.results import (
+    RESULTS_NAME, CocoRow, Missing, Results, TargetResult, read_results,
+)
 
 EVERY_PRECISION = "*"  # the key a scalar limit is stored under
-RESULTS_NAME = "results.json"
-SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -61,8 +67,9 @@ class Gate:
 class GateCheck:
     """One gate applied to one configuration: a coco row or a compare target.
 
-    `bool(check)` is pass/fail; a check with `skipped` set was not evaluated (the row is not
-    available, or nothing in the results matched the gate) and says why.
+    `bool(check)` is pass/fail; a check with `skipped` set was not evaluated because its row
+    says it could not run (and why); one with `error` fails because the results lack what
+    the gate needs (the message names the field).
     """
     gate: str
     configuration: str          # short id: "onnxruntime-cpu-fp16-b4", "model_fp16.onnx"
@@ -71,6 +78,7 @@ class GateCheck:
     value: Optional[float] = None
     limit: Optional[float] = None
     skipped: Optional[str] = None
+    error: Optional[str] = None  # the results lack what the gate reads: a failure
     detail: str = ""            # what else helps: worst layer, unexplained examples, baseline
 
     @property
@@ -85,6 +93,11 @@ class GateCheck:
         return self.value >= self.limit
 
     def failure_message(self) -> str:
+        if self.error is not None:
+            return "\n".join([f"{self.test_name}: cannot be checked: {self.error}",
+                              f"configuration: {self.described}",
+                              "a gate whose value is missing fails: rerun the command that "
+                              "writes it, or remove the gate", f"open: {self.report}"])
         spec = GATES[self.gate]
         op = ">" if spec.bound == "max" else "<"
         lines = [f"{self.test_name}: {spec.quantity} = {_num(self.value)} {op} limit "
@@ -102,7 +115,7 @@ class GateSpec:
     section: str                # "coco" or "compare"
     bound: str                  # "max": value <= limit; "min": value >= limit
     quantity: str               # what the value is, in words
-    value: Callable[[dict[str, Any], "Gate", "Baselines"], tuple[Optional[float], str]]
+    value: Callable[[Any, "Gate", "Baselines"], tuple[float, str]]
 
 
 @dataclass(frozen=True)
@@ -142,8 +155,7 @@ def plan_gates(results: Optional[str], experiment: Optional[str],
         results = str(Path(results) / RESULTS_NAME)
     doc = read_results(base / results)
     if table is None:
-        experiment_copy = doc.get("experiment")
-        table = experiment_copy.get("gates") if isinstance(experiment_copy, dict) else None
+        table = doc.experiment.gates if doc.experiment is not None else None
         if table is None:
             raise UserError(f"results file {results} names no gates (no experiment.gates); "
                             "pass --harness-experiment experiments/<name>.toml")
@@ -153,48 +165,9 @@ def plan_gates(results: Optional[str], experiment: Optional[str],
     return GatePlan(Path(os.path.abspath(base / results)), results, source, checks)
 
 
-def read_results(path: Path) -> dict[str, Any]:
-    """The results document at `path`; a missing or corrupt file is a UserError."""
-    if path.is_dir():
-        path = path / RESULTS_NAME
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise UserError(f"results file {path} does not exist; run the harness command that "
-                        "writes it first, or point --harness-results at it") from None
-    except OSError as exc:
-        raise UserError(f"results file {path} cannot be read: {exc.strerror or exc}") from None
-    try:
-        doc = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"results file {path} is not valid JSON ({exc})") from None
-    if not isinstance(doc, dict) or "schema" not in doc:
-        raise UserError(f"results file {path} is not a harness results document "
-                        "(no 'schema' key)")
-    if doc["schema"] != SCHEMA_VERSION:
-        raise UserError(f"results file {path} has schema {doc['schema']!r}; these gates read "
-                        f"schema {SCHEMA_VERSION}")
-    return doc
-
-
 def read_experiment(path: Path) -> tuple[str, Optional[dict[str, Any]]]:
     """(name, [gates] table or None) of an experiment file; `name` defaults to the file stem."""
-    try:
-        import tomllib
-    except ImportError:  # Python < 3.11
-        try:
-            import tomli as tomllib
-        except ImportError:
-            raise UserError("reading experiment files needs Python >= 3.11 or the 'tomli' "
-                            "package") from None
-    try:
-        doc = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"experiment file {path} does not exist") from None
-    except OSError as exc:
-        raise UserError(f"experiment file {path} cannot be read: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"experiment file {path} is not valid TOML ({exc})") from None
+    doc = read_toml(path)
     name = doc.get("name", path.stem)
     if not isinstance(name, str) or not name:
         raise UserError(f"experiment file {path}: 'name' must be a non-empty string")
@@ -251,12 +224,12 @@ class Baselines:
 
     def __init__(self, base_dir: Path):
         self.base_dir = base_dir
-        self._docs: dict[str, dict[str, Any]] = {}
+        self._docs: dict[str, Results] = {}
 
     def path(self, spelled: str) -> Path:
         return self.base_dir / spelled
 
-    def read(self, spelled: str) -> dict[str, Any]:
+    def read(self, spelled: str) -> Results:
         if spelled not in self._docs:
             try:
                 self._docs[spelled] = read_results(self.path(spelled))
@@ -265,9 +238,9 @@ class Baselines:
         return self._docs[spelled]
 
 
-def evaluate(gates: list[Gate], results: dict[str, Any], results_path: Union[str, Path],
+def evaluate(gates: list[Gate], results: Results, results_path: Union[str, Path],
              base_dir: Union[str, Path] = ".") -> list[GateCheck]:
-    """Every check of every gate against `results` (a results document).
+    """Every check of every gate against `results`.
 
     results_path: the results file as the user spelled it; the reports named in messages
     (compare.md, coco.md) are its neighbours. base_dir: where relative baseline paths start.
@@ -282,21 +255,27 @@ def evaluate(gates: list[Gate], results: dict[str, Any], results_path: Union[str
     for gate in gates:
         spec = GATES[gate.name]
         report = str(folder / f"{spec.section}.md")
+        section = getattr(results, spec.section)
+        if section is None:
+            checks.append(_cannot_check(gate, spec, report,
+                                        f"the results have no '{spec.section}' section (run "
+                                        f"`harness {spec.section}` into {folder})"))
+            continue
         if spec.section == "coco":
-            configurations = [(_coco_id(r), _coco_words(r), r, _coco_unavailable(r))
-                              for r in _section_list(results, "coco", "rows")]
+            configurations = [(_coco_id(r), _coco_words(r), r,
+                               None if r.ok else r.status or "no status")
+                              for r in section.rows or []]
         else:
-            configurations = [(_target_id(t, i), _target_words(t), t, _target_unavailable(t))
-                              for i, t in enumerate(_section_list(results, "compare",
-                                                                   "targets"))]
+            configurations = [(_target_id(t, i), _target_words(t), t,
+                               None if t.available else t.reason or "not available")
+                              for i, t in enumerate(section.targets or [])]
         if gate.name == "max_delta_ap":  # PyTorch fp32 rows are the reference: ΔAP is 0
             configurations = [c for c in configurations
-                              if (c[2].get("backend"), c[2].get("precision")) != ("torch",
-                                                                                   "fp32")]
+                              if (c[2].backend, c[2].precision) != ("torch", "fp32")]
         gate_checks = []
         seen: dict[str, int] = {}
         for config_id, words, entry, unavailable in configurations:
-            limit = gate.limit_for(entry.get("precision"))
+            limit = gate.limit_for(entry.precision)
             if limit is None:
                 continue
             seen[config_id] = seen.get(config_id, 0) + 1
@@ -306,14 +285,19 @@ def evaluate(gates: list[Gate], results: dict[str, Any], results_path: Union[str
             if unavailable:
                 gate_checks.append(_skip(check, unavailable))
                 continue
-            value, detail = spec.value(entry, gate, baselines)
-            if value is None:
-                gate_checks.append(_skip(check, detail))
+            try:
+                value, detail = spec.value(entry, gate, baselines)
+            except Missing as exc:
+                gate_checks.append(_error(check, str(exc)))
                 continue
             gate_checks.append(GateCheck(gate.name, config_id, words, report,
                                          value=value, limit=limit, detail=detail))
         if not gate_checks:
-            gate_checks.append(_nothing_to_check(gate, spec, results, report))
+            kind = "coco rows" if spec.section == "coco" else "compare targets"
+            reason = f"no {kind} of {gate.precisions_text()} in the results"
+            if gate.name == "max_delta_ap":
+                reason += " besides the PyTorch fp32 reference"
+            gate_checks.append(_cannot_check(gate, spec, report, reason))
         checks.extend(gate_checks)
     return checks
 
@@ -323,142 +307,121 @@ def _skip(check: GateCheck, reason: str) -> GateCheck:
                      limit=check.limit, skipped=f"{check.test_name}: {reason}")
 
 
-def _nothing_to_check(gate: Gate, spec: GateSpec, results: dict[str, Any],
-                      report: str) -> GateCheck:
-    kind = "coco rows" if spec.section == "coco" else "compare targets"
-    command = f"harness {spec.section}"
-    if not isinstance(results.get(spec.section), dict):
-        reason = f"the results have no '{spec.section}' section (run `{command}`)"
-    else:
-        reason = f"no {kind} of {gate.precisions_text()} in the results"
-        if gate.name == "max_delta_ap":
-            reason += " besides the PyTorch fp32 reference"
+def _error(check: GateCheck, error: str) -> GateCheck:
+    return GateCheck(check.gate, check.configuration, check.described, check.report,
+                     limit=check.limit, error=error)
+
+
+def _cannot_check(gate: Gate, spec: GateSpec, report: str, reason: str) -> GateCheck:
+    """A gate with nothing to check fails: the results it was meant for are not there."""
     config_id = "no-rows" if spec.section == "coco" else "no-targets"
-    return GateCheck(gate.name, config_id, reason, report,
-                     skipped=f"{gate.name}[{config_id}]: {reason}")
-
-
-def _section_list(results: dict[str, Any], section: str, key: str) -> list[dict[str, Any]]:
-    value = results.get(section)
-    items = value.get(key) if isinstance(value, dict) else None
-    return [x for x in items if isinstance(x, dict)] if isinstance(items, list) else []
+    return GateCheck(gate.name, config_id, reason, report, error=reason)
 
 
 # -- configurations: coco rows and compare targets
 
-def _coco_id(row: dict[str, Any]) -> str:
-    return (f"{row.get('backend', '?')}-{row.get('device', '?')}-{row.get('precision', '?')}"
-            f"-b{row.get('batch', '?')}")
+def _coco_id(row: CocoRow) -> str:
+    return f"{row.backend}-{row.device}-{row.precision}-b{row.batch}"
 
 
-def _coco_words(row: dict[str, Any]) -> str:
-    return (f"backend {row.get('backend')}, device {row.get('device')}, precision "
-            f"{row.get('precision')}, batch {row.get('batch')}")
+def _coco_words(row: CocoRow) -> str:
+    return (f"backend {row.backend}, device {row.device}, precision {row.precision}, "
+            f"batch {row.batch}")
 
 
-def _coco_unavailable(row: dict[str, Any]) -> Optional[str]:
-    status = row.get("status")
-    return None if status == "ok" else str(status or "no status")
+def _target_id(target: TargetResult, index: int) -> str:
+    return target.name or os.path.basename(target.path or "") or f"target{index}"
 
 
-def _target_id(target: dict[str, Any], index: int) -> str:
-    name = target.get("name") or os.path.basename(str(target.get("path") or ""))
-    return name or f"target{index}"
-
-
-def _target_words(target: dict[str, Any]) -> str:
-    words = [f"{target.get('path') or target.get('name')}"]
+def _target_words(target: TargetResult) -> str:
+    words = [f"{target.path or target.name}"]
     for key in ("kind", "precision", "variant"):
-        if target.get(key) is not None:
-            words.append(f"{key} {target[key]}")
-    nms = target.get("nms")
-    if isinstance(nms, dict) and nms.get("kind"):
-        words.append(f"nms {nms['kind']}")
+        if getattr(target, key) is not None:
+            words.append(f"{key} {getattr(target, key)}")
+    if target.pipeline and target.pipeline.get("kind"):
+        words.append(f"nms {target.pipeline['kind']}")
     return ", ".join(words)
 
 
-def _target_unavailable(target: dict[str, Any]) -> Optional[str]:
-    if target.get("available", True):
-        return None
-    return str(target.get("reason") or "not available")
+# -- the value each gate reads; harness.results.Missing (naming the field) where the results
+# hold no number, which fails the gate
 
-
-# -- the value each gate reads; (None, why) where the results hold no number
-
-def _delta_ap(row: dict[str, Any], gate: Gate, baselines: Baselines):
-    delta = row.get("delta_AP")
-    if delta is None:
-        return None, "delta_AP is null (no PyTorch fp32 row of the same batch to compare with)"
-    detail = f"AP {_num(row.get('AP'))}, ΔAP {_num(delta, signed=True)} vs PyTorch fp32"
+def _delta_ap(row: CocoRow, gate: Gate, baselines: Baselines):
+    if row.delta_AP is None and "delta_AP" not in row._missing:
+        raise Missing(f"{row._path}.delta_AP", "null (no PyTorch fp32 row of the same batch "
+                                              "to compare with: add torch fp32 to the matrix)")
+    delta = row.need("delta_AP")
+    detail = f"AP {_num(row.AP)}, ΔAP {_num(delta, signed=True)} vs PyTorch fp32"
     return abs(float(delta)), detail
 
 
-def _ap(row: dict[str, Any], gate: Gate, baselines: Baselines):
-    if row.get("AP") is None:
-        return None, "AP is null"
-    return float(row["AP"]), ""
+def _ap(row: CocoRow, gate: Gate, baselines: Baselines):
+    return float(row.need("AP")), ""
 
 
-def _worst_layer(target: dict[str, Any], gate: Gate, baselines: Baselines):
-    layers = target.get("layers")
-    rows = [r for r in (layers or {}).get("rows") or [] if r.get("rel_l2") is not None]
+def _worst_layer(target: TargetResult, gate: Gate, baselines: Baselines):
+    layers = target.need("layers")
+    rows = layers.need("rows")
     if not rows:
-        return None, "no layer rows (the layer diff was not run or found no layers)"
-    worst = max(rows, key=lambda r: float(r["rel_l2"]))
-    detail = f"worst layer: {worst.get('module')} ({worst.get('tensor')})"
-    first = layers.get("first_divergence")
+        raise Missing(f"{layers._path}.rows", f"empty ({layers.note or 'no layer compared'})")
+    worst = max(rows, key=lambda r: float(r.need("rel_l2")))
+    detail = f"worst layer: {worst.module} ({worst.tensor})"
+    first = layers.first_divergence
     if first:
-        detail += (f"; first layer past the report's tolerance {_num(first.get('tolerance'))}: "
-                   f"{first.get('module')} (rel-L2 {_num(first.get('rel_l2'))})")
-    return float(worst["rel_l2"]), detail
+        detail += (f"; numbers start to differ (rel-L2 > {_num(first.tolerance)}) at "
+                   f"{first.module} (rel-L2 {_num(first.rel_l2)})")
+    past = layers.first_past_tolerance
+    if past:
+        detail += (f"; first past its precision's tolerance {_num(past.tolerance)}: "
+                   f"{past.module} (rel-L2 {_num(past.rel_l2)})")
+    return float(worst.rel_l2), detail
 
 
-def _match_rate(target: dict[str, Any], gate: Gate, baselines: Baselines):
-    det = target.get("detections") or {}
-    if det.get("match_rate") is None:
-        return None, "detections.match_rate is null (no post-NMS comparison for this target)"
-    detail = ""
-    if det.get("matched") is not None:
-        detail = (f"matched {det['matched']} of {det.get('reference')} reference detections "
-                  f"({det.get('target')} from the target)")
-    return float(det["match_rate"]), detail
+def _match_rate(target: TargetResult, gate: Gate, baselines: Baselines):
+    det = target.need("detections")
+    rate = det.need("match_rate")
+    detail = (f"matched {det.matched} of {det.reference} reference detections "
+              f"({det.target} from the target)")
+    return float(rate), detail
 
 
-def _unexplained(target: dict[str, Any], gate: Gate, baselines: Baselines):
-    det = target.get("detections") or {}
-    if det.get("unexplained") is None:
-        return None, "detections.unexplained is null (no post-NMS comparison for this target)"
-    examples = [e for e in det.get("examples") or [] if e.get("cause") == "unexplained"][:3]
-    causes = ", ".join(f"{cause} {n}" for cause, n in (det.get("causes") or {}).items() if n)
-    detail = f"{det.get('mismatches')} mismatches ({causes or 'no causes recorded'})"
+def _unexplained(target: TargetResult, gate: Gate, baselines: Baselines):
+    det = target.need("detections")
+    unexplained = det.need("unexplained")
+    examples = [e for e in det.examples if e.cause == "unexplained"][:3]
+    causes = ", ".join(f"{cause} {n}" for cause, n in (det.causes or {}).items() if n)
+    detail = f"{det.mismatches} mismatches ({causes or 'no causes recorded'})"
     for e in examples:
-        detail += (f"\n  e.g. {e.get('image')}: {e.get('side')} {e.get('class')} score "
-                   f"{_num(e.get('score'))} {e.get('detail') or ''}".rstrip())
-    return float(det["unexplained"]), detail
+        detail += (f"\n  e.g. {e.image}: {e.side} {e.class_name} score {_num(e.score)} "
+                   f"{e.detail or ''}".rstrip())
+    return float(unexplained), detail
 
 
-def _latency_ratio(row: dict[str, Any], gate: Gate, baselines: Baselines):
-    mean = ((row.get("latency_ms") or {}).get("total") or {}).get("mean")
+def _total_mean(row: CocoRow, where: str) -> float:
+    latency = row.need("latency_ms")
+    mean = (latency.get("total") or {}).get("mean")
     if mean is None:
-        return None, "latency_ms.total.mean is null"
-    key = _row_key(row)
-    matches = [r for r in _section_list(baselines.read(gate.baseline), "coco", "rows")
-               if _row_key(r) == key]
+        raise Missing(f"{where}.latency_ms.total.mean")
+    return float(mean)
+
+
+def _latency_ratio(row: CocoRow, gate: Gate, baselines: Baselines):
+    mean = _total_mean(row, row._path)
+    baseline = baselines.read(gate.baseline)
+    if baseline.coco is None:
+        raise Missing(f"{gate.baseline}: coco")
+    matches = [r for r in baseline.coco.rows if r.key == row.key]
     if not matches:
-        return None, f"the baseline {gate.baseline} has no coco row {_coco_id(row)}"
+        raise Missing(f"{gate.baseline}: coco row {_coco_id(row)}")
     base = matches[0]
-    if base.get("status") != "ok":
-        return None, f"the baseline's row is {base.get('status')}"
-    base_mean = ((base.get("latency_ms") or {}).get("total") or {}).get("mean")
+    if not base.ok:
+        raise Missing(f"{gate.baseline}: {base._path}", f"not run ({base.status})")
+    base_mean = _total_mean(base, f"{gate.baseline}: {base._path}")
     if not base_mean:
-        return None, "the baseline's latency_ms.total.mean is null or 0"
+        raise Missing(f"{gate.baseline}: {base._path}.latency_ms.total.mean", "0")
     detail = (f"total latency {_num(mean)} ms vs {_num(base_mean)} ms in the baseline "
               f"{gate.baseline} (open {Path(gate.baseline).parent / 'coco.md'})")
-    return float(mean) / float(base_mean), detail
-
-
-def _row_key(row: dict[str, Any]) -> tuple:
-    return tuple(row.get(k) for k in ("backend", "device", "precision", "batch"))
+    return mean / base_mean, detail
 
 
 # The gates, by the name used in [gates]; order is the order of this table.

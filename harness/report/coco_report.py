@@ -11,7 +11,9 @@ from typing import Any, Optional
 
 from harness.eval.latency import StabilityLimits
 from harness.report.markdown import fmt, table
-from harness.report.results import atomic_write_text, write_command_results
+from harness.results import (
+    CocoResult, CocoRow, ExperimentSection, atomic_write_text, write_section,
+)
 
 ACCURACY = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 CSV_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "delta_AP")
@@ -20,19 +22,19 @@ PLOT_NAME = "coco_ap_vs_latency.png"
 UNSTABLE = "⚠ unstable"
 
 
-def write_coco_report(doc: dict[str, Any], out: Path,
-                      experiment: Optional[dict[str, Any]] = None) -> list[Path]:
+def write_coco_report(doc: CocoResult, out: Path,
+                      experiment: Optional[ExperimentSection] = None) -> list[Path]:
     """Write results.json (coco section, and the experiment section when given) first, then
     the CSV, the plot and coco.md from the same data."""
     from harness.report.plots import plot_ap_vs_latency
 
-    results = write_command_results(out, "coco", doc, experiment)
+    results = write_section(out, "coco", doc, experiment)
     written = [results]
     csv_path = out / "coco.csv"
     atomic_write_text(csv_path, render_csv(doc))
     written.append(csv_path)
     plot = out / PLOT_NAME
-    if plot_ap_vs_latency(doc["rows"], plot):
+    if plot_ap_vs_latency(doc.rows, plot):
         written.append(plot)
     md = out / "coco.md"
     atomic_write_text(md, render_coco(doc, plot.name if plot in written else None))
@@ -40,50 +42,44 @@ def write_coco_report(doc: dict[str, Any], out: Path,
     return written
 
 
-def _label(row: dict[str, Any]) -> str:
-    return f"{row['backend']} {row['device']} {row['precision']} b{row['batch']}"
+def _label(row: CocoRow) -> str:
+    return f"{row.backend} {row.device} {row.precision} b{row.batch}"
 
 
-def _ok(row: dict[str, Any]) -> bool:
-    return row["status"] == "ok"
+def _lat(row: CocoRow, stage: str, stat: str) -> Any:
+    return ((row.latency_ms or {}).get(stage) or {}).get(stat)
 
 
-def _lat(row: dict[str, Any], stage: str, stat: str) -> Any:
-    lat = row.get("latency_ms") or {}
-    return (lat.get(stage) or {}).get(stat)
-
-
-def _unstable(row: dict[str, Any]) -> bool:
+def _unstable(row: CocoRow) -> bool:
     """A row that ran and whose latency was judged unstable (rows of results written before
     latency was judged carry no judgement and are not marked)."""
-    judged = row.get("latency_stability")
-    return _ok(row) and judged is not None and not judged["stable"]
+    judged = row.latency_stability
+    return row.ok and judged is not None and not judged["stable"]
 
 
-def _mean_cell(row: dict[str, Any]) -> Any:
+def _mean_cell(row: CocoRow) -> Any:
     mean = _lat(row, "total", "mean")
     return f"{fmt(mean)} {UNSTABLE}" if _unstable(row) else mean
 
 
-def main_table(doc: dict[str, Any]) -> str:
+def main_table(doc: CocoResult) -> str:
     headers = ["backend", "device", "precision", "batch", *ACCURACY, "ΔAP vs PyTorch fp32",
                "latency mean (ms/batch)", "latency p99 (ms/batch)", "images/s", "status"]
     rows = []
-    for r in doc["rows"]:
-        delta = r.get("delta_AP")
-        rows.append([r["backend"], r["device"], r["precision"], r["batch"],
-                     *(r.get(k) for k in ACCURACY),
+    for r in doc.rows:
+        delta = r.delta_AP
+        rows.append([r.backend, r.device, r.precision, r.batch,
+                     *(getattr(r, k) for k in ACCURACY),
                      None if delta is None else f"{delta:+.4f}",
-                     _mean_cell(r), _lat(r, "total", "p99"),
-                     r.get("images_per_s"), r["status"]])
+                     _mean_cell(r), _lat(r, "total", "p99"), r.images_per_s, r.status])
     return table(headers, rows, align="lllr" + "r" * 10 + "l", digits=3)
 
 
-def stability_text(doc: dict[str, Any]) -> Optional[str]:
+def stability_text(doc: CocoResult) -> Optional[str]:
     """What the reader must know about the latency figures' steadiness: which configurations
     were unstable, by how much, against which limits, and what to do; or that all were
     within the limits. None when no row that ran carries a judgement."""
-    judged = [r for r in doc["rows"] if _ok(r) and r.get("latency_stability") is not None]
+    judged = [r for r in doc.rows if r.ok and r.latency_stability is not None]
     if not judged:
         return None
     limits = _limits_text(judged)
@@ -91,8 +87,8 @@ def stability_text(doc: dict[str, Any]) -> Optional[str]:
     if not unstable:
         return (f"Latency stability: all {len(judged)} configurations that ran are within the "
                 f"limits (unstable means {limits}).")
-    which = "; ".join(f"**{_label(r)}**: {r['latency_stability']['reason']}" for r in unstable)
-    machine = doc.get("machine") or {}
+    which = "; ".join(f"**{_label(r)}**: {r.latency_stability['reason']}" for r in unstable)
+    machine = doc.machine or {}
     threads, cores = machine.get("threads"), machine.get("usable_cores")
     crowded = (f" PyTorch ran {threads} threads on {cores} usable cores."
                if threads and cores and threads > cores else "")
@@ -104,50 +100,50 @@ def stability_text(doc: dict[str, Any]) -> Optional[str]:
             f"the process has to itself, e.g. under `taskset`).{crowded}")
 
 
-def _limits_text(rows: list[dict[str, Any]]) -> str:
+def _limits_text(rows: list[CocoRow]) -> str:
     """The limits the rows were judged against, in words (normally one set for all)."""
     seen: list[dict[str, float]] = []
     for r in rows:
-        limits = r["latency_stability"]["limits"]
+        limits = r.latency_stability["limits"]
         if limits not in seen:
             seen.append(limits)
     return " / ".join(StabilityLimits(**x).describe() for x in seen)
 
 
-def stage_table(doc: dict[str, Any]) -> str:
+def stage_table(doc: CocoResult) -> str:
     headers = ["configuration"] + [f"{s} mean / p99" for s in STAGES]
     rows = []
-    for r in doc["rows"]:
-        if not _ok(r):
+    for r in doc.rows:
+        if not r.ok:
             continue
         cells = [f"{fmt(_lat(r, s, 'mean'))} / {fmt(_lat(r, s, 'p99'))}" for s in STAGES]
         rows.append([_label(r) + (f" {UNSTABLE}" if _unstable(r) else ""), *cells])
     return table(headers, rows, align="l" + "r" * len(STAGES))
 
 
-def per_class_table(doc: dict[str, Any]) -> Optional[str]:
-    ran = [r for r in doc["rows"] if _ok(r) and r.get("per_class")]
+def per_class_table(doc: CocoResult) -> Optional[str]:
+    ran = [r for r in doc.rows if r.ok and r.per_class]
     if not ran:
         return None
-    classes = list(ran[0]["per_class"])
-    rows = [[name, *(r["per_class"].get(name) for r in ran)] for name in classes]
+    classes = list(ran[0].per_class)
+    rows = [[name, *(r.per_class.get(name) for r in ran)] for name in classes]
     return table(["class", *(_label(r) for r in ran)], rows, align="l" + "r" * len(ran))
 
 
-def render_coco(doc: dict[str, Any], plot: Optional[str] = None) -> str:
-    ds, machine = doc["dataset"], doc["machine"]
+def render_coco(doc: CocoResult, plot: Optional[str] = None) -> str:
+    ds, machine = doc.dataset, doc.machine
     versions = machine.get("versions") or {}
     shown = ", ".join(f"{k} {v}" for k, v in versions.items() if v)
-    evaluator = (doc.get("evaluator") or {}).get("name", "pycocotools")
-    ok = [r for r in doc["rows"] if _ok(r)]
+    evaluator = (doc.evaluator or {}).get("name", "pycocotools")
+    ok = [r for r in doc.rows if r.ok]
     unstable = [r for r in ok if _unstable(r)]
     stability = stability_text(doc)
     lines = [
         "# COCO accuracy and latency",
         "",
-        f"{ds['images']} images of `{ds['images_dir']}` (annotations `{ds['annotations']}`)"
-        + (f"; **{ds['unreadable']} unreadable images skipped**" if ds.get("unreadable") else "")
-        + f". {len(ok)} of {len(doc['rows'])} configurations ran"
+        f"{ds.images} images of `{ds.images_dir}` (annotations `{ds.annotations}`)"
+        + (f"; **{ds.unreadable} unreadable images skipped**" if ds.unreadable else "")
+        + f". {len(ok)} of {len(doc.rows)} configurations ran"
         + (f"; **latency of {len(unstable)} of them is unstable** ({UNSTABLE} below)"
            if unstable else "") + ".",
         "",
@@ -161,9 +157,9 @@ def render_coco(doc: dict[str, Any], plot: Optional[str] = None) -> str:
         "latency.",
         "",
     ]
-    if ds.get("unreadable_images"):
-        lines += [f"Unreadable images skipped ({len(ds['unreadable_images'])}):", ""]
-        lines += [f"- {u['image']}: {u['reason']}" for u in ds["unreadable_images"]]
+    if ds.unreadable_images:
+        lines += [f"Unreadable images skipped ({len(ds.unreadable_images)}):", ""]
+        lines += [f"- {u.image}: {u.reason}" for u in ds.unreadable_images]
         lines += [""]
     lines += [main_table(doc), ""]
     if stability:
@@ -179,7 +175,7 @@ def render_coco(doc: dict[str, Any], plot: Optional[str] = None) -> str:
     return "\n".join(lines)
 
 
-def render_csv(doc: dict[str, Any]) -> str:
+def render_csv(doc: CocoResult) -> str:
     """One line per configuration: its accuracy, ΔAP, every latency statistic, the total's
     coefficient of variation, whether its latency was stable (true / false; empty when not
     judged) and why not, throughput."""
@@ -191,18 +187,17 @@ def render_csv(doc: dict[str, Any]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(headers)
-    for r in doc["rows"]:
-        writer.writerow([r["backend"], r["device"], r["precision"], r["batch"], r["status"],
-                         *(_cell(r.get(k)) for k in CSV_STATS),
+    for r in doc.rows:
+        writer.writerow([r.backend, r.device, r.precision, r.batch, r.status,
+                         *(_cell(getattr(r, k)) for k in CSV_STATS),
                          *(_cell(_lat(r, s, q)) for s in STAGES for q in stats),
                          _cell(_lat(r, "total", "cv")), *_stability_cells(r),
-                         _cell(r.get("images_per_s")), _cell(r.get("images")),
-                         _cell(r.get("unreadable"))])
+                         _cell(r.images_per_s), _cell(r.images), _cell(r.unreadable)])
     return buf.getvalue()
 
 
-def _stability_cells(row: dict[str, Any]) -> tuple[str, str]:
-    judged = row.get("latency_stability")
+def _stability_cells(row: CocoRow) -> tuple[str, str]:
+    judged = row.latency_stability
     if judged is None:
         return "", ""
     return ("true" if judged["stable"] else "false"), judged["reason"] or ""

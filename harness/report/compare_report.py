@@ -3,22 +3,25 @@ inputs, backends, verdict, layers and first divergence, detection causes, exampl
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from harness.align.detections import CAUSES
 from harness.report.markdown import fmt, table
-from harness.report.results import atomic_write_text, write_command_results
+from harness.results import (
+    CompareResult, ExperimentSection, LayerSummary, TargetResult, atomic_write_text,
+    write_section,
+)
 
 LAYER_ROWS_SHOWN = 80
 
 
-def write_compare_report(doc: dict[str, Any], out: Path,
-                         experiment: dict[str, Any] | None = None) -> list[Path]:
+def write_compare_report(doc: CompareResult, out: Path,
+                         experiment: Optional[ExperimentSection] = None) -> list[Path]:
     """Write results.json (compare section, and the experiment's section when run from one)
     first, then the plot and compare.md from it."""
     from harness.report.layer_plot import plot_layer_errors
 
-    results = write_command_results(out, "compare", doc, experiment)
+    results = write_section(out, "compare", doc, experiment)
     written = [results]
     plot = out / "layers.png"
     if plot_layer_errors(doc, plot):
@@ -33,162 +36,182 @@ def _short(digest: str) -> str:
     return digest[:12] + "…"
 
 
-def render_compare(doc: dict[str, Any], plot: str | None = None) -> str:
-    model = doc["model"]
-    inputs = doc["inputs"]
-    targets = doc["targets"]
-    out = [f"# compare: {Path(model['config']).name} — PyTorch vs "
-           f"{', '.join(t['name'] for t in targets)}", ""]
+def render_compare(doc: CompareResult, plot: Optional[str] = None) -> str:
+    out = [f"# compare: {Path(doc.model['config']).name} — PyTorch vs "
+           f"{', '.join(t.name for t in doc.targets)}", ""]
+    out += _inputs(doc)
+    out += _backends(doc)
+    out += ["## Verdict", "", f"**Verdict:** {doc.verdict}", ""]
+    out += _layers(doc, plot)
+    out += _detections(doc)
+    out += _candidates(doc)
+    out += _examples(doc)
+    out += [f"_{doc.created}, {doc.seconds} s._", ""]
+    return "\n".join(out)
 
-    out += ["## Inputs", "",
-            f"{inputs['count']} images in batches of {inputs['batch']}; every backend got the "
-            f"same bytes (sha256 per batch: "
-            f"{', '.join(_short(d) for d in inputs['sha256'][:4])}"
-            f"{', …' if len(inputs['sha256']) > 4 else ''}).", ""]
-    if inputs.get("unreadable"):
-        out += [f"**{len(inputs['unreadable'])} unreadable images skipped** (of "
-                f"{inputs.get('requested', inputs['count'])} asked for):", ""]
-        out += [f"- {Path(u['image']).name}: {u['reason']}" for u in inputs["unreadable"]]
+
+def _inputs(doc: CompareResult) -> list[str]:
+    inputs = doc.inputs
+    out = ["## Inputs", "",
+           f"{inputs.count} images in batches of {inputs.batch}; every backend got the "
+           f"same bytes (sha256 per batch: {', '.join(_short(d) for d in inputs.sha256[:4])}"
+           f"{', …' if len(inputs.sha256) > 4 else ''}).", ""]
+    if inputs.unreadable:
+        out += [f"**{len(inputs.unreadable)} unreadable images skipped** (of "
+                f"{inputs.requested or inputs.count} asked for):", ""]
+        out += [f"- {Path(u.image).name}: {u.reason}" for u in inputs.unreadable]
         out += [""]
-    pre = inputs.get("preprocess") or {}
-    if pre:
-        out += [table(["preprocessing", "value"], [[k, str(v)] for k, v in pre.items()],
-                      align="ll"), ""]
+    if inputs.preprocess:
+        out += [table(["preprocessing", "value"],
+                      [[k, str(v)] for k, v in inputs.preprocess.items()], align="ll"), ""]
+    return out
 
-    ref = doc["reference"]
+
+def _backends(doc: CompareResult) -> list[str]:
+    ref = doc.reference
     rows = [["PyTorch (reference)", "torch " + str(ref.get("torch")), ref.get("device"),
              ref.get("precision"), "—", _pipeline(ref.get("pipeline")), "yes"]]
-    for t in targets:
-        b = t.get("backend") or {}
+    for t in doc.targets:
+        b = t.backend
         runtime = (f"onnxruntime {b['onnxruntime']}" if "onnxruntime" in b else
-                   f"TensorRT {b['tensorrt']}" if "tensorrt" in b else t["kind"])
-        rows.append([t["name"], runtime, b.get("provider") or b.get("device") or "—",
-                     t["precision"], t.get("variant") or "—",
-                     _pipeline(t.get("pipeline")) if t["available"] else "—",
-                     "yes" if t["available"] else t["reason"]])
-    out += ["## Backends", "",
+                   f"TensorRT {b['tensorrt']}" if "tensorrt" in b else t.kind)
+        rows.append([t.name, runtime, b.get("provider") or b.get("device") or "—",
+                     t.precision, t.variant or "—",
+                     _pipeline(t.pipeline) if t.available else "—",
+                     "yes" if t.available else t.reason])
+    return ["## Backends", "",
             table(["backend", "runtime", "device", "precision", "variant", "NMS", "available"],
                   rows, align="lllllll"), ""]
 
-    out += ["## Verdict", "", f"**Verdict:** {doc['verdict']}", ""]
 
-    out += ["## Layers", ""]
+def _layers(doc: CompareResult, plot: Optional[str]) -> list[str]:
+    out = ["## Layers", ""]
     if plot:
         out += [f"![relative L2 error along network depth]({plot})", ""]
     summary = []
-    for t in targets:
-        lay = t.get("layers") or {}
-        if not t["available"] or not lay.get("rows"):
-            summary.append([t["name"], 0, "—", "—", "—", "—",
-                            (t["reason"] if not t["available"] else lay.get("note")) or "—"])
+    for t in doc.targets:
+        lay = t.layers
+        if not t.available or lay is None or not lay.rows:
+            summary.append([t.name, 0, "—", "—", "—", "—",
+                            (t.reason if not t.available else lay and lay.note) or "—"])
             continue
-        first, past = lay.get("first_divergence"), lay.get("first_past_tolerance")
-        worst = lay["worst"][0] if lay.get("worst") else None
+        first, past = lay.first_divergence, lay.first_past_tolerance
+        worst = lay.worst[0] if lay.worst else None
         summary.append([
-            t["name"], len(lay["rows"]),
-            f"{first['module']} ({fmt(first['rel_l2'])})" if first else "none",
-            f"{past['module']} ({fmt(past['rel_l2'])} > {fmt(past['tolerance'])})" if past
-            else f"none (tolerance {fmt(lay['tolerance'])})",
+            t.name, len(lay.rows),
+            f"{first.module} ({fmt(first.rel_l2)})" if first else "none",
+            f"{past.module} ({fmt(past.rel_l2)} > {fmt(past.tolerance)})" if past
+            else f"none (tolerance {fmt(lay.tolerance)})",
             f"{worst['module']} ({fmt(worst['rel_l2'])})" if worst else "—",
             _nonfinite_cell(lay), _layer_notes(lay)])
     out += [table(["target", "layers", "numbers start to differ (rel-L2 > 1e-4)",
                    "first past its precision's tolerance", "worst layer",
-                   "first inf / NaN", "notes"],
-                  summary, align="lrlllll"), ""]
-    if any((t.get("layers") or {}).get("first_nonfinite") for t in targets):
+                   "first inf / NaN", "notes"], summary, align="lrlllll"), ""]
+    if any(t.layers is not None and t.layers.first_nonfinite for t in doc.targets):
         out += ["Layers with inf / NaN values are compared on their finite elements only: "
                 "their metrics cannot vouch for them, and the first such layer is a divergence "
                 "point of its own.", ""]
-    for t in targets:
-        lay = t.get("layers") or {}
-        if not lay.get("rows"):
+    for t in doc.targets:
+        if t.layers is None or not t.layers.rows:
             continue
-        rows = [[r["depth"], r["module"], r["tensor"], "×".join(map(str, r["shape"] or [])),
-                 r["max_abs"], r["mean_abs"], r["rel_l2"], r["cosine"], r.get("nonfinite", 0)]
-                for r in lay["rows"][:LAYER_ROWS_SHOWN]]
-        out += [f"<details><summary>{t['name']}: every layer ({len(lay['rows'])})</summary>",
+        rows = [[r.depth, r.module, r.tensor, "×".join(map(str, r.shape or [])), r.max_abs,
+                 r.mean_abs, r.rel_l2, r.cosine, r.nonfinite]
+                for r in t.layers.rows[:LAYER_ROWS_SHOWN]]
+        out += [f"<details><summary>{t.name}: every layer ({len(t.layers.rows)})</summary>",
                 "", table(["depth", "module", "tensor", "shape", "max-abs", "mean-abs",
                            "rel-L2", "cosine", "inf / NaN"], rows, align="rlllrrrrr"), "",
                 "</details>", ""]
+    return out
 
-    check = ref.get("replay_check") or {}
-    out += ["## Detections after NMS", "",
-            "PyTorch's detections are mmyolo's own (`predict_by_feat`, what `model.test_step` "
-            "outputs). Matched: same class, IoU >= 0.5 (boxes thinner than "
-            "the degenerate limit: by corner distance), greedily by score. Every mismatch has "
-            "exactly one cause, read from both pipelines' NMS replayed in trace mode on their "
-            "own candidates. *Tie groups*: detections an equal-scored candidate could have "
-            "taken (no runtime promises an order among equal scores).", ""]
+
+def _detections(doc: CompareResult) -> list[str]:
+    check = doc.reference.get("replay_check") or {}
+    out = ["## Detections after NMS", "",
+           "PyTorch's detections are mmyolo's own (`predict_by_feat`, what `model.test_step` "
+           "outputs). Matched: same class, IoU >= 0.5 (boxes thinner than the degenerate "
+           "limit: by corner distance), greedily by score. Every mismatch has exactly one "
+           "cause, read from both pipelines' NMS replayed in trace mode on their own "
+           "candidates. *Tie groups*: detections an equal-scored candidate could have taken "
+           "(no runtime promises an order among equal scores).", ""]
     if check:
         out += [f"Replay check: of mmyolo's {check['detections']} detections, "
                 f"{check['differ_from_replay']} differ from the harness's replay of the same "
                 f"NMS ({check['differ_outside_ties']} outside tie groups), "
                 f"{check['not_found_in_candidates']} are not among the decoded candidates.", ""]
     rows = []
-    for t in targets:
-        if not t["available"]:
-            rows.append([t["name"], *(["—"] * 7), *(["—"] * len(CAUSES))])
+    for t in doc.targets:
+        d = t.detections
+        if not t.available or d is None:
+            rows.append([t.name, *(["—"] * 7), *(["—"] * len(CAUSES))])
             continue
-        d = t["detections"]
-        ties = d.get("ties") or {}
-        rows.append([t["name"], d["reference"], d["target"], d["matched"], d["match_rate"],
-                     d["mismatches"], ties.get("reference", "—"), ties.get("target", "—"),
-                     *[d["causes"].get(c, 0) for c in CAUSES]])
+        rows.append([t.name, d.reference, d.target, d.matched, d.match_rate, d.mismatches,
+                     d.ties.get("reference", "—"), d.ties.get("target", "—"),
+                     *[d.causes.get(c, 0) for c in CAUSES]])
     out += [table(["target", "PyTorch", "target", "matched", "match rate", "mismatches",
                    "PyTorch in tie groups", "target in tie groups",
                    *[c.replace("_", " ") for c in CAUSES]], rows,
                   align="l" + "r" * (7 + len(CAUSES))), ""]
-    for t in targets:
-        d = t.get("detections") or {}
-        if d.get("settings_problem"):
-            out += [f"**{t['name']}: NMS settings give no output:** {d['settings_problem']}.",
-                    ""]
-        if d.get("settings_differ"):
-            rows = [[x["label"], fmt(x["reference"]), fmt(x["target"]), x["explains"]]
-                    for x in d["settings_differ"]]
-            out += [f"**{t['name']}: NMS settings differ from PyTorch's**", "",
-                    table(["setting", "PyTorch", "target", "mismatches it decided"], rows,
-                          align="lrrr"), ""]
-        if d.get("degenerate_matched"):
-            out += [f"{t['name']}: {d['degenerate_matched']} pairs of degenerate boxes (width "
-                    f"or height < {d['tolerances'].get('degenerate_px', 1):g} px) matched by "
-                    "corner distance.", ""]
+    for t in doc.targets:
+        out += _settings(t)
+    return out
 
-    out += ["### Before NMS: decoded candidates", ""]
+
+def _settings(t: TargetResult) -> list[str]:
+    d = t.detections
+    if d is None:
+        return []
+    out = []
+    if d.settings_problem:
+        out += [f"**{t.name}: NMS settings give no output:** {d.settings_problem}.", ""]
+    if d.settings_differ:
+        rows = [[x.label, fmt(x.reference), fmt(x.target), x.explains]
+                for x in d.settings_differ]
+        out += [f"**{t.name}: NMS settings differ from PyTorch's**", "",
+                table(["setting", "PyTorch", "target", "mismatches it decided"], rows,
+                      align="lrrr"), ""]
+    if d.degenerate_matched:
+        out += [f"{t.name}: {d.degenerate_matched} pairs of degenerate boxes (width or height "
+                f"< {d.tolerances.get('degenerate_px', 1):g} px) matched by corner distance.",
+                ""]
+    return out
+
+
+def _candidates(doc: CompareResult) -> list[str]:
     rows = []
-    for t in targets:
-        c = t.get("candidates") or {}
-        if not t["available"]:
+    for t in doc.targets:
+        c = t.candidates
+        if not t.available or c is None:
             continue
         born = {"none": "no difference", "in_nms": "in NMS (same candidates)",
-                "before_nms": "before NMS (candidates differ)"}.get(c.get("born"),
-                                                                     c.get("note", "—"))
-        rows.append([t["name"], c.get("box_max_abs"), c.get("score_max_abs"),
-                     c.get("score_rel_l2"), c.get("above_threshold_reference"),
-                     c.get("above_threshold_target"), born, t.get("replay_disagrees")])
-    if rows:
-        out += [table(["target", "box max-abs (px)", "score max-abs", "score rel-L2",
-                       "PyTorch above score_thr", "target above score_thr",
-                       "difference born", "replay ≠ backend output (images)"], rows,
-                      align="lrrrrrlr"), ""]
+                "before_nms": "before NMS (candidates differ)"}.get(c.born, c.note or "—")
+        rows.append([t.name, c.box_max_abs, c.score_max_abs, c.score_rel_l2,
+                     c.above_threshold_reference, c.above_threshold_target, born,
+                     t.replay_disagrees])
+    if not rows:
+        return []
+    return ["### Before NMS: decoded candidates", "",
+            table(["target", "box max-abs (px)", "score max-abs", "score rel-L2",
+                   "PyTorch above score_thr", "target above score_thr", "difference born",
+                   "replay ≠ backend output (images)"], rows, align="lrrrrrlr"), ""]
 
-    for t in targets:
-        ex = (t.get("detections") or {}).get("examples") or []
+
+def _examples(doc: CompareResult) -> list[str]:
+    out = []
+    for t in doc.targets:
+        ex = t.detections.examples if t.detections else []
         if not ex:
             continue
-        rows = [[e["image"], e["cause"].replace("_", " "), e["side"], e["class"], e["score"],
-                 "—" if e["rank"] is None else f"{e['rank']} / {e['limit']}", e["detail"]]
-                for e in ex]
-        out += [f"### Examples: {t['name']}", "",
+        rows = [[e.image, e.cause.replace("_", " "), e.side, e.class_name, e.score,
+                 "—" if e.rank is None else f"{e.rank} / {e.limit}", e.detail] for e in ex]
+        out += [f"### Examples: {t.name}", "",
                 "side: which pipeline has the detection the other lacks (both: a matched pair "
                 "that moved).", "",
                 table(["image", "cause", "side", "class", "score", "rank / limit", "why"],
                       rows, align="lllllrl"), ""]
-    out += [f"_{doc['created']}, {doc['seconds']} s._", ""]
-    return "\n".join(out)
+    return out
 
 
-def _pipeline(p: dict[str, Any] | None) -> str:
+def _pipeline(p: Optional[dict[str, Any]]) -> str:
     if not p:
         return "—"
     kind = p.get("kind")
@@ -205,21 +228,24 @@ def _pipeline(p: dict[str, Any] | None) -> str:
     return f"{kind} (" + ", ".join(f"{k} {fmt(p.get(k), 4)}" for k in keys.get(kind, ())) + ")"
 
 
-def _nonfinite_cell(lay: dict[str, Any]) -> str:
-    bad = lay.get("first_nonfinite")
+def _nonfinite_cell(lay: LayerSummary) -> str:
+    bad = lay.first_nonfinite
     if not bad:
         return "none"
-    return (f"{bad['module']} ({bad['target']} in target, {bad['reference']} in PyTorch; "
-            f"{lay.get('layers_with_nonfinite')} layers)")
+    return (f"{bad.module} ({bad.target} in target, {bad.reference} in PyTorch; "
+            f"{lay.layers_with_nonfinite} layers)")
 
 
-def _layer_notes(lay: dict[str, Any]) -> str:
+def _layer_notes(lay: LayerSummary) -> str:
     notes = []
-    if lay.get("skipped"):
-        notes.append(f"{len(lay['skipped'])} skipped")
-    if lay.get("unmapped"):
-        notes.append(f"{len(lay['unmapped'])} without an ONNX node")
-    marking = lay.get("marking_changed_outputs_rel_l2")
-    if marking is not None:
-        notes.append(f"marked engine's outputs vs deployed: rel-L2 {fmt(marking)}")
+    if lay.skipped:
+        notes.append(f"{len(lay.skipped)} skipped")
+    if lay.unmapped:
+        notes.append(f"{len(lay.unmapped)} without an ONNX node")
+    if lay.replaced:
+        notes.append(f"{len(lay.replaced)} ConvModule parts compared as their ConvModule "
+                     "(the exporter folds BatchNorm into the conv)")
+    if lay.marking_changed_outputs_rel_l2 is not None:
+        notes.append(f"marked engine's outputs vs deployed: rel-L2 "
+                     f"{fmt(lay.marking_changed_outputs_rel_l2)}")
     return "; ".join(notes) or "—"

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+
+from harness.results import CompareResult
 
 
-def plot_layer_errors(doc: dict[str, Any], path: Path) -> bool:
+def plot_layer_errors(doc: CompareResult, path: Path) -> bool:
     """Write `path` (PNG) from a compare section; False when no target has layer rows."""
-    series = [(t["name"], (t.get("layers") or {})) for t in doc["targets"] if t["available"]]
-    series = [(n, lay) for n, lay in series if lay.get("rows")]
+    series = [(t.name, t.layers) for t in doc.targets
+              if t.available and t.layers is not None and t.layers.rows]
     if not series:
         return False
     import matplotlib
@@ -18,12 +19,12 @@ def plot_layer_errors(doc: dict[str, Any], path: Path) -> bool:
 
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for name, lay in series:
-        depth = [r["depth"] for r in lay["rows"]]
+        depth = [r.depth for r in lay.rows]
         # a zero error cannot sit on a log axis: draw it at the floor
-        err = [max(r["rel_l2"], 1e-9) for r in lay["rows"]]
+        err = [max(r.rel_l2, 1e-9) for r in lay.rows]
         line, = ax.plot(depth, err, marker=".", linewidth=1.2,
-                        label=f"{name} ({lay.get('precision')})")
-        ax.axhline(lay["tolerance"], color=line.get_color(), linestyle=":", linewidth=0.8)
+                        label=f"{name} ({lay.precision})")
+        ax.axhline(lay.tolerance, color=line.get_color(), linestyle=":", linewidth=0.8)
     ax.set_yscale("log")
     ax.set_xlabel("layer (graph order)")
     ax.set_ylabel("relative L2 error vs PyTorch")

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
+
+from harness.results import CocoRow
 
 
-def plot_ap_vs_latency(rows: Sequence[dict[str, Any]], path: Path) -> bool:
+def plot_ap_vs_latency(rows: Sequence[CocoRow], path: Path) -> bool:
     """COCO AP against mean latency per image (ms), one marker per row of the
     `coco` section that ran; batch 1 hollow, larger batches filled. False when no row ran."""
-    done = [r for r in rows if r.get("status") == "ok" and r.get("AP") is not None
-            and r.get("latency_ms")]
+    done = [r for r in rows if r.ok and r.AP is not None and r.latency_ms]
     if not done:
         return False
     import matplotlib
@@ -23,14 +24,14 @@ def plot_ap_vs_latency(rows: Sequence[dict[str, Any]], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(8, 5))
     xs = []
     for r in done:
-        per_image = r["latency_ms"]["total"]["mean"] / r["batch"]
+        per_image = r.latency_ms["total"]["mean"] / r.batch
         xs.append(per_image)
-        colour = colours.get(r["precision"], "tab:gray")
-        ax.scatter(per_image, r["AP"], marker=markers.get(r["backend"], "D"), s=60,
-                   edgecolors=colour, facecolors="none" if r["batch"] == 1 else colour,
+        colour = colours.get(r.precision, "tab:gray")
+        ax.scatter(per_image, r.AP, marker=markers.get(r.backend, "D"), s=60,
+                   edgecolors=colour, facecolors="none" if r.batch == 1 else colour,
                    linewidths=1.5)
-        ax.annotate(f"{r['backend']} {r['device']} {r['precision']} b{r['batch']}",
-                    (per_image, r["AP"]), textcoords="offset points", xytext=(5, 4),
+        ax.annotate(f"{r.backend} {r.device} {r.precision} b{r.batch}",
+                    (per_image, r.AP), textcoords="offset points", xytext=(5, 4),
                     fontsize=7)
     if max(xs) > 10 * min(xs):  # a log axis only where the spread needs one
         ax.set_xscale("log")

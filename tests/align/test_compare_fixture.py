@@ -26,7 +26,7 @@ def synth_images(tmp_path_factory) -> list[Path]:
 
 def compare(model, paths, images, layers=False):
     return run_compare(model, [open_target(p) for p in paths], images, batch=4,
-                       with_layers=layers, progress=False)
+                       with_layers=layers, progress=False).to_json()
 
 
 def _consistent(target):
@@ -208,7 +208,7 @@ def test_planted_fp16_overflow_is_shown_as_nonfinite(fixture_model, synth_images
     path = export_onnx(model, tmp_path / "overflow_fp16.onnx",
                        ExportSettings(variant="raw", precision="fp16")).path
     doc = run_compare(model, [open_target(path)], synth_images[:4], batch=4,
-                      with_layers=True, progress=False)
+                      with_layers=True, progress=False).to_json()
     t = doc["targets"][0]
     bad = t["layers"]["first_nonfinite"]
     assert bad["module"].startswith("bbox_head.head_module.convs_pred")

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from onnx import helper
 
-from harness.align.compare import _producers, verdict
+from harness.align.compare import _producers
+from harness.align.compare import verdict as _verdict
+from harness.results import TargetResult
+
+
+def verdict(targets):
+    """The verdict over targets written as they read back from results.json."""
+    return _verdict([TargetResult.from_json(t) for t in targets])
 
 
 def test_producers_of_plugin_inputs():
@@ -19,7 +26,8 @@ def test_producers_of_plugin_inputs():
 
 def _target(name, mismatches, causes=None, past=None, available=True, ties=(0, 0),
             reference=10, settings=(), nonfinite=None):
-    return {"name": name, "available": available, "reason": None if available else
+    return {"name": name, "path": name, "kind": "onnx", "available": available,
+            "reason": None if available else
             "not available: TensorRT is not available", "precision": "fp16",
             "layers": {"rows": [{}], "first_past_tolerance": past,
                        "first_nonfinite": nonfinite, "layers_with_nonfinite": 1},

@@ -52,7 +52,7 @@ def test_match_is_greedy_by_score_and_class_aware():
 def test_identical_sides_have_no_mismatch():
     ref = side(apart(4), one_class([0.9, 0.8, 0.7, 0.6]))
     d, found = diff_of(ref, side(apart(4), one_class([0.9, 0.8, 0.7, 0.6])))
-    s = d.summary()
+    s = d.summary().to_json()
     assert found == [] and s["match_rate"] == 1.0 and s["matched"] == 4
     assert s["causes"] == dict.fromkeys(CAUSES, 0)
 
@@ -62,7 +62,7 @@ def test_topk_cut_with_ranks():
     d, found = diff_of(side(apart(6), scores), side(apart(6), scores, nms_pre=3))
     assert [m.cause for m in found] == ["topk_cut"] * 3
     assert [(m.side, m.rank, m.limit) for m in found] == [("reference", r, 3) for r in (3, 4, 5)]
-    assert d.summary()["causes"]["topk_cut"] == 3
+    assert d.summary().to_json()["causes"]["topk_cut"] == 3
 
 
 def test_max_detections_cut_with_ranks():
@@ -106,7 +106,7 @@ def test_iou_edge_and_its_chain():
                        side(boxes, one_class([0.9, 0.8, 0.7]), iou=0.66))
     assert [(m.cause, m.side, m.box) for m in found] == [("iou_edge", "both", 2)]
     assert "another candidate (row 1)" in found[0].detail and "lacks because" in found[0].detail
-    assert d.summary()["unexplained"] == 0
+    assert d.summary().to_json()["unexplained"] == 0
 
 
 def test_drift_of_a_matched_pair_and_of_a_box_moved_apart():
@@ -131,7 +131,7 @@ def test_different_candidate_sets_are_unexplained_not_guessed():
     d, found = diff_of(side(apart(2), one_class([0.9, 0.8])), side(apart(3),
                        one_class([0.9, 0.8, 0.7])))
     assert [m.cause for m in found] == ["unexplained"]
-    s = d.summary()
+    s = d.summary().to_json()
     assert s["unexplained"] == 1 and sum(s["causes"].values()) == s["mismatches"]
     assert s["match_rate"] == pytest.approx(2 * 2 / 5)
 
@@ -157,7 +157,7 @@ def test_degenerate_boxes_match_by_corner_distance():
         moved = [boxes[0], [50.0, 5.0, 50.0 + shift, 15.0]]
         d, found = diff_of(side(boxes, scores), side(moved, scores))
         assert sorted((m.cause, m.side) for m in found) == expected, shift
-        assert d.summary()["degenerate_matched"] == (1 if shift < 1 else 0)
+        assert d.summary().to_json()["degenerate_matched"] == (1 if shift < 1 else 0)
         if shift == 0.7:
             assert "degenerate box" in found[0].detail and "corner distance" in found[0].detail
 
@@ -174,7 +174,7 @@ def test_score_threshold_difference_is_one_settings_cause():
     _, found = diff_of(side(apart(3), near),
                        side(apart(3), one_class([0.9, 0.2499, 0.5]), thr=0.25))
     assert [(m.cause, m.box) for m in found] == [("score_edge", 1)]
-    (row,) = d.summary()["settings_differ"][:1]
+    (row,) = d.summary().to_json()["settings_differ"][:1]
     assert (row["setting"], row["reference"], row["target"], row["explains"]) == \
         ("score_threshold", 0.001, 0.25, 2)
 
@@ -189,7 +189,7 @@ def test_settings_that_give_no_output_are_one_cause():
                                                                  "detections")
     d, found = diff_of(side(apart(2), scores), empty)
     assert [m.cause for m in found] == ["nms_settings"] * 2
-    assert d.summary()["settings_problem"].startswith("keepTopK 300 > topK 40")
+    assert d.summary().to_json()["settings_problem"].startswith("keepTopK 300 > topK 40")
 
 
 def test_nonfinite_scores_and_boxes_are_their_own_cause():
@@ -221,7 +221,7 @@ def test_ties_are_counted_and_the_own_output_decides():
     own.boxes = ref.boxes[[0, 3]]
     ref.output_pairs = {(0, 0), (3, 0)}
     d, found = diff_of(ref, tgt)
-    s = d.summary()
+    s = d.summary().to_json()
     assert sorted((m.cause, m.side, m.box) for m in found) == [
         ("tie_order", "reference", 3), ("tie_order", "target", 1)]
     assert s["ties"] == {"reference": 1, "target": 1} and s["unexplained"] == 0

@@ -75,21 +75,33 @@ def test_accumulator_counts_nonfinite_and_zero_reference():
     assert s["nonfinite"] == 1 and s["rel_l2"] == 1.0 and s["cosine"] == 0.0
 
 
-def _rows(errors):
-    return [{"module": f"m{i}", "tensor": f"t{i}", "node": f"n{i}", "depth": i, "shape": [1],
-             "max_abs": e, "mean_abs": e, "rel_l2": e, "cosine": 1.0, "nonfinite": 0}
+def _rows(errors, nonfinite=()):
+    from harness.results import LayerRow
+
+    return [LayerRow(module=f"m{i}", tensor=f"t{i}", node=f"n{i}", depth=i, shape=[1],
+                     max_abs=e, mean_abs=e, rel_l2=e, cosine=1.0,
+                     nonfinite=int(i in nonfinite), nonfinite_target=int(i in nonfinite))
             for i, e in enumerate(errors)]
 
 
 def test_first_divergence_and_first_past_tolerance():
     doc = summarize_layers(_rows([1e-7, 5e-4, 2e-3, 3e-2, 1e-3]), "fp16")
-    assert doc["tolerance"] == TOLERANCES["fp16"]
-    assert doc["first_divergence"]["module"] == "m1"
-    assert doc["first_divergence"]["tolerance"] == DIVERGENCE
-    assert doc["first_past_tolerance"]["module"] == "m3"
-    assert [w["module"] for w in doc["worst"][:2]] == ["m3", "m2"]
+    assert doc.tolerance == TOLERANCES["fp16"]
+    assert doc.first_divergence.module == "m1"
+    assert doc.first_divergence.tolerance == DIVERGENCE
+    assert doc.first_past_tolerance.module == "m3"
+    assert [w["module"] for w in doc.worst[:2]] == ["m3", "m2"]
     clean = summarize_layers(_rows([1e-7, 2e-6]), "fp32")
-    assert clean["first_divergence"] is None and clean["first_past_tolerance"] is None
+    assert clean.first_divergence is None and clean.first_past_tolerance is None
+
+
+def test_a_layer_with_inf_is_its_own_divergence_point_not_a_tolerance_pass():
+    """Metrics cover the finite elements only: a layer with inf must not read as "within
+    tolerance" — it is named as the first non-finite layer, apart from the rel-L2 lines."""
+    doc = summarize_layers(_rows([1e-7, 6e-4, 2e-3], nonfinite={1, 2}), "fp16")
+    assert doc.first_past_tolerance is None  # 6e-4 and 2e-3 < 1e-2 on their finite parts
+    assert doc.first_nonfinite.module == "m1" and doc.first_nonfinite.target == 1
+    assert doc.layers_with_nonfinite == 2
 
 
 class _Fixed:
@@ -117,9 +129,25 @@ def test_layer_diff_chunks_and_skips_shape_mismatches():
     diff.add_batch(ref, tgt, np.zeros((2, 3, 8, 8), np.float32))
     assert ref.calls == [2, 2, 1]
     doc = diff.result("fp32")
-    assert [r["module"] for r in doc["rows"]] == ["m0", "m1", "m2"]
-    assert "shapes differ" in doc["skipped"]["m3"] and "no tensor t4" in doc["skipped"]["m4"]
-    assert doc["rows"][2]["rel_l2"] == pytest.approx(2e-3)
+    assert [r.module for r in doc.rows] == ["m0", "m1", "m2"]
+    assert "shapes differ" in doc.skipped["m3"] and "no tensor t4" in doc.skipped["m4"]
+    assert doc.rows[2].rel_l2 == pytest.approx(2e-3)
     # a second batch asks only for the layers still compared
     diff.add_batch(ref, tgt, np.zeros((2, 3, 8, 8), np.float32))
     assert ref.calls[3:] == [2, 1]
+
+
+def test_convmodule_parts_are_compared_as_their_convmodule(fixture_model, fixture_onnx):
+    """`--layers 'neck.*'` picks a ConvModule's bare conv too; the exporter folds its
+    BatchNorm into that conv, so comparing the two was a false alarm (rel-L2 ~0.5): the part
+    is replaced by its ConvModule and the report says so."""
+    import onnx
+
+    from harness.align.layers import layers_for
+
+    nodes = list(onnx.load(str(fixture_onnx(variant="raw").path)).graph.node)
+    layers, unmapped, replaced = layers_for(fixture_model, nodes, ["neck.reduce_layers.2*"])
+    assert replaced == {"neck.reduce_layers.2.conv": "neck.reduce_layers.2",
+                        "neck.reduce_layers.2.bn": "neck.reduce_layers.2",
+                        "neck.reduce_layers.2.activate": "neck.reduce_layers.2"}
+    assert [lay.module for lay in layers] == ["neck.reduce_layers.2"] and not unmapped

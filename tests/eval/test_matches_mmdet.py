@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.eval.runner import CocoSettings, run_coco
+from harness.eval.runner import run_coco
+from harness.settings import CocoSettings
 from harness.experiment import Configuration
 from harness.models.zoo import FIXTURE_CHECKPOINT, FIXTURE_CONFIG
 
@@ -53,7 +54,7 @@ def test_pytorch_fp32_ap_equals_mmdet_coco_metric(synth_val, tmp_path):
         configurations=(Configuration("torch", "cpu", "fp32", 1),), warmup=0, runs=1,
         progress=False, evaluator="pycocotools")
     doc, _ = run_coco(settings, log=lambda m: None)
-    row = doc["rows"][0]
+    row = doc.to_json()["rows"][0]
     assert row["status"] == "ok" and row["images"] == 12
     assert 0.2 < row["AP"] < 1.0  # the fixture detects the shapes
     for ours, theirs in PAIRS.items():

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.eval.runner import CocoSettings, run_coco
+from harness.eval.runner import run_coco
+from harness.settings import CocoSettings
 from harness.experiment import Configuration
 from harness.models.zoo import FIXTURE_CHECKPOINT, FIXTURE_CONFIG
 
@@ -43,7 +44,7 @@ def clean(synth_val, tmp_path_factory) -> dict[str, dict]:
     doc, _ = run_coco(settings(synth_val, tmp_path_factory.mktemp("clean"), B1, B4),
                       log=lambda m: None)
     return {f"{r['backend']}_{r['device']}_{r['precision']}_b{r['batch']}": r
-            for r in doc["rows"]}
+            for r in doc.to_json()["rows"]}
 
 
 def assert_same_numbers(row: dict, reference: dict) -> None:
@@ -71,7 +72,7 @@ def test_exception_midway_then_resume(synth_val, tmp_path, clean):
     assert (runs[0].pass_times.skipped, runs[0].pass_times.images) == (4, 8)
     ids = stored_ids(jsonl)
     assert sorted(ids) == sorted(set(ids)) and len(ids) == 12
-    assert_same_numbers(doc["rows"][0], clean[B4.key])
+    assert_same_numbers(doc.to_json()["rows"][0], clean[B4.key])
 
     # a third run computes nothing at all
     _, runs = run_coco(settings(synth_val, cache, B4), log=lambda m: None)
@@ -81,17 +82,18 @@ def test_exception_midway_then_resume(synth_val, tmp_path, clean):
     more = dataclasses.replace(settings(synth_val, cache, B4), runs=2)
     doc, runs = run_coco(more, log=lambda m: None)
     assert runs[0].pass_times.images == 0
-    assert doc["rows"][0]["latency_ms"] is not None
+    assert doc.to_json()["rows"][0]["latency_ms"] is not None
     latency_lines = [r for r in map(json.loads, jsonl.read_text().splitlines())
                      if r["kind"] == "latency"]
     assert [x["result"]["runs"] for x in latency_lines] == [1, 2]
-    assert_same_numbers(doc["rows"][0], clean[B4.key])
+    assert_same_numbers(doc.to_json()["rows"][0], clean[B4.key])
 
 
 KILLED_RUN = """
 import sys, time
 from pathlib import Path
-from harness.eval.runner import CocoSettings, run_coco
+from harness.eval.runner import run_coco
+from harness.settings import CocoSettings
 from harness.experiment import Configuration
 from harness.models.zoo import FIXTURE_CHECKPOINT, FIXTURE_CONFIG
 
@@ -132,4 +134,4 @@ def test_sigkill_midway_then_resume(synth_val, tmp_path, clean):
     assert runs[0].pass_times.images == 12 - done_before
     ids = stored_ids(jsonl)
     assert sorted(ids) == sorted(set(ids)) and len(ids) == 12
-    assert_same_numbers(doc["rows"][0], clean[B1.key])
+    assert_same_numbers(doc.to_json()["rows"][0], clean[B1.key])

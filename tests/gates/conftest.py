@@ -1,5 +1,6 @@
 """Results documents for the gate tests: one that passes every gate of GATES_TOML, and its
-latency baseline. Tests copy them and break one number at a time."""
+latency baseline, written by hand so each test can break one number at a time (the gates
+are also run on the real results.json of real compare and coco runs: test_gates_real.py)."""
 from __future__ import annotations
 
 import copy
@@ -46,9 +47,10 @@ def unavailable_row(backend: str, device: str, precision: str, batch: int) -> di
 def target(name: str, precision: str, rel_l2s: list[float], match_rate: float = 1.0,
            unexplained: int = 0) -> dict[str, Any]:
     rows = [{"module": f"backbone.stage{i}", "tensor": f"/backbone/stage{i}/Conv_output_0",
-             "depth": i, "rel_l2": v, "cosine": 1.0} for i, v in enumerate(rel_l2s)]
+             "depth": i, "rel_l2": v, "cosine": 1.0, "max_abs": v, "mean_abs": v}
+            for i, v in enumerate(rel_l2s)]
     return {"name": name, "path": f"reports/demo/{name}", "kind": "onnx", "available": True,
-            "reason": None, "precision": precision, "variant": "raw", "nms": None,
+            "reason": None, "precision": precision, "variant": "raw", "pipeline": None,
             "layers": {"tolerance": 1e-4, "metric": "rel_l2", "rows": rows,
                        "first_divergence": None},
             "detections": {"reference": 200, "target": 200, "matched": int(200 * match_rate),
@@ -60,7 +62,7 @@ def target(name: str, precision: str, rel_l2s: list[float], match_rate: float = 
 
 def passing_results() -> dict[str, Any]:
     return {
-        "schema": 1,
+        "schema": 2,
         "experiment": {"name": "demo", "path": "experiments/demo.toml", "gates": GATES},
         "compare": {"targets": [
             target("model_fp32.onnx", "fp32", [1e-7, 3e-5]),

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from harness.errors import UserError
-from harness.gates.limits import GATES, evaluate, parse_gates, plan_gates, read_results
+from harness.gates.limits import GATES, evaluate, parse_gates, plan_gates
+from harness.results import Results, read_results
 
 
 def write_json(path: Path, doc) -> Path:
@@ -21,8 +22,8 @@ def checks_of(results_doc, baseline_doc, tmp_path, gates=None):
     """Every check of `gates` (default the document's own) with the baseline in place."""
     write_json(tmp_path / "reports/baseline/results.json", baseline_doc)
     table = gates if gates is not None else results_doc["experiment"]["gates"]
-    return evaluate(parse_gates(table, "test"), results_doc, "reports/demo/results.json",
-                    tmp_path)
+    return evaluate(parse_gates(table, "test"), Results.from_json(results_doc),
+                    "reports/demo/results.json", tmp_path)
 
 
 def by_name(checks):
@@ -96,7 +97,7 @@ def test_worst_layer_and_first_divergence_are_named(results_doc, baseline_doc, t
     assert not check and check.value == 0.5 and check.limit == 0.02
     message = check.failure_message()
     assert "worst layer: backbone.stage0 (/backbone/stage0/Conv_output_0)" in message
-    assert "first layer past the report's tolerance 0.0001: backbone.stage0" in message
+    assert "numbers start to differ (rel-L2 > 0.0001) at backbone.stage0" in message
     assert "open: reports/demo/compare.md" in message
 
 
@@ -114,25 +115,38 @@ def test_unexplained_message_lists_examples(results_doc, baseline_doc, tmp_path)
     assert "b.jpg: target disc score 0.41 no trace explains it" in message
 
 
-def test_null_numbers_skip_with_the_reason(results_doc, baseline_doc, tmp_path):
+def test_null_or_missing_numbers_fail_naming_the_field(results_doc, baseline_doc, tmp_path):
+    """A value the gate needs that the results lack fails the gate (a renamed key must not
+    turn a failing CI green); the message names the field."""
     results_doc["coco"]["rows"][3]["delta_AP"] = None
     results_doc["compare"]["targets"][2]["detections"]["match_rate"] = None
+    del results_doc["compare"]["targets"][1]["detections"]["unexplained"]
     names = by_name(checks_of(results_doc, baseline_doc, tmp_path))
-    assert "no PyTorch fp32 row" in names["max_delta_ap[onnxruntime-cpu-int8-b4]"].skipped
-    assert "match_rate is null" in names["min_match_rate[model_int8.onnx]"].skipped
+    for name, field in [("max_delta_ap[onnxruntime-cpu-int8-b4]", "coco.rows[3].delta_AP"),
+                        ("min_match_rate[model_int8.onnx]",
+                         "compare.targets[2].detections.match_rate"),
+                        ("max_unexplained[model_fp16.onnx]",
+                         "compare.targets[1].detections.unexplained")]:
+        check = names[name]
+        assert not check and check.skipped is None and field in check.error, name
+        assert field in check.failure_message()
+    assert "no PyTorch fp32 row" in names["max_delta_ap[onnxruntime-cpu-int8-b4]"].error
+    assert "is missing" in names["max_unexplained[model_fp16.onnx]"].error
 
 
-def test_a_gate_that_matches_nothing_is_one_skipped_check(results_doc, baseline_doc, tmp_path):
+def test_a_gate_that_matches_nothing_fails(results_doc, baseline_doc, tmp_path):
     del results_doc["compare"]
     checks = checks_of(results_doc, baseline_doc, tmp_path,
                        gates={"max_unexplained": 0, "min_ap": {"int8": 0.1, "fp16": 0.1}})
     names = by_name(checks)
     assert len(checks) == 4  # the one compare gate, and three fp16/int8 coco rows
-    assert "run `harness compare`" in names["max_unexplained[no-targets]"].skipped
+    missing = names["max_unexplained[no-targets]"]
+    assert not missing and missing.skipped is None
+    assert "run `harness compare`" in missing.error
     results_doc["coco"]["rows"] = results_doc["coco"]["rows"][:1]  # only the reference
     only = checks_of(results_doc, baseline_doc, tmp_path, gates={"max_delta_ap": 0.1})
     assert [c.test_name for c in only] == ["max_delta_ap[no-rows]"]
-    assert "besides the PyTorch fp32 reference" in only[0].skipped
+    assert not only[0] and "besides the PyTorch fp32 reference" in only[0].error
 
 
 def test_repeated_configurations_get_distinct_ids(results_doc, baseline_doc, tmp_path):
@@ -153,15 +167,15 @@ def test_latency_ratio_against_the_same_row_of_the_baseline(results_doc, baselin
     assert "54 ms vs 27 ms in the baseline reports/baseline/results.json" in \
         check.failure_message()
     assert names["max_latency_ratio[torch-cpu-fp32-b1]"]
-    assert "has no coco row onnxruntime-cpu-fp16-b4" in \
-        names["max_latency_ratio[onnxruntime-cpu-fp16-b4]"].skipped
+    missing = names["max_latency_ratio[onnxruntime-cpu-fp16-b4]"]
+    assert not missing and "coco row onnxruntime-cpu-fp16-b4 is missing" in missing.error
 
 
 def test_missing_baseline_is_a_user_error(results_doc, tmp_path):
     with pytest.raises(UserError, match="max_latency_ratio baseline: results file .* does "
                                         "not exist"):
-        evaluate(parse_gates(results_doc["experiment"]["gates"], "t"), results_doc,
-                 "r.json", tmp_path)
+        evaluate(parse_gates(results_doc["experiment"]["gates"], "t"),
+                 Results.from_json(results_doc), "r.json", tmp_path)
 
 
 # -- where the gates and the numbers come from
@@ -175,9 +189,10 @@ def test_results_file_errors_are_one_line(tmp_path):
     write_json(tmp_path / "other.json", [1, 2])
     with pytest.raises(UserError, match="not a harness results document"):
         read_results(tmp_path / "other.json")
-    write_json(tmp_path / "new.json", {"schema": 2})
-    with pytest.raises(UserError, match="has schema 2"):
-        read_results(tmp_path / "new.json")
+    write_json(tmp_path / "old.json", {"schema": 1})
+    with pytest.raises(UserError, match="has schema 1; this harness reads schema 2: run the "
+                                        "command again"):
+        read_results(tmp_path / "old.json")
 
 
 def test_gates_from_the_results_file_alone(results_doc, baseline_doc, tmp_path,
@@ -222,7 +237,7 @@ def test_experiment_file_problems(tmp_path):
     (tmp_path / "broken.toml").write_text("name = \n")
     with pytest.raises(UserError, match="is not valid TOML"):
         plan_gates(None, "broken.toml", tmp_path)
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(UserError, match="experiment file not found"):
         plan_gates(None, "missing.toml", tmp_path)
     (tmp_path / "unnamed.toml").write_text("[gates]\nmin_ap = 0.5\n")
     with pytest.raises(UserError, match="results file .*reports/unnamed/results.json does "

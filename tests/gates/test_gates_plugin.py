@@ -139,14 +139,16 @@ def test_unavailable_configurations_are_skipped_with_their_reason(pytester, repo
     ], consecutive=False)
 
 
-def test_a_gate_with_nothing_to_check_is_one_skipped_test(pytester, reports, results_doc):
+def test_a_gate_with_nothing_to_check_is_one_failed_test(pytester, reports, results_doc):
+    """No compare section for a compare gate: a failure naming what is missing, not a skip
+    that would keep CI green."""
     del results_doc["compare"]
     results_doc["experiment"]["gates"] = {"max_unexplained": 0, "min_ap": 0.5}
     reports(results_doc)
     result = run_gates(pytester)
-    result.assert_outcomes(passed=4, skipped=2)
-    result.stdout.fnmatch_lines([f"SKIPPED [[]1[]] {RESULTS}*: max_unexplained[[]no-targets[]]: "
-                                 "the results have no 'compare' section (run `harness compare`)"])
+    result.assert_outcomes(passed=4, skipped=1, failed=1)
+    result.stdout.fnmatch_lines(["*max_unexplained[[]no-targets[]]: cannot be checked: the "
+                                 "results have no 'compare' section (run `harness compare`*"])
 
 
 def test_scalar_limit_gates_every_precision_a_table_only_its_own(pytester, reports,
@@ -239,11 +241,12 @@ def test_without_the_options_the_plugin_does_nothing(pytester, reports):
 @pytest.mark.parametrize("content, message", [
     (None, "ERROR: harness gates: results file */reports/demo/results.json does not exist*"),
     ("{truncated", "ERROR: harness gates: results file * is not valid JSON*"),
-    ({"schema": 1, "experiment": {"gates": {"max_ap_drop": 0.1}}},
+    ({"schema": 2, "experiment": {"name": "demo", "path": "e.toml",
+                                  "gates": {"max_ap_drop": 0.1}}},
      "ERROR: harness gates: reports/demo/results.json (experiment.gates): unknown gate "
      "'max_ap_drop'; known gates: max_delta_ap, min_ap, max_layer_rel_l2, min_match_rate, "
      "max_unexplained, max_latency_ratio"),
-    ({"schema": 1, "coco": {"rows": []}},
+    ({"schema": 2, "coco": {"rows": []}},
      "ERROR: harness gates: results file reports/demo/results.json names no gates*"),
 ])
 def test_bad_input_is_a_one_line_usage_error(pytester, content, message):
