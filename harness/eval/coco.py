@@ -5,7 +5,7 @@ import contextlib
 import io
 import json
 from pathlib import Path
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Sequence, Union
 
 import numpy as np
 
@@ -45,28 +45,3 @@ def detections_to_coco(image_id: int, boxes: np.ndarray, scores: np.ndarray,
         out.append({"image_id": int(image_id), "category_id": int(category_ids[label]),
                     "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
     return out
-
-
-def coco_map(coco: Any, results: Iterable[dict], image_ids: Union[Sequence[int], None] = None,
-             max_dets: Sequence[int] = (1, 10, 100)) -> dict[str, float]:
-    """Run COCOeval (bbox) and return its 12 summary numbers by name.
-
-    max_dets: pycocotools' default (1, 10, 100); mmdet's CocoMetric uses (100, 300, 1000)
-    and reports AP at the last one, so say which one a table uses.
-    """
-    from pycocotools.cocoeval import COCOeval
-
-    results = list(results)
-    stats = dict.fromkeys(STAT_NAMES, 0.0)
-    if not results:
-        return stats
-    with contextlib.redirect_stdout(io.StringIO()):
-        dt = coco.loadRes(results)
-        ev = COCOeval(coco, dt, "bbox")
-        ev.params.maxDets = list(max_dets)
-        if image_ids is not None:
-            ev.params.imgIds = list(image_ids)
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}

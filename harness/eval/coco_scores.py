@@ -2,7 +2,7 @@
 pycocotools (which decides) or faster-coco-eval (the same computation in C++, used when it is
 installed and asked for: it must give the same numbers, see tests/eval/test_coco_scores.py).
 
-The 12 numbers are exactly harness.eval.coco.coco_map's; per-class AP is the mean of
+The 12 numbers are pycocotools COCOeval.summarize()'s; per-class AP is the mean of
 COCOeval's precision over IoU 0.50:0.95 and recall, area "all", at the largest maxDets
 (as mmdet's CocoMetric classwise table and detectron2 compute it).
 """
