@@ -3,8 +3,9 @@
 that replays its NMS in trace mode on its *own* candidates, so every detection it gave or lost
 has a recorded fate (harness.nms.trace).
 
-- `MmyoloPipeline`: mmyolo's predict_by_feat (the PyTorch reference, and raw / decoded files,
-  whose NMS the harness runs with the model's test_cfg).
+- `SourcePipeline` (alias `MmyoloPipeline`): the model source's own decode + NMS (for mmyolo,
+  predict_by_feat): the PyTorch reference, and raw / decoded files, whose NMS the harness runs
+  with the source's settings (its test_cfg).
 - `OnnxNmsPipeline`: an end2end file ending in ONNX NonMaxSuppression.
 - `PluginPipeline`: an end2end file ending in a TensorRT NMS plugin node.
 """
@@ -16,6 +17,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from harness.errors import UserError
+from harness.models.source import ModelSource
 
 
 @dataclass
@@ -27,7 +29,7 @@ class Candidates:
 
     boxes: np.ndarray
     scores: np.ndarray
-    decoded: Any = None  # mmyolo's DecodedCandidates, for MmyoloPipeline's replay
+    decoded: Any = None  # the source's DecodedCandidates, for SourcePipeline's replay
     nms_boxes: Optional[np.ndarray] = None
     # (B, N, C) bool: the candidate was decoded from an inf / NaN head value (a saturated
     # sigmoid hides it in the score); None when the head maps are not outputs
@@ -160,41 +162,42 @@ def _scored(scores: np.ndarray, objectness: Optional[np.ndarray]) -> np.ndarray:
     return np.asarray(scores, np.float32) * np.asarray(objectness, np.float32)[..., None]
 
 
-class MmyoloPipeline(Pipeline):
-    """mmyolo's decode + NMS with the model's test_cfg, on head maps or decoded outputs."""
+class SourcePipeline(Pipeline):
+    """The model source's decode + NMS with its own settings (mmyolo: predict_by_feat with the
+    model's test_cfg), on head outputs or decoded outputs. Named after the source's framework
+    ("mmyolo")."""
 
-    name = "mmyolo"
-
-    def __init__(self, model: Any):
+    def __init__(self, model: ModelSource):
         self.model = model
+        self.name = model.framework
         nms = model.nms
+        # mmyolo's / mmcv's semantics (SPEC-nms.md): strict tests, nms_pre over (box, class)
+        # pairs, IoU on class-offset boxes; yolox_style keeps every survivor
         self.settings = PipelineSettings(
             score_threshold=nms.score_thr, score_inclusive=False,
             iou_threshold=nms.iou_threshold, iou_inclusive=False, pre_topk=nms.nms_pre,
             max_detections=None if nms.yolox_style else nms.max_per_img, iou_formula="mmcv")
 
     def candidates(self, outputs, backend, inputs):
-        from harness.export.outputs import head_maps_from_outputs
-        from harness.models.mmyolo import DecodedCandidates
-
-        if "boxes" in outputs and "scores" in outputs:
-            decoded = DecodedCandidates(outputs["boxes"], outputs["scores"],
-                                        outputs.get("objectness"))
-        else:
-            decoded = self.model.decode(head_maps_from_outputs(outputs))
+        decoded = self.model.decode(outputs)  # decoded outputs as they are, else decoded
         return Candidates(boxes=np.asarray(decoded.boxes, np.float32),
                           scores=_scored(decoded.scores, decoded.objectness), decoded=decoded,
                           nonfinite=nonfinite_candidates(outputs))
 
     def replay(self, cands, metas):
-        # mmyolo filters on objectness before multiplying it in: replay from the decoded parts
+        # mmyolo filters on objectness before multiplying it in: replay from the decoded parts,
+        # by the source's own numpy reference
         results = self.model.detections(cands.decoded, metas, trace=True)
         return [Replayed(r, cands.boxes[i], cands.scores[i], self.settings,
                          nonfinite=None if cands.nonfinite is None else cands.nonfinite[i])
                 for i, r in enumerate(results)]
 
     def describe(self):
-        return {"kind": "mmyolo", **asdict(self.model.nms)}
+        return {"kind": self.model.framework, **asdict(self.model.nms)}
+
+
+# the name compare.py imports and checks with isinstance
+MmyoloPipeline = SourcePipeline
 
 
 class OnnxNmsPipeline(Pipeline):
@@ -326,8 +329,9 @@ class PluginPipeline(Pipeline):
                                       if isinstance(v, (int, float, str))}}
 
 
-def pipeline_for(model: Any, onnx_model: Any) -> Pipeline:
-    """The pipeline a file's outputs go through: its NMS node if it has one, else mmyolo's."""
+def pipeline_for(model: ModelSource, onnx_model: Any) -> Pipeline:
+    """The pipeline a file's outputs go through: its NMS node if it has one, else the model
+    source's own."""
     from onnx import numpy_helper
 
     for node in onnx_model.graph.node:
@@ -339,4 +343,4 @@ def pipeline_for(model: Any, onnx_model: Any) -> Pipeline:
             return OnnxNmsPipeline(node, constants)
         if node.domain == "TRT":
             return PluginPipeline(node)
-    return MmyoloPipeline(model)
+    return SourcePipeline(model)

@@ -1,17 +1,18 @@
-"""PyTorch backend: the mmyolo module on CPU or CUDA in fp32, fp16 or bf16, any batch size.
-Outputs carry the ONNX variants' names (raw head maps, decoded candidates) so the two can be
-compared key by key; intermediate tensors come from forward hooks on module paths.
+"""PyTorch backend: a model source's module (harness.models.source.ModelSource) on CPU or CUDA
+in fp32, fp16 or bf16, any batch size. Outputs carry the ONNX variants' names (raw head
+outputs, decoded candidates) so the two can be compared key by key; intermediate tensors come
+from forward hooks on module paths.
 """
 from __future__ import annotations
 
-import copy
 import difflib
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
 from harness.backends.base import Backend, check_images
 from harness.errors import UserError
+from harness.models.source import ModelSource
 
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # which named outputs infer() returns: the `raw` variant's, the `decoded` variant's, or both
@@ -19,7 +20,8 @@ OUTPUT_SETS = ("raw", "decoded", "all")
 
 
 class TorchBackend(Backend):
-    """model: an MmyoloModel, or a callable that makes one (built in load()).
+    """model: a ModelSource (an MmyoloModel, ...), or a callable that makes one (built in
+    load()).
 
     device: "cpu", "cuda", "cuda:1", ...; precision: fp32 | fp16 | bf16 (weights and inputs
     cast to it; outputs returned as float32). use_tf32: what CUDA fp32 matmuls and convolutions
@@ -28,7 +30,8 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, model: Union[Any, Callable[[], Any]], *, device: str = "cpu",
+    def __init__(self, model: Union[ModelSource, Callable[[], ModelSource]], *,
+                 device: str = "cpu",
                  precision: str = "fp32", outputs: str = "all", use_tf32: bool = False):
         if precision not in PRECISIONS:
             raise UserError(f"unknown torch precision '{precision}'; choose "
@@ -40,7 +43,7 @@ class TorchBackend(Backend):
         self.precision = precision
         self.outputs = outputs
         self.use_tf32 = use_tf32
-        self._model: Any = None
+        self._model: Optional[ModelSource] = None
 
     def load(self) -> None:
         if self._model is not None:
@@ -56,9 +59,7 @@ class TorchBackend(Backend):
             model = source
         else:
             # a converted copy: the caller's model keeps its device and precision
-            model = copy.copy(source)
-            model.module = copy.deepcopy(source.module).to(device=self.device, dtype=dtype)
-            model.device = self.device
+            model = source.copy_to(self.device, dtype)
         if self.device.startswith("cuda"):
             torch.backends.cuda.matmul.allow_tf32 = self.use_tf32
             torch.backends.cudnn.allow_tf32 = self.use_tf32
@@ -71,24 +72,20 @@ class TorchBackend(Backend):
         return torch.from_numpy(check_images(inputs)).to(self.device, self._dtype)
 
     def infer(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
-        """inputs (B, 3, H, W) float32 → `cls_scores.0`, ... (raw) and/or `boxes` (B, N, 4),
-        `scores` (B, N, C), `objectness` (B, N) (decoded), as float32."""
+        """inputs (B, 3, H, W) float32 → the source's `raw` outputs (mmyolo: `cls_scores.0`,
+        ...) and/or its `decoded` ones (`boxes` (B, N, 4), `scores` (B, N, C), `objectness`
+        (B, N)), as float32."""
         import torch
-
-        from harness.export.wrappers import head_map_outputs
 
         self.load()
         x = self._tensor(inputs)
         out: dict[str, Any] = {}
         with torch.no_grad():
-            raw = self._model.raw_outputs(x)
+            head = self._model.head_outputs(x)
             if self.outputs in ("raw", "all"):
-                out.update(head_map_outputs(raw))
+                out.update(head)
             if self.outputs in ("decoded", "all"):
-                boxes, scores, objectness = self._model.decode_torch(raw)
-                out.update(boxes=boxes, scores=scores)
-                if objectness is not None:
-                    out["objectness"] = objectness
+                out.update(self._model.decoded_outputs(head))
         return {k: v.float().cpu().numpy() for k, v in out.items()}
 
     def intermediate_names(self) -> list[str]:
@@ -116,7 +113,7 @@ class TorchBackend(Backend):
                    for name, m in modules.items()]
         try:
             with torch.no_grad():
-                self._model.raw_outputs(self._tensor(inputs))
+                self._model.head_outputs(self._tensor(inputs))
         finally:
             for h in handles:
                 h.remove()

@@ -1,6 +1,6 @@
-"""`export_onnx`: an MmyoloModel to an ONNX file through PyTorch's TorchScript exporter (which
-keeps module scopes in node names), in one of the variants users deploy, at fp32, fp16 or
-int8, with the settings recorded in the file's metadata.
+"""`export_onnx`: a model source (harness.models.source.ModelSource) to an ONNX file through
+PyTorch's TorchScript exporter (which keeps module scopes in node names), in one of the
+variants users deploy, at fp32, fp16 or int8, with the settings recorded in the file's metadata.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from harness.export.calibration import CalibrationSettings
 from harness.export.metadata import file_sha256, write_metadata
 from harness.export.quantize import PRECISIONS, to_fp16, to_int8
 from harness.export.variants import NMS_CHOICES, VARIANTS, End2EndNms
+from harness.models.source import SOURCE_VARIANTS, ModelSource
 
 INPUT_NAME = "images"
 MIN_OPSET = 11  # Resize with scales; NonMaxSuppression needs 10
@@ -67,7 +68,7 @@ def max_opset() -> int:
     return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 17))
 
 
-def resolve_nms(model: Any, settings: ExportSettings) -> tuple[End2EndNms, list[str]]:
+def resolve_nms(model: ModelSource, settings: ExportSettings) -> tuple[End2EndNms, list[str]]:
     """The end2end NMS with every number filled in from `settings` or the model's test_cfg,
     and notes on settings that the chosen NMS ignores or that are risky."""
     notes: list[str] = []
@@ -149,7 +150,7 @@ def check_options(settings: ExportSettings) -> None:
                             "onnxsim), or export without --simplify") from None
 
 
-def check_settings(model: Any, settings: ExportSettings) -> ExportSettings:
+def check_settings(model: ModelSource, settings: ExportSettings) -> ExportSettings:
     """Validate `settings` and fill input_size; UserError names the option at fault."""
     check_options(settings)
     size = settings.input_size or network_input_size(model.preprocess)
@@ -162,25 +163,25 @@ def check_settings(model: Any, settings: ExportSettings) -> ExportSettings:
     return replace(settings, input_size=(int(size[0]), int(size[1])))
 
 
-def build_module(model: Any, settings: ExportSettings,
+def build_module(model: ModelSource, settings: ExportSettings,
                  nms: Union[End2EndNms, None] = None) -> Any:
-    """The nn.Module whose graph the variant holds (see harness.export.wrappers)."""
-    from harness.export.wrappers import DecodedModule, End2EndModule, RawModule
+    """The nn.Module whose graph the variant holds: the source's own export module for raw
+    and decoded, that decoded module plus the NMS for end2end (harness.export.wrappers)."""
+    from harness.export.wrappers import End2EndModule
 
-    if settings.variant == "raw":
-        return RawModule(model).eval()
-    if settings.variant == "decoded":
-        return DecodedModule(model).eval()
+    if settings.variant in SOURCE_VARIANTS:
+        return model.export_module(settings.variant).eval()
     return End2EndModule(model, nms).eval()
 
 
-def export_onnx(model: Any, output: Union[str, Path], settings: ExportSettings,
+def export_onnx(model: ModelSource, output: Union[str, Path], settings: ExportSettings,
                 calibration: Union[CalibrationSettings, None] = None) -> ExportResult:
-    """Export `model` (an MmyoloModel) to `output` as `settings` says.
+    """Export `model` to `output` as `settings` says.
 
     The file's input is `images` (B, 3, H, W) float32, the harness's preprocessed batch;
-    outputs are named as harness.export.wrappers documents per variant. int8 needs
-    `calibration`. Returns the path, the metadata written into the file, and notes.
+    outputs are named as the source's export modules (raw, decoded) and
+    harness.export.wrappers (end2end) document. int8 needs `calibration`. Returns the path,
+    the metadata written into the file, and notes.
     """
     import onnx
     import torch
@@ -272,7 +273,7 @@ def _simplify(proto: Any) -> Any:
     return cut.reattach(simplified)
 
 
-def _metadata(model: Any, settings: ExportSettings, nms: Union[End2EndNms, None],
+def _metadata(model: ModelSource, settings: ExportSettings, nms: Union[End2EndNms, None],
               names: list[str], calibration: Union[dict, None], proto: Any) -> dict[str, Any]:
     import onnx
     import torch
@@ -320,7 +321,7 @@ def _save(proto: Any, output: Path) -> None:
         raise UserError(f"cannot write {output}: {exc.strerror or exc}") from None
 
 
-def export_cached(model: Any, output: Union[str, Path], settings: ExportSettings,
+def export_cached(model: ModelSource, output: Union[str, Path], settings: ExportSettings,
                   calibration: Union[CalibrationSettings, None] = None,
                   log: Any = print) -> Path:
     """`output` as it is when it already holds this export of this checkpoint (same variant,

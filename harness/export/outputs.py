@@ -1,42 +1,48 @@
 """Reading an exported file's named outputs back: which variant they are (from their names),
-and the detections per image in original-image pixels — mmyolo's own NMS for raw and decoded
-outputs, the file's own NMS output for end2end ones.
+and the detections per image in original-image pixels — the model source's NMS for raw and
+decoded outputs, the file's own NMS output for end2end ones.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
 from harness.errors import UserError
 from harness.export.variants import END2END_OUTPUTS
+from harness.models.source import ModelSource
 
 
-def variant_of(names: Sequence[str]) -> tuple[str, Union[str, None]]:
-    """(variant, end2end NMS kind or None) of a file whose outputs are `names`."""
+def variant_of(names: Sequence[str],
+               source: Optional[ModelSource] = None) -> tuple[str, Union[str, None]]:
+    """(variant, end2end NMS kind or None) of a file whose outputs are `names`.
+
+    end2end outputs are the NMS op's own names; raw and decoded ones are the source's
+    (ModelSource.output_variant). Without a source, the mmyolo source's names are assumed.
+    """
     have = set(names)
     for kind, wanted in END2END_OUTPUTS.items():
         if set(wanted) <= have and (kind != "onnx" or "selected_indices" in have):
             return "end2end", kind
-    if {"boxes", "scores"} <= have:
-        return "decoded", None
-    if any(n.startswith("cls_scores.") for n in have) and \
-            any(n.startswith("bbox_preds.") for n in have):
-        return "raw", None
+    if source is not None:
+        own = source.output_variant(list(names))
+    else:
+        from harness.models.mmyolo import output_variant
+
+        own = output_variant(list(names))
+    if own is not None:
+        return own, None
     raise UserError(f"outputs {', '.join(sorted(have))} are none of the harness's variants "
                     "(raw head maps, decoded boxes/scores, or an end2end NMS's outputs)")
 
 
 def head_maps_from_outputs(outputs: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-    """`cls_scores.0`, ... arrays back into MmyoloModel.raw_outputs' {kind: [level tensors]}."""
-    import torch
+    """`cls_scores.0`, ... arrays back into MmyoloModel.raw_outputs' {kind: [level tensors]}.
+    Kept for callers written before the ModelSource protocol: a source's own methods
+    (`decode`, `framework_detections`) take the named outputs as they are."""
+    from harness.models.mmyolo import grouped_head_maps
 
-    levels: dict[str, dict[int, Any]] = {}
-    for name, value in outputs.items():
-        kind, _, level = name.rpartition(".")
-        if kind and level.isdigit():
-            levels.setdefault(kind, {})[int(level)] = torch.from_numpy(np.asarray(value))
-    return {kind: [maps[i] for i in sorted(maps)] for kind, maps in levels.items()}
+    return grouped_head_maps({k: np.asarray(v) for k, v in outputs.items()})
 
 
 def to_original_pixels(boxes: np.ndarray, meta: Any) -> np.ndarray:
@@ -79,23 +85,18 @@ def _end2end_rows(outputs: dict[str, np.ndarray], kind: str,
             np.full(int(valid.sum()), -1, np.int64))
 
 
-def detections_from_outputs(model: Any, outputs: dict[str, np.ndarray],
+def detections_from_outputs(model: ModelSource, outputs: dict[str, np.ndarray],
                             metas: Sequence[Any]) -> list[Any]:
     """Per image NmsResult (boxes in original pixels) from a backend's outputs of any variant.
 
-    raw / decoded: decoded candidates through mmyolo's NMS with the model's test_cfg (the
+    raw / decoded: the source's decoded candidates through its NMS with its settings (the
     harness's reference). end2end: the file's own NMS output, rescaled and clamped.
     """
-    from harness.models.mmyolo import DecodedCandidates
     from harness.nms import NmsResult
 
-    variant, kind = variant_of(list(outputs))
-    if variant == "raw":
-        return model.detections(model.decode(head_maps_from_outputs(outputs)), metas)
-    if variant == "decoded":
-        decoded = DecodedCandidates(boxes=outputs["boxes"], scores=outputs["scores"],
-                                    objectness=outputs.get("objectness"))
-        return model.detections(decoded, metas)
+    variant, kind = variant_of(list(outputs), model)
+    if variant != "end2end":
+        return model.detections(model.decode(outputs), metas)
     results = []
     for i, meta in enumerate(metas):
         boxes, scores, labels, index = _end2end_rows(outputs, kind, i)

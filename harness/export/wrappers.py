@@ -1,10 +1,8 @@
-"""The detector as each export variant's graph (raw maps, decoded candidates, + one NMS node),
-holding the detector's own backbone / neck / bbox_head under those names so ONNX node names
-keep module scopes (`/backbone/stem/conv/Conv`); the PyTorch backend names outputs alike.
+"""The end2end variant's graph: the model source's `decoded` export module with one NMS node
+after it. The source's own variants (`raw`, `decoded`) are its export modules
+(ModelSource.export_module); this module only adds the NMS.
 """
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import nn
@@ -14,57 +12,10 @@ from harness.export.nms_ops import (
     OnnxNmsOp,
 )
 from harness.export.variants import END2END_OUTPUTS, End2EndNms
+from harness.models.source import ModelSource
 
 
-def head_map_outputs(raw: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """MmyoloModel.raw_outputs' {kind: [level maps]} as flat names `cls_scores.0`, ...
-    (kinds in raw_outputs' order, levels ascending): the `raw` variant's output names."""
-    return {f"{kind}.{level}": t for kind, maps in raw.items() for level, t in enumerate(maps)}
-
-
-class RawModule(nn.Module):
-    """images (B, 3, H, W) → every head map: cls_scores.l (B, A*C, H_l, W_l),
-    bbox_preds.l (B, A*4, H_l, W_l) (or the head's own channel count),
-    objectnesses.l (B, A, H_l, W_l) for heads with objectness."""
-
-    def __init__(self, model: Any):
-        super().__init__()
-        detector = model.module
-        # the detector's submodules under their own names: ONNX scopes = module paths
-        self.backbone = detector.backbone
-        self.neck = getattr(detector, "neck", None)
-        self.bbox_head = detector.bbox_head
-        self._model = [model]  # a list, so nn.Module does not register it twice
-
-    @property
-    def model(self) -> Any:
-        return self._model[0]
-
-    def head_maps(self, images: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-        return self.model.raw_outputs(images)
-
-    def forward_named(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return head_map_outputs(self.head_maps(images))
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.forward_named(images).values())
-
-
-class DecodedModule(RawModule):
-    """images → boxes (B, N, 4) xyxy in input pixels, scores (B, N, C) class probabilities
-    (sigmoid, not multiplied by objectness), and objectness (B, N) for heads that have it:
-    exactly MmyoloModel.decode_torch, i.e. YOLOv5Head.predict_by_feat before filtering, so
-    the harness can run mmyolo's own NMS on these outputs."""
-
-    def forward_named(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        boxes, scores, objectness = self.model.decode_torch(self.head_maps(images))
-        out = {"boxes": boxes, "scores": scores}
-        if objectness is not None:
-            out["objectness"] = objectness
-        return out
-
-
-class End2EndModule(DecodedModule):
+class End2EndModule(nn.Module):
     """images → detections in the chosen NMS's own output format.
 
     Scores fed to NMS are class probability × objectness where the head has objectness
@@ -78,12 +29,19 @@ class End2EndModule(DecodedModule):
       nmsed_classes (B, K) float (TRT::BatchedNMSDynamic_TRT).
     """
 
-    def __init__(self, model: Any, nms: End2EndNms):
-        super().__init__(model)
+    def __init__(self, model: ModelSource, nms: End2EndNms):
+        super().__init__()
+        decoded = model.export_module("decoded")
+        # the decoded module's children under their own names (not under `decoded.`), so
+        # ONNX scopes stay the detector's module paths, as in the raw and decoded files
+        for name, child in decoded.named_children():
+            self.add_module(name, child)
+        self._decoded = [decoded]  # a list, so nn.Module does not register it twice
+        self.num_classes = model.num_classes
         self.nms = nms
 
     def forward_named(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        decoded = super().forward_named(images)
+        decoded = self._decoded[0].forward_named(images)
         boxes, scores = decoded["boxes"], decoded["scores"]
         if "objectness" in decoded:
             scores = scores * decoded["objectness"].unsqueeze(-1)
@@ -92,8 +50,11 @@ class End2EndModule(DecodedModule):
         if boxes.dtype != torch.float32:
             boxes, scores = boxes.float(), scores.float()
         names = END2END_OUTPUTS[self.nms.kind]
-        outputs = _END2END_HEADS[self.nms.kind](self.nms, boxes, scores, self.model.num_classes)
+        outputs = _END2END_HEADS[self.nms.kind](self.nms, boxes, scores, self.num_classes)
         return dict(zip(names, outputs))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.forward_named(images).values())
 
 
 def _onnx_head(nms: End2EndNms, boxes: torch.Tensor, scores: torch.Tensor, num_classes: int):

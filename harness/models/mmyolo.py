@@ -1,5 +1,6 @@
-"""The model source: an mmyolo config + checkpoint as a PyTorch module, with the
-preprocessing, decoding and NMS settings read from the same config.
+"""The mmyolo model source: an mmyolo config + checkpoint as a PyTorch module, with the
+preprocessing, decoding and NMS settings read from the same config; `MmyoloModel` implements
+harness.models.source.ModelSource for every single-stage mmyolo head.
 
 Exposes each stage as data: raw head maps, decoded candidates before NMS (boxes in input
 pixels, per-class scores, objectness), and final detections in original-image pixels
@@ -7,9 +8,9 @@ pixels, per-class scores, objectness), and final detections in original-image pi
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -18,6 +19,10 @@ from harness.models.checkpoint import (
     check_state_dict_fits, checkpoint_classes, load_checkpoint_file,
 )
 from harness.models.pipeline import PreprocessSpec, preprocess_spec_from_config
+from harness.models.source import SOURCE_VARIANTS, DecodedCandidates, NmsSettings
+
+__all__ = ["FAMILIES", "RAW_KINDS", "DecodedCandidates", "MmyoloModel", "NmsSettings",
+           "load_mmyolo_model", "read_config"]
 
 # mmyolo head type → the family name users know. Every one of these inherits
 # YOLOv5Head.predict_by_feat, whose decode and NMS steps the harness reproduces.
@@ -29,44 +34,67 @@ FAMILIES = {
 RAW_KINDS = ("cls_scores", "bbox_preds", "objectnesses")
 
 
-@dataclass(frozen=True)
-class NmsSettings:
-    """mmyolo `model.test_cfg`, with mmyolo's defaults filled in."""
-
-    score_thr: float
-    nms_pre: int
-    iou_threshold: float
-    max_per_img: int
-    multi_label: bool
-    yolox_style: bool
-
-    @classmethod
-    def from_test_cfg(cls, test_cfg: Any, num_classes: int) -> "NmsSettings":
-        nms = dict(test_cfg.get("nms") or {})
-        if nms.get("type", "nms") != "nms":
-            raise UserError(f"test_cfg.nms type '{nms.get('type')}' is not supported (only 'nms')")
-        return cls(
-            score_thr=float(test_cfg.get("score_thr", -1)),
-            nms_pre=int(test_cfg.get("nms_pre", 100000)),  # predict_by_feat's default
-            iou_threshold=float(nms.get("iou_threshold", 0.5)),
-            max_per_img=int(test_cfg.get("max_per_img", 100)),
-            # predict_by_feat turns multi_label off for a single class
-            multi_label=bool(test_cfg.get("multi_label", False)) and num_classes > 1,
-            yolox_style=bool(test_cfg.get("yolox_style", False)),
-        )
+def flat_head_outputs(raw: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
+    """{kind: [level maps]} (MmyoloModel.raw_outputs) as the `raw` variant's flat names
+    `cls_scores.0`, ... (kinds in raw_outputs' order, levels ascending)."""
+    return {f"{kind}.{level}": t for kind, maps in raw.items() for level, t in enumerate(maps)}
 
 
-@dataclass
-class DecodedCandidates:
-    """Candidates before NMS, for a batch.
+def grouped_head_maps(outputs: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """Named outputs `cls_scores.0`, ... back into {kind: [level tensors]}; numpy arrays
+    become CPU torch tensors, torch tensors are kept as they are; names without a `.level`
+    suffix (`boxes`, ...) are left out. A dict already grouped ({kind: [maps]}) is returned
+    as it is."""
+    import torch
 
-    boxes: (B, N, 4) xyxy in network-input pixels; scores: (B, N, C) after sigmoid, not yet
-    multiplied by objectness; objectness: (B, N) after sigmoid, or None.
-    """
+    if outputs and all(isinstance(v, (list, tuple)) for v in outputs.values()):
+        return {kind: list(maps) for kind, maps in outputs.items()}
+    levels: dict[str, dict[int, Any]] = {}
+    for name, value in outputs.items():
+        kind, _, level = name.rpartition(".")
+        if kind and level.isdigit():
+            levels.setdefault(kind, {})[int(level)] = value if torch.is_tensor(value) \
+                else torch.from_numpy(np.asarray(value))
+    return {kind: [maps[i] for i in sorted(maps)] for kind, maps in levels.items()}
 
-    boxes: np.ndarray
-    scores: np.ndarray
-    objectness: Union[np.ndarray, None]
+
+def output_variant(names: Sequence[str]) -> Optional[str]:
+    """"decoded" (boxes + scores), "raw" (cls_scores.l + bbox_preds.l) or None: which of the
+    mmyolo source's own variants output names `names` are. Decoded first, so a backend that
+    returns both sets (the PyTorch backend's "all") is read from its decoded outputs."""
+    have = set(names)
+    if {"boxes", "scores"} <= have:
+        return "decoded"
+    if any(n.startswith("cls_scores.") for n in have) and \
+            any(n.startswith("bbox_preds.") for n in have):
+        return "raw"
+    return None
+
+
+def conv_units(module: Any) -> list[str]:
+    """The layers worth comparing in an mmyolo detector: every ConvModule (conv + norm +
+    activation, the unit the exporter and TensorRT fuse) and every convolution outside one
+    (the prediction convs of the heads), in definition order."""
+    from torch import nn
+
+    chosen: list[str] = []
+    blocks: list[str] = []
+    for name, m in module.named_modules():
+        if not name:
+            continue
+        if type(m).__name__ == "ConvModule":
+            chosen.append(name)
+            blocks.append(name + ".")
+        elif isinstance(m, nn.Conv2d) and not name.startswith(tuple(blocks)):
+            chosen.append(name)
+    return chosen
+
+
+def _numpy(value: Any) -> Any:
+    """A torch tensor as a float32 numpy array; anything else as it is."""
+    if hasattr(value, "detach"):
+        return value.detach().float().cpu().numpy()
+    return value
 
 
 def _import_mm() -> None:
@@ -118,7 +146,10 @@ def _class_names(cfg: Any, meta: dict, num_classes: int) -> tuple[str, ...]:
 
 
 class MmyoloModel:
-    """One mmyolo detector: its module, preprocessing spec, NMS settings and class names."""
+    """One mmyolo detector as a ModelSource (harness.models.source): its module,
+    preprocessing spec, NMS settings and class names, and each stage of predict_by_feat."""
+
+    framework = "mmyolo"
 
     def __init__(self, cfg: Any, module: Any, cfg_path: str, ckpt_path: Union[str, None],
                  class_names: tuple[str, ...], device: str):
@@ -135,7 +166,38 @@ class MmyoloModel:
         self.preprocess: PreprocessSpec = preprocess_spec_from_config(cfg)
         self.nms = NmsSettings.from_test_cfg(head.test_cfg, self.num_classes)
 
-    # -- stages -------------------------------------------------------------------------
+    def copy_to(self, device: str, dtype: Any) -> "MmyoloModel":
+        import copy
+
+        other = copy.copy(self)
+        other.module = copy.deepcopy(self.module).to(device=device, dtype=dtype)
+        other.device = device
+        return other
+
+    # -- ModelSource: torch side ---------------------------------------------------------
+
+    def head_outputs(self, images: Any) -> dict[str, Any]:
+        return flat_head_outputs(self.raw_outputs(images))
+
+    def decoded_outputs(self, head: Mapping[str, Any]) -> dict[str, Any]:
+        boxes, scores, objectness = self.decode_torch(grouped_head_maps(head))
+        out = {"boxes": boxes, "scores": scores}
+        if objectness is not None:
+            out["objectness"] = objectness
+        return out
+
+    def export_module(self, variant: str) -> Any:
+        from harness.models.mmyolo_modules import MmyoloDecodedModule, MmyoloRawModule
+
+        if variant not in SOURCE_VARIANTS:
+            raise ValueError(f"the mmyolo source exports {', '.join(SOURCE_VARIANTS)}, "
+                             f"not '{variant}'")
+        return MmyoloRawModule(self) if variant == "raw" else MmyoloDecodedModule(self)
+
+    def output_variant(self, names: Sequence[str]) -> Optional[str]:
+        return output_variant(names)
+
+    # -- mmyolo's stages, as predict_by_feat runs them ------------------------------------
 
     def raw_outputs(self, inputs: Any) -> dict[str, list[Any]]:
         """Head maps as torch tensors: {'cls_scores': [per level (B, A*C, H, W)],
@@ -173,9 +235,24 @@ class MmyoloModel:
                                     for o in objectnesses], dim=1).sigmoid()
         return boxes, scores, objectness
 
-    def decode(self, raw: dict[str, list[Any]]) -> DecodedCandidates:
+    # -- ModelSource: numpy side ---------------------------------------------------------
+
+    def decode(self, outputs: Mapping[str, Any]) -> DecodedCandidates:
+        """Decoded candidates from named outputs (`boxes`, `scores`, `objectness` taken as
+        they are when present, else decoded from `cls_scores.l`, ...) or from raw_outputs'
+        {kind: [level maps]}."""
         import torch
 
+        if "boxes" in outputs and "scores" in outputs:
+            obj = outputs.get("objectness")
+            return DecodedCandidates(boxes=_numpy(outputs["boxes"]),
+                                     scores=_numpy(outputs["scores"]),
+                                     objectness=None if obj is None else _numpy(obj))
+        raw = grouped_head_maps(outputs)
+        if "cls_scores" not in raw or "bbox_preds" not in raw:
+            raise UserError(f"outputs {', '.join(sorted(outputs))} hold neither mmyolo's "
+                            "decoded candidates (boxes, scores) nor its head maps "
+                            "(cls_scores.l, bbox_preds.l)")
         with torch.no_grad():
             boxes, scores, obj = self.decode_torch(raw)
         return DecodedCandidates(
@@ -198,9 +275,14 @@ class MmyoloModel:
                 scale_factor=meta.scale_factor, clamp_hw=meta.ori_shape, trace=trace))
         return results
 
-    def mmyolo_detections(self, raw: dict[str, list[Any]], metas: Sequence[Any]) -> list[Any]:
+    def framework_detections(self, outputs: Mapping[str, Any],
+                             metas: Sequence[Any]) -> list[Any]:
+        return self.mmyolo_detections(outputs, metas)
+
+    def mmyolo_detections(self, raw: Mapping[str, Any], metas: Sequence[Any]) -> list[Any]:
         """mmyolo's own detections for a batch: the head's `predict_by_feat` (what
-        `model.test_step` runs after the data preprocessor) on head maps `raw`, with the
+        `model.test_step` runs after the data preprocessor) on head maps `raw` (named
+        outputs `cls_scores.0`, ... or raw_outputs' {kind: [level maps]}), with the
         harness's image metas. Returns per image an NmsResult without candidate rows
         (box_index -1): its order of tied scores is torch's, which no replay promises."""
         import torch
@@ -214,7 +296,7 @@ class MmyoloModel:
                          if m.pad_param is not None else {})} for m in metas]
         maps = {k: [torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v,
                                     device=self.device) for v in levels]
-                for k, levels in raw.items()}
+                for k, levels in grouped_head_maps(raw).items()}
         with torch.no_grad():
             found = head.predict_by_feat(
                 maps["cls_scores"], maps["bbox_preds"], maps.get("objectnesses"),
@@ -232,6 +314,13 @@ class MmyoloModel:
     def predict(self, batch: Any, trace: bool = False) -> list[Any]:
         """Preprocessed Batch → final detections per image."""
         return self.detections(self.decode(self.raw_outputs(batch.inputs)), batch.metas, trace)
+
+    def default_layers(self) -> list[str]:
+        return conv_units(self.module)
+
+    def proposals(self, outputs: Mapping[str, Any],
+                  metas: Sequence[Any]) -> Optional[list[np.ndarray]]:
+        return None  # single-stage: no proposals
 
     def describe(self) -> dict[str, Any]:
         import torch
