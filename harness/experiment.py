@@ -4,7 +4,11 @@ tools read ([compare], [gates]). `load_experiment` turns a file into a frozen `E
 any mistake in it is one line naming the key.
 
 Relative paths in the file are relative to the current directory (where `harness` runs),
-not to the file, so one file works from the repository root as the README shows it.
+not to the file, so one file works from the repository root as the README shows it. A path
+that starts with `harness:` names a file shipped inside the harness package
+(`harness:fixture/yolov5_n_synth_320.py`, `harness:experiments/demo.toml`): `resolve_path`,
+the one place paths are resolved, finds it through importlib.resources, from a checkout and
+from an installed wheel alike.
 """
 from __future__ import annotations
 
@@ -175,7 +179,7 @@ def read_toml(path: Union[str, Path]) -> dict[str, Any]:
 def load_experiment(path: Union[str, Path]) -> Experiment:
     """Read and check an experiment file; every mistake is a one-line UserError."""
     p = Path(path)
-    doc = read_toml(p)
+    doc = read_toml(resolve_path(p))
     r = _Reader(p)
     r.keys(doc, "", {"name", "model", "data", "matrix", "latency", "compare", "gates"})
     name = r.get(doc, "name", str, required=True)
@@ -185,7 +189,7 @@ def load_experiment(path: Union[str, Path]) -> Experiment:
     m = r.table(doc, "model", required=True)
     r.keys(m, "model", {"config", "checkpoint", "onnx", "engines"})
     model = ModelSpec(
-        config=Path(r.get(m, "config", str, "model", required=True)),
+        config=resolve_path(r.get(m, "config", str, "model", required=True)),
         checkpoint=_path(r.get(m, "checkpoint", str, "model")),
         onnx=r.precision_files(m, "onnx", PRECISIONS_BY_BACKEND["onnxruntime"]),
         engines=r.precision_files(m, "engines", PRECISIONS_BY_BACKEND["tensorrt"]))
@@ -195,7 +199,7 @@ def load_experiment(path: Union[str, Path]) -> Experiment:
     count = r.get(d, "count", int, "data", default=0)
     if count < 0:
         raise UserError(f"{p}: data.count must be 0 (every image) or more, got {count}")
-    data = DataSpec(images=Path(r.get(d, "images", str, "data", required=True)),
+    data = DataSpec(images=resolve_path(r.get(d, "images", str, "data", required=True)),
                     annotations=_path(r.get(d, "annotations", str, "data")), count=count)
 
     mx = r.table(doc, "matrix")
@@ -234,7 +238,40 @@ def load_experiment(path: Union[str, Path]) -> Experiment:
 
 
 def _path(value: Union[str, None]) -> Union[Path, None]:
-    return None if value is None else Path(value)
+    return None if value is None else resolve_path(value)
+
+
+PACKAGED = "harness:"
+
+
+def resolve_path(value: Union[str, Path], base: Union[str, Path, None] = None) -> Path:
+    """The file a path in an experiment file or an --experiment option names.
+
+    `harness:<path>` is a file shipped inside the harness package (`harness:fixture/...`,
+    `harness:experiments/...`), found through importlib.resources so it works wherever harness
+    is installed; it must exist. Anything else is an ordinary path, relative to `base`
+    (default: the current directory) when it is relative.
+    """
+    text = str(value)
+    if not text.startswith(PACKAGED):
+        return Path(text) if base is None else Path(base) / text
+    from importlib.resources import files
+
+    parts = [part for part in text[len(PACKAGED):].split("/") if part not in ("", ".")]
+    if not parts or ".." in parts:
+        raise UserError(f"{text}: name a file inside the harness package after 'harness:', "
+                        "e.g. harness:experiments/demo.toml")
+    root = files("harness")
+    if not isinstance(root, Path):  # a zip import; pip always installs a folder
+        raise UserError(f"{text}: harness is imported from an archive ({root}); packaged "
+                        "files need harness installed as a folder")
+    found = root.joinpath(*parts)
+    if not found.exists():
+        shipped = sorted(f"{PACKAGED}{folder}/{f.name}" for folder in ("experiments", "fixture")
+                         for f in (root / folder).iterdir() if f.is_file())
+        raise UserError(f"{text} not found in the harness package (it ships "
+                        f"{', '.join(shipped)})")
+    return found
 
 
 _TYPE_NAMES = {str: "a string", int: "a whole number", float: "a number", dict: "a table",
@@ -319,5 +356,5 @@ class _Reader:
             if not isinstance(value, str):
                 raise self.fail(f"'model.{key}.{precision}' must be a string path, got "
                                 f"{value!r}")
-            out[precision] = Path(value)
+            out[precision] = resolve_path(value)
         return out

@@ -8,11 +8,10 @@ import pytest
 
 from harness.errors import UserError
 from harness.experiment import (
-    Configuration, Experiment, load_experiment, matrix_configurations,
+    Configuration, Experiment, load_experiment, matrix_configurations, resolve_path,
 )
+from harness.models.zoo import FIXTURE_CHECKPOINT, FIXTURE_CONFIG
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURE_TOML = ROOT / "experiments" / "fixture.toml"
 
 MINIMAL = """
 name = "tiny"
@@ -29,12 +28,12 @@ def write(tmp_path: Path, text: str) -> Path:
     return p
 
 
-def test_fixture_experiment_loads(monkeypatch):
-    monkeypatch.chdir(ROOT)
-    exp = load_experiment("experiments/fixture.toml")
+def test_fixture_experiment_loads(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # a shipped experiment loads from any folder
+    exp = load_experiment("harness:experiments/fixture.toml")
     assert isinstance(exp, Experiment)
     assert exp.name == "fixture"
-    assert exp.model.config == Path("experiments/fixture/yolov5_n_synth_320.py")
+    assert exp.model.config == FIXTURE_CONFIG and exp.model.checkpoint == FIXTURE_CHECKPOINT
     assert exp.model.config.is_file() and exp.model.checkpoint.is_file()
     assert exp.data.images == Path("data/synth/val2017") and exp.data.annotations is None
     assert exp.data.count == 0
@@ -46,8 +45,48 @@ def test_fixture_experiment_loads(monkeypatch):
     assert {"torch_cpu_fp32_b1", "torch_cpu_bf16_b4", "onnxruntime_cpu_int8_b4",
             "tensorrt_cuda_fp16_b1"} <= keys
     assert not any("torch" in k and "int8" in k for k in keys)
-    assert exp.results_section().to_json() == {"name": "fixture", "path": "experiments/fixture.toml",
-                                     "gates": {}}
+    assert exp.results_section().to_json() == {
+        "name": "fixture", "path": "harness:experiments/fixture.toml", "gates": {}}
+
+
+def test_every_shipped_experiment_loads(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    shipped = sorted(p.name for p in (FIXTURE_CONFIG.parents[1] / "experiments").glob("*.toml"))
+    assert shipped == ["demo.toml", "fixture.toml", "gpu_h100.toml"]
+    for name in shipped:
+        exp = load_experiment(f"harness:experiments/{name}")
+        assert exp.model.config == FIXTURE_CONFIG and exp.model.checkpoint == FIXTURE_CHECKPOINT
+
+
+def test_packaged_paths_resolve_in_the_package_others_stay_relative(tmp_path):
+    exp = load_experiment(write(tmp_path, """
+name = "mixed"
+[model]
+config = "harness:fixture/yolov5_n_synth_320.py"
+checkpoint = "ckpt/model.pth"
+onnx = { fp32 = "harness:fixture/yolov5_n_synth_320.py" }
+[data]
+images = "data/val2017"
+annotations = "ann.json"
+"""))
+    assert exp.model.config == FIXTURE_CONFIG and exp.model.config.is_absolute()
+    assert exp.model.checkpoint == Path("ckpt/model.pth")
+    assert exp.model.onnx == {"fp32": FIXTURE_CONFIG}
+    assert (exp.data.images, exp.data.annotations) == (Path("data/val2017"), Path("ann.json"))
+    assert resolve_path("x/y.toml", tmp_path) == tmp_path / "x/y.toml"
+    assert resolve_path("harness:fixture/yolov5_n_synth_320.pth", tmp_path) == FIXTURE_CHECKPOINT
+
+
+@pytest.mark.parametrize("spelled, message", [
+    ("harness:fixture/nope.pth", "harness:fixture/nope.pth not found in the harness package "
+                                 "(it ships harness:experiments/demo.toml"),
+    ("harness:", "name a file inside the harness package"),
+    ("harness:../pyproject.toml", "name a file inside the harness package"),
+])
+def test_a_missing_packaged_file_is_one_line(spelled, message):
+    with pytest.raises(UserError) as err:
+        resolve_path(spelled)
+    assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_frozen(tmp_path):

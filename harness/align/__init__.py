@@ -1,1 +1,1 @@
-"""align stage of the harness (see DESIGN.md)."""
+"""align stage of the harness (see docs/design.md)."""

@@ -220,7 +220,7 @@ def build_engine(onnx_path: Union[str, Path], engine_path: Union[str, Path],
     `calib_images` and `preprocess` (the model's PreprocessSpec) are required and the last
     short calibration batch is padded (tensorrt_plan.calibration_batches). tf32: TensorRT
     enables TF32 for fp32 layers by default; it is cleared unless asked for, so fp32 engines
-    align with fp32 references (DEVICE.md), and recorded in the sidecar.
+    align with fp32 references (docs/gpu-machine.md), and recorded in the sidecar.
 
     mark_layers: module paths / scopes / node names whose nodes' output tensors are marked as
     extra outputs (`harness build --mark`); mark_tensors: ONNX tensor names marked exactly as

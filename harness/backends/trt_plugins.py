@@ -1,6 +1,6 @@
 """TensorRT plugin nodes computed on the CPU by harness.nms's reference kernels, from the node's
 own attributes, so an end2end file made for TensorRT gives through onnxruntime the detections
-TensorRT's plugin would give (SPEC-nms.md, EfficientNMS_TRT and BatchedNMS sections).
+TensorRT's plugin would give (docs/nms-semantics.md, EfficientNMS_TRT and BatchedNMS sections).
 Both plugins are deprecated in TensorRT (plugin/README.md): BatchedNMS(Dynamic)_TRT since 9.0
 and gone from 11.0, EfficientNMS_TRT since 10.12 (INMSLayer replaces them).
 """

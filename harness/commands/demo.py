@@ -7,12 +7,16 @@ import argparse
 import time
 from pathlib import Path
 
-DEMO_EXPERIMENT = Path(__file__).resolve().parents[2] / "experiments" / "demo.toml"
+# Shipped inside the package (harness/experiments/demo.toml), so the demo runs from any folder
+# and from an installed wheel; it writes data/ and reports/ under the current folder.
+DEMO_EXPERIMENT = "harness:experiments/demo.toml"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--experiment", type=Path, default=DEMO_EXPERIMENT,
-                   help="the demo's experiment file (model, data, matrix, gates)")
+    p.add_argument("--experiment", default=DEMO_EXPERIMENT,
+                   help="the demo's experiment file (model, data, matrix, gates); "
+                        "harness:experiments/NAME.toml is one shipped with harness "
+                        f"(default {DEMO_EXPERIMENT})")
     p.add_argument("--out", type=Path, default=None,
                    help="report folder (default reports/<experiment name>/)")
     p.add_argument("--images", type=int, default=120,
@@ -92,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     write_coco_report(coco_doc, out, coco.experiment)
     print_rows(coco_doc)
 
-    _step(5, f"gates of {args.experiment.name}")
+    _step(5, f"gates of {args.experiment}")
     plan = plan_gates(str(out / "results.json"), str(args.experiment), ".")
     failed = [c for c in plan.checks if c.skipped is None and not c]
     for c in plan.checks:

@@ -1,1 +1,1 @@
-"""data stage of the harness (see DESIGN.md)."""
+"""data stage of the harness (see docs/design.md)."""

@@ -2,7 +2,7 @@
 path would build, plus per-image metadata to map boxes back to the original image.
 
 Follows mmcv 2.0 / mmdet 3.0 / mmyolo 0.6 pixel for pixel (cv2 calls, size rounding, pad
-placement); SPEC-nms.md "Preprocessing" describes the arithmetic.
+placement); docs/nms-semantics.md "Preprocessing" describes the arithmetic.
 """
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""eval stage of the harness (see DESIGN.md)."""
+"""eval stage of the harness (see docs/design.md)."""

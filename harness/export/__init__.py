@@ -1,4 +1,4 @@
-"""export stage of the harness (see DESIGN.md): PyTorch → ONNX in the variants users deploy.
+"""export stage of the harness (see docs/design.md): PyTorch → ONNX in the variants users deploy.
 `onnx_export.export_onnx` is the entry; `wrappers` / `nms_ops` are the traced graphs,
 `quantize` / `calibration` the fp16 and int8 files, `variants` / `outputs` the output contract.
 """

@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional, Union
 
 from harness.errors import UserError
 from harness.experiment import PRECISION_NAMES as PRECISIONS
-from harness.experiment import read_toml
+from harness.experiment import read_toml, resolve_path
 from harness.results import (
     RESULTS_NAME, CocoRow, Missing, Results, TargetResult, read_results,
 )
@@ -135,14 +135,15 @@ def plan_gates(results: Optional[str], experiment: Optional[str],
     results: --harness-results (a results.json, its report folder, or an experiment .toml);
     experiment: --harness-experiment. With an experiment the gates come from its [gates] table
     and the results default to reports/<name>/results.json; without one they come from the
-    results file's experiment.gates. Relative paths start at base_dir.
+    results file's experiment.gates. Relative paths start at base_dir; an experiment
+    `harness:experiments/<name>.toml` is one shipped with harness (experiment.resolve_path).
     """
     base = Path(base_dir)
     if results is not None and experiment is None and results.endswith(".toml"):
         results, experiment = None, results
     table, source = None, ""
     if experiment is not None:
-        name, table = read_experiment(base / experiment)
+        name, table = read_experiment(resolve_path(experiment, base))
         if table is None:
             raise UserError(f"experiment file {experiment} has no [gates] table")
         source = experiment

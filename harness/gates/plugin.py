@@ -1,6 +1,8 @@
 """pytest plugin (entry point `pytest11`): `pytest --harness-results reports/<exp>/results.json`
 or `pytest --harness-experiment experiments/<exp>.toml` turns every limit of the `[gates]` table
-into its own test, one per configuration. Without either option it does nothing.
+into its own test, one per configuration. Without either option it does nothing. An experiment
+shipped with harness is named `harness:experiments/<exp>.toml` (`harness demo`'s is
+`harness:experiments/demo.toml`).
 
 The tests need no test file: the results file is added to pytest's arguments before they are
 parsed, and `pytest_collect_file` collects exactly that file into gate items. So with no other
@@ -26,8 +28,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "the gates come from its experiment.gates unless "
                          "--harness-experiment is given")
     group.addoption("--harness-experiment", metavar="TOML", default=None,
-                    help="experiment file whose [gates] table to check; the results default "
-                         "to reports/<name>/results.json")
+                    help="experiment file whose [gates] table to check "
+                         "(harness:experiments/NAME.toml: one shipped with harness); the "
+                         "results default to reports/<name>/results.json")
 
 
 @pytest.hookimpl(tryfirst=True)

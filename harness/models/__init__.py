@@ -1,1 +1,1 @@
-"""models stage of the harness (see DESIGN.md)."""
+"""models stage of the harness (see docs/design.md)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness.errors import UserError
+from harness.experiment import resolve_path
 
 SHIPPED_CONFIGS = {
     "yolov5": "yolov5/yolov5_n-v61_syncbn_fast_8xb16-300e_coco.py",
@@ -19,9 +20,10 @@ SHIPPED_CONFIGS = {
     "ppyoloe": "ppyoloe/ppyoloe_plus_s_fast_8xb8-80e_coco.py",
 }
 
-FIXTURE_DIR = Path(__file__).resolve().parents[2] / "experiments" / "fixture"
-FIXTURE_CONFIG = FIXTURE_DIR / "yolov5_n_synth_320.py"
-FIXTURE_CHECKPOINT = FIXTURE_DIR / "yolov5_n_synth_320.pth"
+# The bundled fixture detector, shipped inside the package (harness/fixture/): the same files
+# an experiment names as harness:fixture/yolov5_n_synth_320.py / .pth.
+FIXTURE_CONFIG = resolve_path("harness:fixture/yolov5_n_synth_320.py")
+FIXTURE_CHECKPOINT = resolve_path("harness:fixture/yolov5_n_synth_320.pth")
 
 
 def mmyolo_config_root() -> Path:

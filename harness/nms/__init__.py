@@ -1,6 +1,6 @@
 """Reference NMS kernels in numpy, one per pipeline a deployed mmyolo model meets (mmyolo/mmcv,
 ONNX NonMaxSuppression as onnxruntime and TensorRT run it, EfficientNMS_TRT, BatchedNMS_TRT),
-each with a trace mode that records every candidate's fate. Semantics: shared/SPEC-nms.md.
+each with a trace mode that records every candidate's fate. Semantics: docs/nms-semantics.md.
 """
 from __future__ import annotations
 

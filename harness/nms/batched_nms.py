@@ -1,7 +1,7 @@
 """TensorRT's BatchedNMS_TRT / BatchedNMSDynamic_TRT plugins (plugin/batchedNMSPlugin and the
 common kernels sortScoresPerClass, allClassNMS, sortScoresPerImage, gatherNMSOutputs), in fp32:
 per-class topK, strict (>) tests, Caffe's +1 px, keepTopK across classes
-(SPEC-nms.md "TensorRT BatchedNMS_TRT / BatchedNMSDynamic_TRT").
+(docs/nms-semantics.md "TensorRT BatchedNMS_TRT / BatchedNMSDynamic_TRT").
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """TensorRT's EfficientNMS_TRT plugin (plugin/efficientNMSPlugin, TensorRT 8.6 - 10.x), in fp32:
 inclusive (>=) score and IoU tests, one global pre-NMS cap across classes, and greedy NMS in a
-single class-mixed score order (SPEC-nms.md "TensorRT EfficientNMS_TRT").
+single class-mixed score order (docs/nms-semantics.md "TensorRT EfficientNMS_TRT").
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The two steps every reference kernel shares: a descending score sort whose tie order is an
-explicit parameter (SPEC-nms.md "TopK": tie order is a pipeline property, not an accident), and
-the greedy suppression loop, with each pipeline's own IoU arithmetic passed in.
+explicit parameter (docs/nms-semantics.md "TopK": tie order is a pipeline property, not an
+accident), and the greedy suppression loop, with each pipeline's own IoU arithmetic passed in.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 other mmyolo heads inherit), on decoded candidates: objectness filter, mmdet's
 filter_scores_and_topk, rescale, mmdet's _bbox_post_process with mmcv 2.0.1's batched_nms, clamp.
 
-Every step follows SPEC-nms.md "mmyolo predict_by_feat" in float32, as torch computes it.
+Every step follows docs/nms-semantics.md "mmyolo predict_by_feat" in float32, as torch computes it.
 """
 from __future__ import annotations
 

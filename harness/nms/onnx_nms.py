@@ -1,6 +1,6 @@
 """ONNX NonMaxSuppression as onnxruntime's CPU kernel runs it, and as TensorRT's INMSLayer runs it
-after onnx-tensorrt imports the op (SPEC-nms.md "ONNX NonMaxSuppression"): batched inputs, the
-op's selected_indices, and a trace per image.
+after onnx-tensorrt imports the op (docs/nms-semantics.md "ONNX NonMaxSuppression"): batched
+inputs, the op's selected_indices, and a trace per image.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Trace mode shared by every reference NMS kernel: one fate per (box, class) candidate, saying
-which pipeline step removed it (SPEC-nms.md "What trace mode records"), and `NmsResult`, the
-per-image output every kernel returns.
+which pipeline step removed it (docs/nms-semantics.md "What trace mode records"), and
+`NmsResult`, the per-image output every kernel returns.
 """
 from __future__ import annotations
 

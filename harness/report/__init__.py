@@ -1,1 +1,1 @@
-"""report stage of the harness (see DESIGN.md)."""
+"""report stage of the harness (see docs/design.md)."""

@@ -29,7 +29,6 @@ def render_csv(doc: dict) -> str:
     return coco_report.render_csv(CocoResult.from_json(doc))
 
 
-ROOT = Path(__file__).resolve().parents[2]
 # PyTorch fp16 runs on the CPU too (slowly): a row like any other
 RUNS_HERE = {f"{b}_cpu_{p}_b{n}" for b, ps in (("torch", ("fp32", "fp16", "bf16")),
                                                 ("onnxruntime", ("fp32", "fp16", "int8")))
@@ -63,8 +62,8 @@ def matrix_run(synth_val, tmp_path_factory):
     exp.write_text(f"""
 name = "synth-test"
 [model]
-config = "{ROOT / 'experiments/fixture/yolov5_n_synth_320.py'}"
-checkpoint = "{ROOT / 'experiments/fixture/yolov5_n_synth_320.pth'}"
+config = "harness:fixture/yolov5_n_synth_320.py"
+checkpoint = "harness:fixture/yolov5_n_synth_320.pth"
 [data]
 images = "{synth_val}"
 count = 8
@@ -412,8 +411,8 @@ def experiment_with_onnx(tmp_path, val, onnx_line: str) -> Path:
     exp.write_text(f"""
 name = "given-onnx"
 [model]
-config = "{ROOT / 'experiments/fixture/yolov5_n_synth_320.py'}"
-checkpoint = "{ROOT / 'experiments/fixture/yolov5_n_synth_320.pth'}"
+config = "harness:fixture/yolov5_n_synth_320.py"
+checkpoint = "harness:fixture/yolov5_n_synth_320.pth"
 {onnx_line}
 [data]
 images = "{val}"

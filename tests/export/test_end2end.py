@@ -45,7 +45,7 @@ def test_batched_nms_file_equals_reference_on_torch_candidates(fixture_model, fi
     got = OnnxruntimeBackend(result.path, provider="cpu").infer(fixture_batch.inputs)
     boxes, scores = torch_candidates(fixture_model, fixture_batch.inputs)
     nms = result.metadata["nms"]
-    # the attributes easydeploy's TENSORRT7 backend writes (SPEC-nms.md)
+    # the attributes easydeploy's TENSORRT7 backend writes (docs/nms-semantics.md)
     ref = batched_nms_trt(boxes[:, :, None], scores, top_k=nms["pre_topk"],
                           keep_top_k=nms["keep_topk"], score_threshold=nms["score_threshold"],
                           iou_threshold=nms["iou_threshold"], share_location=True,

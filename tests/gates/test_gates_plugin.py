@@ -186,6 +186,20 @@ def test_experiment_file_gives_gates_and_default_results(pytester, reports, gate
     result.stdout.fnmatch_lines(["open: elsewhere/compare.md"], consecutive=False)
 
 
+def test_shipped_experiment_by_its_harness_name(pytester, reports):
+    # `harness demo`'s experiment ships inside the package; `harness:` names it from any folder
+    result = pytester.runpytest(*NO_CACHE, "--collect-only",
+                                "--harness-experiment", "harness:experiments/demo.toml")
+    assert result.ret == pytest.ExitCode.OK
+    result.stdout.fnmatch_lines([f"harness gates: * checks of {RESULTS}, gates from "
+                                 "harness:experiments/demo.toml",
+                                 "*max_delta_ap[[]onnxruntime-cpu-int8-b4[]]*"])
+    result = pytester.runpytest(*NO_CACHE, "--harness-experiment", "harness:experiments/no.toml")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: harness gates: harness:experiments/no.toml not found "
+                                 "in the harness package (it ships *"])
+
+
 def test_runs_from_another_directory(pytester, reports, baseline_doc, monkeypatch):
     elsewhere = pytester.mkdir("ci-job")
     monkeypatch.chdir(elsewhere)

@@ -1,5 +1,5 @@
-"""EfficientNMS_TRT reference: hand-built cases that pin each behaviour SPEC-nms.md documents
-(>= tests, the global cap and its trace ranks, one class-mixed order, zero padding, logit-space
+"""EfficientNMS_TRT reference: hand-built cases that pin each behaviour docs/nms-semantics.md
+documents (>= tests, the global cap and its trace ranks, one class-mixed order, zero padding, logit-space
 thresholds, box coding, class-agnostic mode, the dense path's sentinels, tie order)."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fetch, here, the cp312 wheels the GPU machine lacks (see shared/DEVICE.md) into .whl/
+# Fetch, here, the cp312 wheels the GPU machine lacks (see docs/gpu-machine.md) into .whl/
 # (ignored by git through .git/info/exclude), plus the mmcv 2.0.1 sdist and the
 # setuptools/wheel pair its build needs (.whl/build/, kept apart so they are not installed
 # into the run's site folder). Then run tools/device/gpu_tests.sh there with .whl carried.

@@ -8,7 +8,7 @@ mkdir -p "$OUT"
 . "$(dirname "$0")/install_stack.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -m pytest -q -p no:cacheprovider tests/backends -m gpu -rs 2>&1 | tee "$OUT/gpu_tests.log"
-cfg=experiments/fixture/yolov5_n_synth_320.py; ckpt=experiments/fixture/yolov5_n_synth_320.pth
+cfg=harness/fixture/yolov5_n_synth_320.py; ckpt=harness/fixture/yolov5_n_synth_320.pth
 out=reports/fixture-gpu-h100-compare
 python3 -m harness synth data/gpu --images 400 --seed 2 --val-fraction 0.5 > "$OUT/synth.log" 2>&1
 mkdir -p $out/models
