@@ -14,22 +14,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Union
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Union
 
 from harness.errors import UserError
 
-BACKEND_NAMES = ("torch", "onnxruntime", "tensorrt")
-DEVICES = ("cpu", "cuda")
-# The pairing rule, in this one place: which precisions each backend has. A combination not
-# listed (torch int8, onnxruntime bf16, tensorrt bf16) is silently not in the matrix.
-PRECISIONS_BY_BACKEND: dict[str, tuple[str, ...]] = {
-    "torch": ("fp32", "fp16", "bf16"),
-    "onnxruntime": ("fp32", "fp16", "int8"),
-    "tensorrt": ("fp32", "fp16", "int8"),
-}
+if TYPE_CHECKING:
+    from harness.results import ExperimentSection
+
 PRECISION_NAMES = ("fp32", "fp16", "bf16", "int8")
-# Engines run on a GPU only: a tensorrt row is on cuda whatever `devices` says.
-FIXED_DEVICE = {"tensorrt": "cuda"}
+
+
+def _registry() -> Any:
+    """harness.backends.registry: which backends exist, their precisions and devices (the
+    pairing rule: a combination a backend does not list — torch int8, onnxruntime bf16 — is
+    not in the matrix; a backend with one device, TensorRT, always runs there)."""
+    from harness.backends import registry
+
+    return registry
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class MatrixSpec:
-    backends: tuple[str, ...] = BACKEND_NAMES
+    backends: tuple[str, ...] = field(default_factory=lambda: tuple(_registry().BACKENDS))
     precisions: tuple[str, ...] = PRECISION_NAMES
     batches: tuple[int, ...] = (1, 4)
     devices: tuple[str, ...] = ("cpu",)
@@ -127,21 +128,22 @@ def matrix_configurations(backends: Iterable[str], precisions: Iterable[str],
                           batches: Iterable[int], devices: Iterable[str]) -> list[Configuration]:
     """Every (backend, device, precision, batch) the pairing rule allows, in the order given
     (backend, device, precision, batch), without duplicates."""
+    registry = _registry()
     out: list[Configuration] = []
     precisions, batches, devices = list(precisions), list(batches), list(devices)
+    known_devices = registry.all_devices()
     for backend in backends:
-        if backend not in PRECISIONS_BY_BACKEND:
-            raise UserError(f"unknown backend '{backend}'; choose from "
-                            f"{', '.join(BACKEND_NAMES)}")
+        runs = registry.backend_class(backend).precisions
         for device in devices:
-            if device not in DEVICES:
-                raise UserError(f"unknown device '{device}'; choose from {', '.join(DEVICES)}")
-            device = FIXED_DEVICE.get(backend, device)
+            if device not in known_devices:
+                raise UserError(f"unknown device '{device}'; choose from "
+                                f"{', '.join(known_devices)}")
+            device = registry.device_for(backend, device)
             for precision in precisions:
                 if precision not in PRECISION_NAMES:
                     raise UserError(f"unknown precision '{precision}'; choose from "
                                     f"{', '.join(PRECISION_NAMES)}")
-                if precision not in PRECISIONS_BY_BACKEND[backend]:
+                if precision not in runs:
                     continue
                 for batch in batches:
                     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
@@ -191,8 +193,10 @@ def load_experiment(path: Union[str, Path]) -> Experiment:
     model = ModelSpec(
         config=resolve_path(r.get(m, "config", str, "model", required=True)),
         checkpoint=_path(r.get(m, "checkpoint", str, "model")),
-        onnx=r.precision_files(m, "onnx", PRECISIONS_BY_BACKEND["onnxruntime"]),
-        engines=r.precision_files(m, "engines", PRECISIONS_BY_BACKEND["tensorrt"]))
+        # the precisions of the backends that open such files
+        onnx=r.precision_files(m, "onnx", _registry().class_for_file("m.onnx").precisions),
+        engines=r.precision_files(m, "engines",
+                                  _registry().class_for_file("m.engine").precisions))
 
     d = r.table(doc, "data", required=True)
     r.keys(d, "data", {"images", "annotations", "count"})
@@ -206,10 +210,10 @@ def load_experiment(path: Union[str, Path]) -> Experiment:
     r.keys(mx, "matrix", {"backends", "precisions", "batches", "devices"})
     default = MatrixSpec()
     matrix = MatrixSpec(
-        backends=r.choices(mx, "backends", BACKEND_NAMES, default.backends),
+        backends=r.choices(mx, "backends", tuple(_registry().BACKENDS), default.backends),
         precisions=r.choices(mx, "precisions", PRECISION_NAMES, default.precisions),
         batches=tuple(r.list_of(mx, "batches", int, "matrix", default.batches)),
-        devices=r.choices(mx, "devices", DEVICES, default.devices))
+        devices=r.choices(mx, "devices", _registry().all_devices(), default.devices))
     if any(b < 1 for b in matrix.batches):
         raise UserError(f"{p}: matrix.batches must be >= 1, got {list(matrix.batches)}")
     matrix.configurations()  # the pairing rule's checks, now

@@ -15,11 +15,12 @@ import numpy as np
 
 from harness.align.detections import DetectionDiff, Tolerances
 from harness.align.layers import LayerDiff, layers_for
-from harness.align.pipelines import Candidates, MmyoloPipeline, PluginPipeline, pipeline_for
+from harness.align.pipelines import Candidates, PluginPipeline, SourcePipeline, pipeline_for
 from harness.align.reference import ReplayCheck, adopt_mmyolo_output
 from harness.align.targets import Target, layer_backend
 from harness.align.tensor_diff import DiffAccumulator
 from harness.errors import UserError
+from harness.models.source import ModelSource
 from harness.results import (
     CandidateSummary, CompareInputs, CompareResult, DetectionSummary, LayerSummary,
     TargetResult, Unreadable,
@@ -67,7 +68,7 @@ class CandidateDiff:
 class TargetRun:
     """Everything accumulated for one available target."""
 
-    def __init__(self, model: Any, target: Target, layer_patterns: Sequence[str],
+    def __init__(self, model: ModelSource, target: Target, layer_patterns: Sequence[str],
                  with_layers: bool, tol: Tolerances, work_dir: Path):
         import onnx
 
@@ -76,7 +77,7 @@ class TargetRun:
         proto = onnx.load(str(target.onnx_path), load_external_data=False) \
             if target.onnx_path else None
         self.pipeline = pipeline_for(model, proto) if proto is not None \
-            else MmyoloPipeline(model)
+            else SourcePipeline(model)
         self.detections = DetectionDiff(tol)
         self.candidates = CandidateDiff(model.nms.score_thr)
         self.replay_disagrees = 0
@@ -124,7 +125,7 @@ class TargetRun:
                             f"PyTorch's have {list(ref_cands.scores.shape)}: is it exported "
                             "from another model, class count or input size?")
         replays = self.pipeline.replay(cands, batch.metas)
-        if not isinstance(self.pipeline, MmyoloPipeline):
+        if not isinstance(self.pipeline, SourcePipeline):
             # the backend ran its own NMS: check the replay reproduces it (for raw / decoded
             # outputs the harness's NMS *is* the replay)
             actual = detections_from_outputs(self.model, outputs, batch.metas)
@@ -218,7 +219,7 @@ def _batches(images: Sequence[Path], spec: Any, batch: int,
         yield Batch(inputs=stack_inputs(arrays, spec), metas=metas)
 
 
-def run_compare(model: Any, targets: Sequence[Target], images: Sequence[Path], batch: int = 4,
+def run_compare(model: ModelSource, targets: Sequence[Target], images: Sequence[Path], batch: int = 4,
                 layer_patterns: Sequence[str] = (), with_layers: bool = True,
                 tol: Tolerances = Tolerances(), work_dir: Path = Path("."),
                 progress: bool = True) -> CompareResult:
@@ -229,13 +230,12 @@ def run_compare(model: Any, targets: Sequence[Target], images: Sequence[Path], b
     from tqdm import tqdm
 
     from harness.backends.torch_backend import TorchBackend
-    from harness.export.outputs import head_maps_from_outputs
 
     started = time.perf_counter()
     reference = TorchBackend(model, device=str(model.device), outputs="all")
     reference.load()
     ref_layers = _LastChunk(reference)
-    ref_pipeline = MmyoloPipeline(model)
+    ref_pipeline = SourcePipeline(model)
     failed: dict[int, str] = {}
     runs: dict[int, TargetRun] = {}
     for t in targets:
@@ -255,7 +255,7 @@ def run_compare(model: Any, targets: Sequence[Target], images: Sequence[Path], b
         ref_out = reference.infer(data.inputs)
         ref_cands = ref_pipeline.candidates(ref_out, reference, data.inputs)
         ref_replays = ref_pipeline.replay(ref_cands, data.metas)
-        found = model.mmyolo_detections(head_maps_from_outputs(ref_out), data.metas)
+        found = model.framework_detections(ref_out, data.metas)
         adopt_mmyolo_output(ref_replays, found, data.metas, check)
         ref_layers.new_batch()
         for key, run in list(runs.items()):

@@ -17,6 +17,7 @@ import numpy as np
 
 from harness.align.tensor_diff import DiffAccumulator
 from harness.errors import UserError
+from harness.models.source import ModelSource
 from harness.results import LayerPoint, LayerRow, LayerSummary, NonfiniteLayer
 
 # rel-L2 a layer may reach before it counts as divergent, by the target's precision
@@ -70,25 +71,6 @@ def map_modules(nodes: Sequence[Any], modules: Sequence[str]) -> tuple[list[Laye
               for m, (i, n) in sorted(last.items(), key=lambda kv: kv[1][0])]
     layers = [Layer(lay.module, lay.tensor, lay.node, depth) for depth, lay in enumerate(layers)]
     return layers, [m for m in modules if m not in last]
-
-
-def default_modules(module: Any) -> list[str]:
-    """The layers worth comparing in an mmyolo detector: every ConvModule (conv + norm +
-    activation, the unit the exporter and TensorRT fuse) and every convolution outside one
-    (the prediction convs of the heads), in definition order."""
-    from torch import nn
-
-    chosen: list[str] = []
-    blocks: list[str] = []
-    for name, m in module.named_modules():
-        if not name:
-            continue
-        if type(m).__name__ == "ConvModule":
-            chosen.append(name)
-            blocks.append(name + ".")
-        elif isinstance(m, nn.Conv2d) and not name.startswith(tuple(blocks)):
-            chosen.append(name)
-    return chosen
 
 
 def select_modules(all_modules: Sequence[str], patterns: Sequence[str]) -> list[str]:
@@ -196,9 +178,9 @@ def fused_into_parent(module: Any, chosen: Sequence[str]) -> tuple[list[str], di
     return out, replaced
 
 
-def layers_for(model: Any, nodes: Sequence[Any], patterns: Iterable[str] = ()
+def layers_for(model: ModelSource, nodes: Sequence[Any], patterns: Iterable[str] = ()
                ) -> tuple[list[Layer], list[str], dict[str, str]]:
-    """The layers to compare for a model source and an ONNX graph: default_modules, or the
+    """The layers to compare for a model source and an ONNX graph: its default layers, or the
     modules matching `patterns` (ConvModule parts replaced by their ConvModule); returns
     (layers, module paths with no ONNX node, {ConvModule part: the ConvModule compared})."""
     patterns = list(patterns)
@@ -207,6 +189,6 @@ def layers_for(model: Any, nodes: Sequence[Any], patterns: Iterable[str] = ()
         names = [n for n, _ in model.module.named_modules() if n]
         modules, replaced = fused_into_parent(model.module, select_modules(names, patterns))
     else:
-        modules = default_modules(model.module)
+        modules = model.default_layers()
     layers, unmapped = map_modules(nodes, modules)
     return layers, unmapped, replaced

@@ -1,5 +1,5 @@
-"""What `harness compare` compares against PyTorch: an ONNX file (run on onnxruntime) or a
-TensorRT engine. A target that cannot run here (TensorRT without `tensorrt`, a GPU engine on a
+"""What `harness compare` compares against PyTorch: a file opened by the backend its suffix
+names (an ONNX file on onnxruntime, a TensorRT engine). A target that cannot run here (TensorRT without `tensorrt`, a GPU engine on a
 CPU machine) becomes a column "not available: <reason>", never a crash of the whole run.
 """
 from __future__ import annotations
@@ -9,9 +9,6 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from harness.errors import UserError
-
-ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
-
 
 @dataclass
 class Target:
@@ -37,40 +34,31 @@ class Target:
 
 
 def target_kind(path: Path) -> str:
-    if path.suffix.lower() == ".onnx":
-        return "onnx"
-    if path.suffix.lower() in ENGINE_SUFFIXES:
-        return "engine"
-    raise UserError(f"{path} is neither an ONNX file (.onnx) nor a TensorRT engine "
-                    f"({', '.join(ENGINE_SUFFIXES)})")
+    """What results call the file (onnx, engine): the kind of the backend that opens it."""
+    from harness.backends.registry import class_for_file
+
+    cls = class_for_file(path)
+    return cls.file_kind or cls.name
 
 
 def open_target(path: Union[str, Path], provider: str = "cpu") -> Target:
-    """Load `path` behind its backend. Missing or corrupt files are UserErrors (the user
-    named them); a runtime that is not installed is a Target with a reason."""
+    """Load `path` behind the backend its suffix names (harness.backends.registry). A missing
+    or corrupt file is a UserError (the user named it); a runtime that cannot run here is a
+    Target with the reason."""
+    from harness.backends.registry import class_for_file
+
     path = Path(path)
-    kind = target_kind(path)
+    cls = class_for_file(path)
+    kind = cls.file_kind or cls.name
     if not path.is_file():
         raise UserError(f"{kind} file not found: {path}")
-    if kind == "onnx":
-        from harness.backends.onnxruntime_backend import OnnxruntimeBackend
-
-        backend = OnnxruntimeBackend(path, provider=provider)
-        backend.load()
-        return Target(path, kind, backend, onnx_path=path, precision=backend.precision,
-                      info=backend.describe())
-    from harness.backends.tensorrt_backend import TensorRTBackend
-    from harness.backends.tensorrt_build import import_tensorrt
-
-    backend = TensorRTBackend(path)
-    try:
-        import_tensorrt()
-        backend.load()
-    except UserError as exc:
-        return Target(path, kind, reason=f"not available: {exc}")
-    onnx_path = Path(backend.sidecar.onnx_path)
-    return Target(path, kind, backend, onnx_path=onnx_path if onnx_path.is_file() else None,
-                  precision=backend.sidecar.precision, info=backend.describe())
+    device = cls.devices[0] if len(cls.devices) == 1 else provider
+    reason = cls.unavailable(device) if provider != "auto" or len(cls.devices) == 1 else None
+    if reason is not None:
+        return Target(path, kind, reason=f"not available: {reason}")
+    backend = cls.open_file(path, device)
+    return Target(path, kind, backend, onnx_path=backend.source_onnx(),
+                  precision=backend.precision, info=backend.describe())
 
 
 def layer_backend(target: Target, node_names: list[str], work_dir: Path,

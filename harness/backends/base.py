@@ -7,7 +7,8 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Optional, Sequence
 
 import numpy as np
 
@@ -55,9 +56,51 @@ class Backend(ABC):
 
     Constructing one is cheap; `load()` builds the expensive object (module copy, session) and
     is called by the first `infer` if the caller did not.
+
+    The class attributes and class methods below are everything the rest of the harness knows
+    about a runtime (experiment validation, the coco matrix, compare targets, plots, report
+    labels read them through harness.backends.registry): a new runtime is one subclass in one
+    file plus one line in harness/backends/__init__.py.
     """
 
-    name: ClassVar[str]
+    name: ClassVar[str]                     # in experiment files, results and the CLI
+    label: ClassVar[str] = ""               # in reports: "PyTorch", "TensorRT"
+    precisions: ClassVar[tuple[str, ...]] = ()  # what it runs (the matrix pairs only these)
+    devices: ClassVar[tuple[str, ...]] = ("cpu",)  # where; a single device is where it runs
+    file_suffixes: ClassVar[tuple[str, ...]] = ()  # the files `harness compare` opens with it
+    file_kind: ClassVar[str] = ""           # what results call such a file: onnx | engine
+    plot_marker: ClassVar[str] = "D"        # matplotlib marker in the AP-vs-latency plot
+    # outputs are host arrays when infer() returns (no device sync needed around it)
+    synchronous: ClassVar[bool] = True
+
+    @classmethod
+    def unavailable(cls, device: str) -> Optional[str]:
+        """Why this runtime cannot run on `device` on this machine (naming what to install),
+        or None when it can."""
+        return None
+
+    @classmethod
+    def for_configuration(cls, config: Any, model: Any, files: Any
+                          ) -> tuple["Backend", dict[str, Any]]:
+        """(loaded backend, fingerprint) for one row of the coco matrix. config:
+        experiment.Configuration; files: eval.coco_backends.ModelFiles (exports / builds the
+        files a row needs); fingerprint: what the row's stored results depend on."""
+        raise UserError(f"the {cls.name} backend cannot run a coco matrix row")
+
+    @classmethod
+    def open_file(cls, path: Path, device: str) -> "Backend":
+        """A loaded backend for a file `harness compare` was given (suffix in
+        file_suffixes); UserError when the file cannot be loaded."""
+        raise UserError(f"the {cls.name} backend opens no files")
+
+    def source_onnx(self) -> Optional[Path]:
+        """The ONNX graph that names this backend's layers (for the layer diff), if any."""
+        return None
+
+    def runtime(self) -> str:
+        """The runtime and its version, as the reports print it: "onnxruntime 1.32.0"."""
+        version = self.describe().get(self.name)
+        return f"{self.label or self.name} {version}" if version else (self.label or self.name)
 
     @abstractmethod
     def load(self) -> None:

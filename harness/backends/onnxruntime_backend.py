@@ -81,6 +81,38 @@ class OnnxruntimeBackend(Backend):
     """
 
     name = "onnxruntime"
+    label = "onnxruntime"
+    precisions = ("fp32", "fp16", "int8")
+    devices = ("cpu", "cuda")
+    file_suffixes = (".onnx",)
+    file_kind = "onnx"
+    plot_marker = "s"
+    synchronous = True  # session.run returns host arrays, on CUDA too
+
+    @classmethod
+    def unavailable(cls, device: str) -> Union[str, None]:
+        import onnxruntime as ort
+
+        provider = PROVIDERS.get(device)
+        if provider is None or provider not in ort.get_available_providers():
+            return (f"onnxruntime {ort.__version__} here has no {provider or device} "
+                    "(install onnxruntime-gpu)")
+        return None
+
+    @classmethod
+    def for_configuration(cls, config: Any, model: Any, files: Any):
+        backend = cls(files.onnx(config.precision), provider=config.device)
+        backend.load()
+        return backend, {"onnx_sha256": backend.model_sha256}
+
+    @classmethod
+    def open_file(cls, path: Path, device: str) -> "OnnxruntimeBackend":
+        backend = cls(path, provider=device)
+        backend.load()
+        return backend
+
+    def source_onnx(self) -> Path:
+        return self.path
 
     def __init__(self, path: Union[str, Path], *, provider: str = "auto", device_id: int = 0,
                  use_tf32: bool = False, threads: Union[int, None] = None,

@@ -24,6 +24,49 @@ class TensorRTBackend(Backend):
     False to skip). device_id: the CUDA device."""
 
     name = "tensorrt"
+    label = "TensorRT"
+    precisions = ("fp32", "fp16", "int8")
+    devices = ("cuda",)  # engines run on a GPU only, whatever the matrix's devices say
+    file_suffixes = (".engine", ".plan", ".trt")
+    file_kind = "engine"
+    plot_marker = "^"
+    synchronous = False
+
+    @classmethod
+    def unavailable(cls, device: str) -> Union[str, None]:
+        from harness.backends.tensorrt_build import current_gpu, import_tensorrt
+
+        try:
+            import_tensorrt()
+            current_gpu()
+        except UserError as exc:
+            return str(exc)
+        return None
+
+    @classmethod
+    def for_configuration(cls, config: Any, model: Any, files: Any):
+        from harness.export.metadata import file_sha256
+
+        path = files.engine(config.precision)
+        backend = cls(path)
+        backend.load()
+        return backend, {"engine_sha256": file_sha256(path)}
+
+    @classmethod
+    def open_file(cls, path: Path, device: str) -> "TensorRTBackend":
+        backend = cls(path)
+        backend.load()
+        return backend
+
+    @property
+    def precision(self) -> str:
+        self.load()
+        return self.sidecar.precision
+
+    def source_onnx(self) -> Union[Path, None]:
+        self.load()
+        onnx_path = Path(self.sidecar.onnx_path)
+        return onnx_path if onnx_path.is_file() else None
 
     def __init__(self, path: Union[str, Path], *, onnx_path: Union[str, Path, bool, None] = None,
                  device_id: int = 0):

@@ -29,6 +29,28 @@ class TorchBackend(Backend):
     """
 
     name = "torch"
+    label = "PyTorch"
+    precisions = tuple(PRECISIONS)
+    devices = ("cpu", "cuda")
+    plot_marker = "o"
+    synchronous = False  # CUDA kernels run on after forward() returns
+
+    @classmethod
+    def unavailable(cls, device: str) -> Union[str, None]:
+        import torch
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            return f"PyTorch {torch.__version__} here has no CUDA device"
+        return None
+
+    @classmethod
+    def for_configuration(cls, config: Any, model: Any, files: Any):
+        from harness.export.metadata import file_sha256
+
+        backend = cls(model, device=config.device, precision=config.precision, outputs="raw")
+        backend.load()
+        return backend, {"config_sha256": file_sha256(model.cfg_path),
+                         "checkpoint_sha256": files.checkpoint_sha256()}
 
     def __init__(self, model: Union[ModelSource, Callable[[], ModelSource]], *,
                  device: str = "cpu",

@@ -114,58 +114,16 @@ def _unavailable(config: Configuration, reason: str) -> RowBackend:
 
 
 def open_backend(config: Configuration, model: Any, files: ModelFiles) -> RowBackend:
-    """The loaded backend of `config`, or a row saying why it cannot run here."""
+    """The loaded backend of `config`, or a row saying why it cannot run here (the runtime
+    is not installed, or has no such device). A file that cannot be made or loaded is a
+    UserError: the row fails with it and the others go on."""
+    from harness.backends.registry import backend_class
     from harness.eval.latency import cuda_sync
-    from harness.export.metadata import file_sha256
 
-    if config.backend == "torch":
-        import torch
-
-        from harness.backends.torch_backend import TorchBackend
-
-        if config.device == "cuda" and not torch.cuda.is_available():
-            return _unavailable(config, f"PyTorch {torch.__version__} here has no CUDA device")
-        backend = TorchBackend(model, device=config.device, precision=config.precision,
-                               outputs="raw")
-        try:
-            backend.load()
-        except UserError as exc:
-            return _unavailable(config, str(exc))
-        fingerprint = {"config_sha256": file_sha256(model.cfg_path),
-                       "checkpoint_sha256": files.checkpoint_sha256()}
-        return RowBackend(config, backend, fingerprint=fingerprint,
-                          sync=cuda_sync(config.device))
-
-    if config.backend == "onnxruntime":
-        import onnxruntime as ort
-
-        from harness.backends.onnxruntime_backend import PROVIDERS, OnnxruntimeBackend
-
-        provider = PROVIDERS[config.device]
-        if provider not in ort.get_available_providers():
-            return _unavailable(config, f"onnxruntime {ort.__version__} here has no {provider} "
-                                "(install onnxruntime-gpu)")
-        path = files.onnx(config.precision)
-        # session.run returns host arrays, so it is synchronous on CUDA too
-        backend = OnnxruntimeBackend(path, provider=config.device)
-        backend.load()
-        return RowBackend(config, backend, fingerprint={"onnx_sha256": backend.model_sha256})
-
-    if config.backend == "tensorrt":
-        from harness.backends.tensorrt_backend import TensorRTBackend
-        from harness.backends.tensorrt_build import current_gpu, import_tensorrt
-
-        try:
-            import_tensorrt()
-            current_gpu()
-        except UserError as exc:
-            return _unavailable(config, str(exc))
-        path = files.engine(config.precision)
-        backend = TensorRTBackend(path)
-        try:
-            backend.load()
-        except UserError as exc:
-            return _unavailable(config, str(exc))
-        return RowBackend(config, backend, fingerprint={"engine_sha256": file_sha256(path)},
-                          sync=cuda_sync("cuda"))
-    raise UserError(f"unknown backend '{config.backend}'")
+    cls = backend_class(config.backend)
+    reason = cls.unavailable(config.device)
+    if reason is not None:
+        return _unavailable(config, reason)
+    backend, fingerprint = cls.for_configuration(config, model, files)
+    return RowBackend(config, backend, fingerprint=fingerprint,
+                      sync=None if cls.synchronous else cuda_sync(config.device))

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from harness.align.detections import CAUSES
+from harness.backends.registry import label
 from harness.report.markdown import fmt, table
 from harness.results import (
     CompareResult, ExperimentSection, LayerSummary, TargetResult, atomic_write_text,
@@ -73,8 +74,8 @@ def _backends(doc: CompareResult) -> list[str]:
              ref.get("precision"), "—", _pipeline(ref.get("pipeline")), "yes"]]
     for t in doc.targets:
         b = t.backend
-        runtime = (f"onnxruntime {b['onnxruntime']}" if "onnxruntime" in b else
-                   f"TensorRT {b['tensorrt']}" if "tensorrt" in b else t.kind)
+        name = b.get("backend")  # describe() of the backend that ran it
+        runtime = f"{label(name)} {b.get(name) or ''}".strip() if name else t.kind
         rows.append([t.name, runtime, b.get("provider") or b.get("device") or "—",
                      t.precision, t.variant or "—",
                      _pipeline(t.pipeline) if t.available else "—",

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from harness.backends.registry import plot_marker
 from harness.results import CocoRow
 
 
@@ -18,7 +19,6 @@ def plot_ap_vs_latency(rows: Sequence[CocoRow], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    markers = {"torch": "o", "onnxruntime": "s", "tensorrt": "^"}
     colours = {"fp32": "tab:blue", "fp16": "tab:orange", "bf16": "tab:purple",
                "int8": "tab:green"}
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -27,7 +27,7 @@ def plot_ap_vs_latency(rows: Sequence[CocoRow], path: Path) -> bool:
         per_image = r.latency_ms["total"]["mean"] / r.batch
         xs.append(per_image)
         colour = colours.get(r.precision, "tab:gray")
-        ax.scatter(per_image, r.AP, marker=markers.get(r.backend, "D"), s=60,
+        ax.scatter(per_image, r.AP, marker=plot_marker(r.backend), s=60,
                    edgecolors=colour, facecolors="none" if r.batch == 1 else colour,
                    linewidths=1.5)
         ax.annotate(f"{r.backend} {r.device} {r.precision} b{r.batch}",

@@ -54,7 +54,7 @@ def test_compare_without_targets_exports_and_writes_the_report(capsys, tmp_path,
 
 
 @pytest.mark.parametrize("target, message", [
-    ("model.bin", "neither an ONNX file"),
+    ("model.bin", "is a file no backend opens; known: onnx (.onnx), engine"),
     ("missing.onnx", "onnx file not found"),
 ])
 def test_bad_targets(capsys, tmp_path, varied_images, target, message):

@@ -146,13 +146,13 @@ def test_detections_agree_with_mmyolo_and_predict(fixture_model, fixture_batch, 
 
 
 def test_default_layers_are_module_paths(fixture_model):
-    from harness.align.layers import default_modules
-
     layers = fixture_model.default_layers()
     names = {n for n, _ in fixture_model.module.named_modules()}
     assert layers and set(layers) <= names
     assert layers[0] == "backbone.stem" and "bbox_head.head_module.convs_pred.2" in layers
-    assert layers == default_modules(fixture_model.module)  # what align chose before
+    # every ConvModule and every conv outside one (the head's prediction convs): 60 for
+    # YOLOv5-n, what compare.md reported before the protocol
+    assert len(layers) == 60
 
 
 def test_single_stage_has_no_proposals(fixture_model, fixture_batch, head):

@@ -1,0 +1,66 @@
+"""What `harness coco` writes: the `coco` section of results.json."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from harness.results.base import Schema
+from harness.results.compare import Unreadable
+
+COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
+
+
+@dataclass
+class CocoRow(Schema):
+    """One configuration of the matrix; numbers are None unless status is "ok"."""
+
+    backend: str
+    device: str
+    precision: str
+    batch: int
+    status: str
+    AP: Optional[float] = None
+    AP50: Optional[float] = None
+    AP75: Optional[float] = None
+    APs: Optional[float] = None
+    APm: Optional[float] = None
+    APl: Optional[float] = None
+    AR1: Optional[float] = None
+    AR10: Optional[float] = None
+    AR100: Optional[float] = None
+    delta_AP: Optional[float] = None
+    per_class: Optional[dict[str, Optional[float]]] = None
+    latency_ms: Optional[dict[str, dict[str, float]]] = None
+    latency_stability: Optional[dict[str, Any]] = None
+    images_per_s: Optional[float] = None
+    images: Optional[int] = None
+    unreadable: Optional[int] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def key(self) -> tuple[str, str, str, int]:
+        return (self.backend, self.device, self.precision, self.batch)
+
+
+@dataclass
+class CocoDataset(Schema):
+    images_dir: str
+    annotations: str
+    images: int
+    unreadable: int = 0
+    unreadable_images: list[Unreadable] = field(default_factory=list)
+
+
+@dataclass
+class CocoResult(Schema):
+    created: str
+    seconds: float
+    dataset: CocoDataset
+    machine: dict[str, Any]
+    model: dict[str, Any]
+    evaluator: dict[str, Any]
+    latency: dict[str, Any]
+    rows: list[CocoRow]
