@@ -8,3 +8,10 @@ from __future__ import annotations
 
 class UserError(Exception):
     """A problem with the user's input: the message says what is wrong and what to do."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none): how a
+    library's multi-line error becomes one line the user reads."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -266,7 +266,7 @@ class PluginPipeline(Pipeline):
     harness's kernel from the node's own attributes on the node's input tensors."""
 
     def __init__(self, node: Any):
-        from harness.backends.trt_plugins import node_attributes
+        from harness.nms.plugin_nodes import node_attributes
 
         from harness.nms import EFFICIENT_NMS_CAP
 
@@ -307,7 +307,7 @@ class PluginPipeline(Pipeline):
         return Candidates(boxes, scores)
 
     def replay(self, cands, metas):
-        from harness.backends.trt_plugins import PLUGIN_KERNELS
+        from harness.nms.plugin_nodes import PLUGIN_KERNELS
         from harness.export.outputs import to_original_pixels
         from harness.nms import NmsResult
 

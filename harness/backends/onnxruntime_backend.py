@@ -11,7 +11,7 @@ from typing import Any, Sequence, Union
 import numpy as np
 
 from harness.backends.base import Backend, check_images
-from harness.errors import UserError
+from harness.errors import UserError, first_line
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
@@ -30,7 +30,7 @@ def read_onnx(path: Union[str, Path]) -> Any:
         model = onnx.load_from_string(data)
     except (DecodeError, ValueError, RuntimeError) as exc:
         raise UserError(f"{p} is not a readable ONNX file (corrupt or truncated: "
-                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+                        f"{first_line(exc)})"
                         ) from None
     # a cut-off file can still parse: its graph then lacks nodes, inputs or outputs
     graph = model.graph
@@ -142,7 +142,7 @@ class OnnxruntimeBackend(Backend):
     def load(self) -> None:
         if self._session is not None:
             return
-        from harness.backends.trt_plugins import PLUGIN_KERNELS
+        from harness.nms.plugin_nodes import PLUGIN_KERNELS
         from harness.export.metadata import file_sha256, read_metadata
         from harness.export.plugins import custom_nodes, cut_at_plugins, op_name
 
@@ -206,7 +206,7 @@ class OnnxruntimeBackend(Backend):
             return ort.InferenceSession(model.SerializeToString(), options,
                                         providers=providers)
         except Exception as exc:  # onnxruntime's pybind exceptions share no useful base
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise UserError(f"onnxruntime cannot load {self.path}: {first}") from exc
 
     # -- inference --------------------------------------------------------------------------
@@ -249,7 +249,7 @@ class OnnxruntimeBackend(Backend):
         try:
             return session.run(names, feeds)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             shape = tuple(next(iter(feeds.values())).shape)
             raise UserError(f"onnxruntime failed to run {self.path.name} on input {shape}: "
                             f"{first}") from exc
@@ -257,7 +257,7 @@ class OnnxruntimeBackend(Backend):
     def infer(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
         """inputs (B, 3, H, W) float32 → every graph output by name, in graph order (plugin
         outputs computed by the reference kernels)."""
-        from harness.backends.trt_plugins import PLUGIN_KERNELS
+        from harness.nms.plugin_nodes import PLUGIN_KERNELS
 
         self.load()
         feeds = self._feed(inputs)

@@ -19,7 +19,7 @@ import numpy as np
 from harness.backends.tensorrt_plan import (calibration_batches, calibration_cache_path,
                                             profile_shapes, select_tensors)
 from harness.backends.tensorrt_sidecar import EngineSidecar, write_sidecar
-from harness.errors import UserError
+from harness.errors import UserError, first_line
 
 PRECISIONS = ("fp32", "fp16", "int8")
 INSTALL_HINT = "install harness[tensorrt] on a machine with an NVIDIA GPU"
@@ -37,7 +37,7 @@ def import_tensorrt() -> Any:
     try:
         import tensorrt as trt
     except Exception as exc:  # ImportError, or a broken install failing to load its .so
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise UserError(f"TensorRT is not available: {reason}; {INSTALL_HINT}") from None
     return trt
 
@@ -347,7 +347,7 @@ def build_engine(onnx_path: Union[str, Path], engine_path: Union[str, Path],
     plan = builder.build_serialized_network(network, config)
     if calibrator is not None and calibrator.error is not None:
         exc = calibrator.error
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         where = f"stopped at batch {calibrator.next_index + 1} of {len(batches)}" \
             if calibrator.next_index < len(batches) else f"failed after {len(batches)} batches"
         raise UserError(f"int8 calibration of {onnx_path.name} {where}: {reason}")

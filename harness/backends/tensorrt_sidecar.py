@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from harness.errors import UserError
+from harness.errors import UserError, first_line
 
 SIDECAR_SUFFIX = ".json"
 
@@ -61,7 +61,7 @@ def read_sidecar(engine_path: Union[str, Path]) -> EngineSidecar:
         doc = json.loads(path.read_text())
         return EngineSidecar(**doc)
     except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise UserError(f"{path} is corrupt ({reason}); rebuild with 'harness build'") from None
 
 

@@ -12,10 +12,10 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
+from harness.data.preprocess import IMAGE_SUFFIXES
 from harness.errors import UserError
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ variants users deploy, at fp32, fp16 or int8, with the settings recorded in the 
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -232,7 +233,8 @@ def export_onnx(model: ModelSource, output: Union[str, Path], settings: ExportSe
         proto, calib_record = to_int8(proto, model.preprocess, INPUT_NAME, (h, w), calibration)
 
     # as JSON stores it (tuples become lists), so the result equals what the file holds
-    record = json.loads(json.dumps(_metadata(model, settings, nms, names, calib_record, proto)))
+    record = json.loads(json.dumps(_metadata(model, settings, nms, names, calib_record, proto,
+                                             calibration)))
     write_metadata(proto, record)
     _save(proto, output)
     return ExportResult(path=output, metadata=record, notes=notes,
@@ -274,7 +276,8 @@ def _simplify(proto: Any) -> Any:
 
 
 def _metadata(model: ModelSource, settings: ExportSettings, nms: Union[End2EndNms, None],
-              names: list[str], calibration: Union[dict, None], proto: Any) -> dict[str, Any]:
+              names: list[str], calibration: Union[dict, None], proto: Any,
+              calibration_settings: Union[CalibrationSettings, None]) -> dict[str, Any]:
     import onnx
     import torch
 
@@ -306,6 +309,7 @@ def _metadata(model: ModelSource, settings: ExportSettings, nms: Union[End2EndNm
                   "test_cfg": asdict(model.nms)},
         "preprocess": model.preprocess.describe(),
         "calibration": calibration,
+        "export_key": export_key(model, settings, calibration_settings),
     }
 
 
@@ -321,27 +325,53 @@ def _save(proto: Any, output: Path) -> None:
         raise UserError(f"cannot write {output}: {exc.strerror or exc}") from None
 
 
+def export_key(model: ModelSource, settings: ExportSettings,
+               calibration: Union[CalibrationSettings, None] = None) -> str:
+    """sha256 of everything an exported file depends on: the export settings (input size and
+    NMS resolved), the config and checkpoint files, the model's test_cfg and preprocessing as
+    loaded (a test_cfg changed in code too), the calibration settings for int8, and the
+    harness, torch and onnx versions. Recorded in the file's metadata; a cached file is reused
+    only when its key is this one."""
+    import onnx
+    import torch
+
+    import harness
+
+    settings = check_settings(model, settings)
+    nms = resolve_nms(model, settings)[0] if settings.variant == "end2end" else None
+    ckpt = model.ckpt_path
+    doc = {
+        "settings": asdict(settings), "nms": None if nms is None else asdict(nms),
+        "config_sha256": file_sha256(model.cfg_path),
+        "checkpoint_sha256": None if ckpt is None else file_sha256(ckpt),
+        "test_cfg": asdict(model.nms), "preprocess": model.preprocess.describe(),
+        "calibration": None if calibration is None or settings.precision != "int8" else {
+            "images": str(Path(calibration.images).resolve()), "count": calibration.count,
+            "method": calibration.method},
+        "versions": [harness.__version__, torch.__version__, onnx.__version__],
+    }
+    text = json.dumps(doc, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def export_cached(model: ModelSource, output: Union[str, Path], settings: ExportSettings,
                   calibration: Union[CalibrationSettings, None] = None,
                   log: Any = print) -> Path:
-    """`output` as it is when it already holds this export of this checkpoint (same variant,
-    NMS kind, precision and checkpoint sha256, read from its metadata), else exported now.
-    A file that cannot be read is made again."""
+    """`output` as it is when it already holds this export (its metadata's export_key is
+    this one: same settings, config, checkpoint, test_cfg, input size, opset, calibration),
+    else exported now. A file that cannot be read is made again."""
     import onnx
 
     from harness.export.metadata import read_metadata
 
     output = Path(output)
-    if output.is_file() and model.ckpt_path is not None:
+    key = export_key(model, settings, calibration)
+    if output.is_file():
         try:
             meta = read_metadata(onnx.load(str(output), load_external_data=False)) or {}
         except Exception:  # a damaged file is simply made again
             meta = {}
-        nms_kind = (meta.get("nms") or {}).get("kind")
-        if (meta.get("variant"), nms_kind, meta.get("precision")) == \
-                (settings.variant, settings.nms, settings.precision) and \
-                (meta.get("source") or {}).get("checkpoint_sha256") == \
-                file_sha256(model.ckpt_path):
+        if meta.get("export_key") == key:
             return output
     log(f"exporting {output}")
     export_onnx(model, output, settings, calibration)

@@ -8,13 +8,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from harness.errors import UserError
+from harness.nms.plugin_nodes import PLUGIN_KERNELS
 
-# (domain, op_type) of the plugin nodes the harness's exporter writes and its backends emulate
-PLUGIN_OPS = {
-    ("TRT", "EfficientNMS_TRT"),
-    ("TRT", "BatchedNMSDynamic_TRT"),
-    ("TRT", "BatchedNMS_TRT"),
-}
+# (domain, op_type) of the plugin nodes the harness's exporter writes and its backends
+# emulate: those the reference kernels compute (one table, harness.nms.plugin_nodes)
+PLUGIN_OPS = frozenset(PLUGIN_KERNELS)
 # domains onnxruntime implements itself
 STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
 

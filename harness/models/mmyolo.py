@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from harness.errors import UserError
+from harness.errors import UserError, first_line
 from harness.models.checkpoint import (
     check_state_dict_fits, checkpoint_classes, load_checkpoint_file,
 )
@@ -117,7 +117,7 @@ def read_config(cfg_path: Union[str, Path]) -> Any:
     try:
         cfg = Config.fromfile(str(p))
     except Exception as exc:  # mmengine raises many types for a bad config
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UserError(f"cannot read config {p}: {first}") from None
     model = cfg.get("model")
     if not isinstance(model, dict) or "bbox_head" not in model:
@@ -360,7 +360,7 @@ def load_mmyolo_model(cfg_path: Union[str, Path], ckpt_path: Union[str, Path, No
         module = MODELS.build(cfg.model)
     except Exception as exc:
         raise UserError(f"config {cfg_path} does not build an mmyolo model: "
-                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+                        f"{first_line(exc)}") from None
     meta: dict = {}
     if ckpt_path is None:
         _drop_pretrained_init(module)

@@ -391,7 +391,7 @@ def test_plugin_emulation_requires_what_the_plugin_creator_requires(op, drop):
     """EfficientNMSPluginCreator / BatchedNMS*PluginCreator::createPlugin call
     validateRequiredAttributesExist (TensorRT 8.6.1 - 10.13): a node TensorRT would refuse
     is refused by the onnxruntime emulation too, instead of run with a guessed default."""
-    from harness.backends.trt_plugins import (BATCHED_NMS_REQUIRED, EFFICIENT_NMS_REQUIRED,
+    from harness.nms.plugin_nodes import (BATCHED_NMS_REQUIRED, EFFICIENT_NMS_REQUIRED,
                                               PLUGIN_KERNELS)
 
     required = EFFICIENT_NMS_REQUIRED if op == "EfficientNMS_TRT" else BATCHED_NMS_REQUIRED

@@ -152,7 +152,7 @@ def test_metadata_round_trips(fixture_model, fixture_onnx):
 
 
 def _attributes(node) -> dict:
-    from harness.backends.trt_plugins import node_attributes
+    from harness.nms.plugin_nodes import node_attributes
 
     return node_attributes(node)
 

@@ -98,8 +98,8 @@ def run_batched_nms(node: Any, inputs: list[np.ndarray], trace: bool = False) ->
     return [out.num_detections, out.nmsed_boxes, out.nmsed_scores, out.nmsed_classes], out
 
 
-# (domain, op_type) → the function computing the node; every entry of
-# harness.export.plugins.PLUGIN_OPS has one
+# (domain, op_type) → the function computing the node: the one table of plugin ops
+# (harness.export.plugins.PLUGIN_OPS is its key set)
 PLUGIN_KERNELS: dict[tuple[str, str], Callable[..., PluginRun]] = {
     ("TRT", "EfficientNMS_TRT"): run_efficient_nms,
     ("TRT", "BatchedNMSDynamic_TRT"): run_batched_nms,
