@@ -171,7 +171,7 @@ class SourcePipeline(Pipeline):
         self.model = model
         self.name = model.framework
         nms = model.nms
-        # mmyolo's / mmcv's semantics (SPEC-nms.md): strict tests, nms_pre over (box, class)
+        # mmyolo's / mmcv's semantics (docs/nms-semantics.md): strict tests, nms_pre over (box, class)
         # pairs, IoU on class-offset boxes; yolox_style keeps every survivor
         self.settings = PipelineSettings(
             score_threshold=nms.score_thr, score_inclusive=False,
@@ -202,7 +202,7 @@ MmyoloPipeline = SourcePipeline
 
 class OnnxNmsPipeline(Pipeline):
     """ONNX NonMaxSuppression, per class, `max_output_boxes_per_class` per class and no
-    overall limit; onnxruntime's semantics (SPEC-nms.md)."""
+    overall limit; onnxruntime's semantics (docs/nms-semantics.md)."""
 
     name = "onnx"
 
@@ -277,7 +277,7 @@ class PluginPipeline(Pipeline):
         if node.op_type == "EfficientNMS_TRT":
             self.per_class = not bool(a.get("class_agnostic", 0))
             self.box_coding = int(a.get("box_coding", 0))
-            # EfficientNMS_TRT: >= tests, one fixed cap before NMS across classes (SPEC-nms.md)
+            # EfficientNMS_TRT: >= tests, one fixed cap before NMS across classes (docs/nms-semantics.md)
             self.settings = PipelineSettings(
                 score_threshold=float(a.get("score_threshold", 0.0)), score_inclusive=True,
                 iou_threshold=float(a.get("iou_threshold", 0.5)), iou_inclusive=True,

@@ -1,4 +1,4 @@
-"""backends stage of the harness (see DESIGN.md): one class per runtime behind one protocol
+"""backends stage of the harness (see docs/design.md): one class per runtime behind one protocol
 (harness.backends.base.Backend), listed in one table (harness.backends.registry.BACKENDS).
 Importing this package imports no runtime; each backend imports its runtime when it loads.
 """

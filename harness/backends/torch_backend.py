@@ -25,7 +25,7 @@ class TorchBackend(Backend):
 
     device: "cpu", "cuda", "cuda:1", ...; precision: fp32 | fp16 | bf16 (weights and inputs
     cast to it; outputs returned as float32). use_tf32: what CUDA fp32 matmuls and convolutions
-    may use (set explicitly on CUDA and recorded; SPEC-nms.md "GPU numerics").
+    may use (set explicitly on CUDA and recorded; docs/nms-semantics.md "GPU numerics").
     """
 
     name = "torch"

@@ -16,7 +16,7 @@ TRT_DOMAIN = "TRT"
 
 @dataclass(frozen=True)
 class EfficientNmsAttributes:
-    """EfficientNMS_TRT attributes (SPEC-nms.md "TensorRT EfficientNMS_TRT").
+    """EfficientNMS_TRT attributes (docs/nms-semantics.md "TensorRT EfficientNMS_TRT").
 
     class_agnostic is left out of the node (as easydeploy does, and as TensorRT < 8.6
     requires): the plugin then runs NMS per class.
@@ -45,7 +45,7 @@ class EfficientNmsAttributes:
 @dataclass(frozen=True)
 class BatchedNmsAttributes:
     """BatchedNMSDynamic_TRT attributes as easydeploy's TENSORRT7 backend sets them
-    (SPEC-nms.md "mmyolo easydeploy" and "TensorRT BatchedNMS_TRT / BatchedNMSDynamic_TRT").
+    (docs/nms-semantics.md "mmyolo easydeploy" and "TensorRT BatchedNMS_TRT / BatchedNMSDynamic_TRT").
 
     is_normalized 0 with caffe_semantics 1 means IoU with +1 px: that is the plugin's
     behaviour on pixel boxes, kept here on purpose because it is what users deploy.

@@ -98,7 +98,7 @@ def resolve_nms(model: ModelSource, settings: ExportSettings) -> tuple[End2EndNm
             pre = BATCHED_MAX_TOPK
         if keep > pre:
             notes.append(f"keep-topk {keep} > topK {pre}: TensorRT's BatchedNMS then returns "
-                         "no detections at all (SPEC-nms.md)")
+                         "no detections at all (docs/nms-semantics.md)")
     elif settings.pre_topk is not None:
         cap = "its fixed 5000 cap (4096 before TensorRT 8.5.1)" if kind == "efficient" \
             else "no cap"

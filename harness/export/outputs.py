@@ -47,7 +47,7 @@ def head_maps_from_outputs(outputs: dict[str, np.ndarray]) -> dict[str, list[Any
 
 def to_original_pixels(boxes: np.ndarray, meta: Any) -> np.ndarray:
     """boxes (K, 4) xyxy in network-input pixels → original-image pixels, clamped (mmyolo's
-    rescale and clamp, SPEC-nms.md "mmyolo predict_by_feat" steps 4 and 6)."""
+    rescale and clamp, docs/nms-semantics.md "mmyolo predict_by_feat" steps 4 and 6)."""
     pad = meta.pad_param
     left, top = (pad[2], pad[0]) if pad is not None else (0.0, 0.0)
     sx, sy = meta.scale_factor
