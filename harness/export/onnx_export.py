@@ -328,10 +328,11 @@ def _save(proto: Any, output: Path) -> None:
 def export_key(model: ModelSource, settings: ExportSettings,
                calibration: Union[CalibrationSettings, None] = None) -> str:
     """sha256 of everything an exported file depends on: the export settings (input size and
-    NMS resolved), the config and checkpoint files, the model's test_cfg and preprocessing as
-    loaded (a test_cfg changed in code too), the calibration settings for int8, and the
-    harness, torch and onnx versions. Recorded in the file's metadata; a cached file is reused
-    only when its key is this one."""
+    NMS resolved), the config and checkpoint files, the model's preprocessing and, for an
+    end2end file, its test_cfg as loaded (its NMS defaults come from there, even when changed
+    in code; raw and decoded files do not depend on it), the calibration settings for int8,
+    and the harness, torch and onnx versions. Recorded in the file's metadata; a cached file
+    is reused only when its key is this one."""
     import onnx
     import torch
 
@@ -344,7 +345,8 @@ def export_key(model: ModelSource, settings: ExportSettings,
         "settings": asdict(settings), "nms": None if nms is None else asdict(nms),
         "config_sha256": file_sha256(model.cfg_path),
         "checkpoint_sha256": None if ckpt is None else file_sha256(ckpt),
-        "test_cfg": asdict(model.nms), "preprocess": model.preprocess.describe(),
+        "test_cfg": asdict(model.nms) if settings.variant == "end2end" else None,
+        "preprocess": model.preprocess.describe(),
         "calibration": None if calibration is None or settings.precision != "int8" else {
             "images": str(Path(calibration.images).resolve()), "count": calibration.count,
             "method": calibration.method},

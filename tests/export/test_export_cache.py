@@ -22,12 +22,18 @@ def test_same_export_is_reused_and_any_input_change_exports_again(fixture_model,
     export_cached(fixture_model, path, raw, log=_log(said))
     assert said == [f"exporting {path}"]  # made once, then reused
 
-    # the test_cfg as loaded (changed in code, not in the config file) is part of the key
+    # the test_cfg as loaded (changed in code, not in the config file): an end2end file
+    # takes its NMS thresholds from it, a raw file does not depend on it
     changed = copy.copy(fixture_model)
-    changed.nms = dataclasses.replace(fixture_model.nms, nms_pre=3840)
-    assert export_key(changed, raw) != export_key(fixture_model, raw)
+    changed.nms = dataclasses.replace(fixture_model.nms, iou_threshold=0.6, nms_pre=3840)
+    assert export_key(changed, raw) == export_key(fixture_model, raw)
+    e2e = ExportSettings(variant="end2end", nms="onnx")
+    assert export_key(changed, e2e) != export_key(fixture_model, e2e)
     export_cached(changed, path, raw, log=_log(said))
-    assert len(said) == 2
+    assert len(said) == 1  # reused: the same raw file
+    export_cached(fixture_model, path, e2e, log=_log(said))
+    export_cached(changed, path, e2e, log=_log(said))
+    assert len(said) == 3  # the changed test_cfg gives a new end2end file
 
     for settings in (ExportSettings(variant="raw", opset=16),
                      ExportSettings(variant="raw", input_size=(256, 256)),
