@@ -35,17 +35,20 @@ def _registry() -> Any:
 
 @dataclass(frozen=True)
 class Configuration:
-    """One row of the matrix: a backend on a device at a precision and batch size."""
+    """One row of the matrix: a backend on a device at a precision and batch size, and the
+    nms_pre its post-processing uses (None: the config's)."""
 
     backend: str
     device: str
     precision: str
     batch: int
+    nms_pre: Union[int, None] = None
 
     @property
     def key(self) -> str:
-        """File-name-safe name: `onnxruntime_cpu_int8_b4`."""
-        return f"{self.backend}_{self.device}_{self.precision}_b{self.batch}"
+        """File-name-safe name: `onnxruntime_cpu_int8_b4` (`..._b4_pre3840` with nms_pre)."""
+        pre = "" if self.nms_pre is None else f"_pre{self.nms_pre}"
+        return f"{self.backend}_{self.device}_{self.precision}_b{self.batch}{pre}"
 
 
 @dataclass(frozen=True)
@@ -75,10 +78,12 @@ class MatrixSpec:
     precisions: tuple[str, ...] = PRECISION_NAMES
     batches: tuple[int, ...] = (1, 4)
     devices: tuple[str, ...] = ("cpu",)
+    # an axis over test_cfg.nms_pre (empty: the config's only), e.g. (30000, 3840, 1000)
+    nms_pre: tuple[int, ...] = ()
 
     def configurations(self) -> list[Configuration]:
         return matrix_configurations(self.backends, self.precisions, self.batches,
-                                     self.devices)
+                                     self.devices, self.nms_pre)
 
 
 @dataclass(frozen=True)
@@ -125,13 +130,17 @@ class Experiment:
 
 
 def matrix_configurations(backends: Iterable[str], precisions: Iterable[str],
-                          batches: Iterable[int], devices: Iterable[str]) -> list[Configuration]:
+                          batches: Iterable[int], devices: Iterable[str],
+                          nms_pre: Iterable[int] = ()) -> list[Configuration]:
     """Every (backend, device, precision, batch) the pairing rule allows, in the order given
     (backend, device, precision, batch), without duplicates."""
     registry = _registry()
     out: list[Configuration] = []
     precisions, batches, devices = list(precisions), list(batches), list(devices)
     known_devices = registry.all_devices()
+    pres: list[Union[int, None]] = list(nms_pre) or [None]
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in pres if n is not None):
+        raise UserError(f"nms_pre values must be whole numbers >= 1, got {list(nms_pre)}")
     for backend in backends:
         runs = registry.backend_class(backend).precisions
         for device in devices:
@@ -148,9 +157,10 @@ def matrix_configurations(backends: Iterable[str], precisions: Iterable[str],
                 for batch in batches:
                     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
                         raise UserError(f"batch sizes must be whole numbers >= 1, got {batch!r}")
-                    c = Configuration(backend, device, precision, batch)
-                    if c not in out:
-                        out.append(c)
+                    for pre in pres:
+                        c = Configuration(backend, device, precision, batch, pre)
+                        if c not in out:
+                            out.append(c)
     return out
 
 
@@ -207,13 +217,14 @@ def load_experiment(path: Union[str, Path]) -> Experiment:
                     annotations=_path(r.get(d, "annotations", str, "data")), count=count)
 
     mx = r.table(doc, "matrix")
-    r.keys(mx, "matrix", {"backends", "precisions", "batches", "devices"})
+    r.keys(mx, "matrix", {"backends", "precisions", "batches", "devices", "nms_pre"})
     default = MatrixSpec()
     matrix = MatrixSpec(
         backends=r.choices(mx, "backends", tuple(_registry().BACKENDS), default.backends),
         precisions=r.choices(mx, "precisions", PRECISION_NAMES, default.precisions),
         batches=tuple(r.list_of(mx, "batches", int, "matrix", default.batches)),
-        devices=r.choices(mx, "devices", _registry().all_devices(), default.devices))
+        devices=r.choices(mx, "devices", _registry().all_devices(), default.devices),
+        nms_pre=tuple(r.list_of(mx, "nms_pre", int, "matrix", default.nms_pre)))
     if any(b < 1 for b in matrix.batches):
         raise UserError(f"{p}: matrix.batches must be >= 1, got {list(matrix.batches)}")
     matrix.configurations()  # the pairing rule's checks, now

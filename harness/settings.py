@@ -33,6 +33,9 @@ class CompareSettings:
     score_tol: float = 1e-3
     box_tol: float = 0.5
     iou_band: float = 0.02
+    # the PyTorch reference's test_cfg changed for this run (nms_pre, score_thr,
+    # iou_threshold, max_per_img), e.g. nms_pre 3840 to align with a deployed TopK
+    test_cfg: Mapping[str, Any] = field(default_factory=dict)
     experiment: Any = None  # harness.results.ExperimentSection when run from a file
 
     def __post_init__(self) -> None:
@@ -66,6 +69,9 @@ class CocoSettings:
     evaluator: str = "auto"
     progress: bool = True
     out: Optional[Path] = None
+    # test_cfg changed for every row (score_thr, iou_threshold, max_per_img; nms_pre too
+    # unless the matrix has an nms_pre axis, which sets it per row)
+    test_cfg: Mapping[str, Any] = field(default_factory=dict)
     experiment: Any = None  # harness.results.ExperimentSection when run from a file
 
     def __post_init__(self) -> None:
@@ -126,6 +132,7 @@ def compare_settings(experiment: Union[str, Path, None] = None,
         with_layers=True if with_layers is None else bool(with_layers),
         provider=pick("provider"), device=pick("device"), score_tol=pick("score_tol"),
         box_tol=pick("box_tol"), iou_band=pick("iou_band"),
+        test_cfg=test_cfg_changes(overrides),
         experiment=exp.results_section() if exp else None)
 
 
@@ -159,11 +166,13 @@ def coco_settings(experiment: Union[str, Path, None] = None, **overrides: Any) -
                 raise UserError(f"{path} not found (model.{kind}.{precision} of "
                                 f"{experiment})")
     matrix = exp.matrix if exp else MatrixSpec()
+    # --nms-pre N [N ...] is the nms_pre axis (one value: every row at that nms_pre)
+    nms_pre_axis = _given(overrides, "nms_pre") or matrix.nms_pre
     configurations = matrix_configurations(
         _words(_given(overrides, "backends")) or matrix.backends,
         _words(_given(overrides, "precisions")) or matrix.precisions,
         _given(overrides, "batches") or matrix.batches,
-        _words(_given(overrides, "devices")) or matrix.devices)
+        _words(_given(overrides, "devices")) or matrix.devices, nms_pre_axis)
 
     def pick(name: str, from_file: Any) -> Any:
         given = _given(overrides, name)
@@ -182,7 +191,21 @@ def coco_settings(experiment: Union[str, Path, None] = None, **overrides: Any) -
         calib_count=pick("calib_count", defaults["calib_count"]),
         evaluator=pick("evaluator", defaults["evaluator"]),
         progress=pick("progress", defaults["progress"]), out=out,
+        test_cfg=test_cfg_changes({k: v for k, v in overrides.items() if k != "nms_pre"}),
         experiment=exp.results_section() if exp else None)
+
+
+TEST_CFG_FIELDS = ("nms_pre", "score_thr", "iou_threshold", "max_per_img")
+
+
+def test_cfg_changes(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The test_cfg settings the caller changes (those given and not None), checked."""
+    changes = {k: overrides[k] for k in TEST_CFG_FIELDS if overrides.get(k) is not None}
+    if changes.get("nms_pre", 1) < 1 or changes.get("max_per_img", 1) < 1:
+        raise UserError("--nms-pre and --max-per-img must be at least 1")
+    if not 0 < changes.get("iou_threshold", 0.5) <= 1:
+        raise UserError(f"--iou-threshold must be in (0, 1], got {changes['iou_threshold']}")
+    return changes
 
 
 def _words(values: Optional[Sequence[str]]) -> Optional[list[str]]:

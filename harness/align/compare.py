@@ -248,6 +248,7 @@ def run_compare(model: ModelSource, targets: Sequence[Target], images: Sequence[
     digests: list[str] = []
     unreadable: list[dict[str, str]] = []
     check = ReplayCheck()
+    ranked: list[dict[str, Any]] = []  # per image: candidates above score_thr, before TopK
     total = -(-len(images) // batch)
     for data in tqdm(_batches(images, model.preprocess, batch, unreadable), total=total,
                      desc="compare", unit="batch", disable=not progress):
@@ -257,6 +258,8 @@ def run_compare(model: ModelSource, targets: Sequence[Target], images: Sequence[
         ref_replays = ref_pipeline.replay(ref_cands, data.metas)
         found = model.framework_detections(ref_out, data.metas)
         adopt_mmyolo_output(ref_replays, found, data.metas, check)
+        ranked += [{"image": Path(meta.path).name, "candidates": ranked_candidates(rep)}
+                   for meta, rep in zip(data.metas, ref_replays)]
         ref_layers.new_batch()
         for key, run in list(runs.items()):
             try:
@@ -286,8 +289,34 @@ def run_compare(model: ModelSource, targets: Sequence[Target], images: Sequence[
                              preprocess=model.preprocess.describe()),
         reference={**reference.describe(), "pipeline": ref_pipeline.describe(),
                    "detections": "mmyolo predict_by_feat (what model.test_step outputs)",
-                   "replay_check": check.to_json()},
+                   "replay_check": check.to_json(),
+                   "candidates_before_topk": topk_pressure(ranked, model.nms.nms_pre)},
         targets=results, verdict=verdict(results, check.to_json(), skipped))
+
+
+# TensorRT's TopK layer takes K <= 3840 (docs/nms-semantics.md "TopK"): the limit a deployed
+# pre-NMS TopK cannot exceed
+TENSORRT_TOPK_LIMIT = 3840
+
+
+def ranked_candidates(side: Any) -> int:
+    """How many (box, class) candidates of one image passed the score threshold and entered
+    the pre-NMS ranking (before the nms_pre / TopK cut)."""
+    from harness.align.ties import RANKED
+
+    return int(np.isin(side.result.trace.code, RANKED).sum())
+
+
+def topk_pressure(per_image: list[dict[str, Any]], nms_pre: int) -> dict[str, Any]:
+    """Per image, the candidates a pre-NMS TopK sees, and on how many images the reference's
+    nms_pre and TensorRT's TopK limit (3840) would cut: whether aligning the reference with a
+    deployed TopK (--nms-pre) matters on these images."""
+    counts = [p["candidates"] for p in per_image]
+    return {"nms_pre": nms_pre, "tensorrt_topk_limit": TENSORRT_TOPK_LIMIT,
+            "max": max(counts, default=0),
+            "images_cut_by_nms_pre": sum(c > nms_pre for c in counts),
+            "images_cut_at_tensorrt_limit": sum(c > TENSORRT_TOPK_LIMIT for c in counts),
+            "per_image": per_image}
 
 
 def _layer_words(t: TargetResult) -> str:

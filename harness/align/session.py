@@ -45,6 +45,7 @@ def compare_with_settings(settings: Any, say: Callable[[str], None] = print) -> 
             raise UserError(f"{kind} file not found: {t}")
     images = list_images(settings.images, settings.count)
     model = load_mmyolo_model(settings.config, settings.checkpoint, device=settings.device)
+    model = model.with_nms(**settings.test_cfg)  # the reference as the user aligned it
     paths = list(settings.targets) or [default_target(model, settings.out)]
     targets = [open_or_say_why(p, settings.provider) for p in paths]
     for t in targets:

@@ -47,6 +47,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fresh", action="store_true",
                    help="discard stored per-image results and compute everything again")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--nms-pre", type=int, nargs="+", default=None, metavar="N",
+                   help="test_cfg.nms_pre for every row; several values make an axis of the "
+                        "matrix and an 'AP by nms_pre' table (e.g. 30000 3840 1000)")
+    p.add_argument("--score-thr", type=float, default=None,
+                   help="test_cfg.score_thr for every row (default: the config's)")
+    p.add_argument("--iou-threshold", type=float, default=None,
+                   help="test_cfg.nms.iou_threshold for every row (default: the config's)")
+    p.add_argument("--max-per-img", type=int, default=None,
+                   help="test_cfg.max_per_img for every row (default: the config's)")
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
@@ -58,7 +67,9 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         checkpoint=args.ckpt, backends=args.backends, precisions=args.precisions,
         batches=args.batches, devices=args.devices, count=args.count, warmup=args.warmup,
         runs=args.runs, calib_count=args.calib_count, evaluator=args.evaluator,
-        progress=not args.no_progress, out=args.out)
+        progress=not args.no_progress, out=args.out, nms_pre=args.nms_pre,
+        score_thr=args.score_thr, iou_threshold=args.iou_threshold,
+        max_per_img=args.max_per_img)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 def print_rows(doc: Any) -> None:
     """One line per configuration: AP, ΔAP, latency, throughput, or why it did not run."""
     for r in doc.rows:
-        label = f"{r.backend:<11} {r.device:<4} {r.precision:<4} b{r.batch}"
+        label = f"{r.backend:<11} {r.device:<4} {r.precision:<4} b{r.batch} pre{r.nms_pre}"
         if r.ok:
             delta = "—" if r.delta_AP is None else f"{r.delta_AP:+.4f}"
             steady = r.latency_stability or {}

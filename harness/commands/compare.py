@@ -37,6 +37,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iou-band", type=float, default=None,
                    help="how close to the IoU threshold a suppression is an IoU edge "
                         "(default 0.02)")
+    add_test_cfg_arguments(p)
+
+
+def add_test_cfg_arguments(p: argparse.ArgumentParser) -> None:
+    """The test_cfg settings a user can change for the PyTorch reference (compare, coco)."""
+    p.add_argument("--nms-pre", type=int, default=None, metavar="N",
+                   help="candidates kept before NMS (test_cfg.nms_pre; e.g. 3840 to align "
+                        "with TensorRT's TopK limit; default: the config's)")
+    p.add_argument("--score-thr", type=float, default=None,
+                   help="test_cfg.score_thr (default: the config's)")
+    p.add_argument("--iou-threshold", type=float, default=None,
+                   help="test_cfg.nms.iou_threshold (default: the config's)")
+    p.add_argument("--max-per-img", type=int, default=None,
+                   help="test_cfg.max_per_img (default: the config's)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         args.experiment, paths=args.paths, images=args.images, count=args.count,
         batch=args.batch, out=args.out, layers=args.layers, with_layers=not args.no_layers,
         provider=args.provider, device=args.device, score_tol=args.score_tol,
+        nms_pre=args.nms_pre, score_thr=args.score_thr, iou_threshold=args.iou_threshold,
+        max_per_img=args.max_per_img,
         box_tol=args.box_tol, iou_band=args.iou_band)
     writable_dir(settings.out)
     doc = compare_with_settings(settings)

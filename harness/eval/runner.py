@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional, Sequence
 
@@ -57,7 +57,7 @@ def run_coco(settings: CocoSettings, log: Callable[[str], None] = _say,
                         "asked for")
     split = open_split(settings.images_dir, settings.annotations, settings.count)
     evaluator = resolve_evaluator(settings.evaluator)
-    model = load_mmyolo_model(settings.config, settings.checkpoint)
+    model = load_mmyolo_model(settings.config, settings.checkpoint).with_nms(**settings.test_cfg)
     category_ids = category_ids_for(split, model.class_names)
     names_by_cat = {c: n for c, n in zip(category_ids, model.class_names) if c >= 0}
     files = ModelFiles(model, settings.cache_dir, settings.onnx, settings.engines,
@@ -90,7 +90,7 @@ def run_coco(settings: CocoSettings, log: Callable[[str], None] = _say,
 
 def _empty_row(config: Configuration, status: str) -> CocoRow:
     return CocoRow(backend=config.backend, device=config.device, precision=config.precision,
-                   batch=config.batch, status=status)
+                   batch=config.batch, status=status, nms_pre=config.nms_pre)
 
 
 def _run_configuration(config: Configuration, model: Any, files: Any, split: Any,
@@ -107,6 +107,7 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
     from harness.export.outputs import detections_from_outputs
 
     run = ConfigurationRun(config)
+    model = model.with_nms(nms_pre=config.nms_pre)  # the row's point on an nms_pre axis
     try:
         target = open_backend(config, model, files)
     except UserError as exc:  # an export or engine build that failed: the other rows go on
@@ -119,6 +120,7 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
     # shorter one (--count) keeps what the shorter one computed
     header = {"configuration": config.key,
               "model": target.fingerprint,
+              "nms": asdict(model.nms),  # post-processing settings (with_nms, nms_pre axis)
               "annotations_sha256": file_sha256(split.annotations),
               "images_dir": str(split.images_dir.resolve())}
     store = RunStore(RunStore.path_for(settings.cache_dir, config.key), header).open()
@@ -152,6 +154,7 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
     scores = evaluate(split.coco, store.detections(readable), readable, names_by_cat,
                       evaluator)
     row = _empty_row(config, "ok")
+    row.nms_pre = model.nms.nms_pre  # what the post-processing used (axis or config)
     for k in COCO_STATS:
         setattr(row, k, scores.stats[k])
     row.per_class = scores.per_class
@@ -192,13 +195,13 @@ def _measure(config: Configuration, split: Any, model: Any, backend: Any,
 
 
 def add_delta_ap(rows: list[CocoRow]) -> None:
-    """delta_AP = AP − AP of PyTorch fp32 at the same batch (on any device, the row's own
-    first), else of any PyTorch fp32 row; None without one."""
+    """delta_AP = AP − AP of PyTorch fp32 at the same batch and nms_pre (on any device, the
+    row's own first), else of any PyTorch fp32 row; None without one."""
     refs = [r for r in rows if (r.backend, r.precision) == REFERENCE and r.ok]
     for row in rows:
         if not row.ok or not refs:
             continue
-        same = [r for r in refs if r.batch == row.batch]
+        same = [r for r in refs if (r.batch, r.nms_pre) == (row.batch, row.nms_pre)]
         same.sort(key=lambda r: r.device != row.device)
         ref = (same or refs)[0]
         row.delta_AP = row.AP - ref.AP

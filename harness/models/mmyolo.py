@@ -165,6 +165,33 @@ class MmyoloModel:
         self.class_names = class_names
         self.preprocess: PreprocessSpec = preprocess_spec_from_config(cfg)
         self.nms = NmsSettings.from_test_cfg(head.test_cfg, self.num_classes)
+        self.nms_config = self.nms  # as the config says; `nms` may be changed (with_nms)
+        # what predict_by_feat reads: the head's test_cfg, or a changed copy (with_nms)
+        self.test_cfg = head.test_cfg
+
+    def with_nms(self, **changes: Any) -> "MmyoloModel":
+        import copy
+        import dataclasses
+
+        fields = {"nms_pre", "score_thr", "iou_threshold", "max_per_img"}
+        unknown = set(changes) - fields
+        if unknown:
+            raise UserError(f"cannot change test_cfg {', '.join(sorted(unknown))}; the "
+                            f"settings that can be set are {', '.join(sorted(fields))}")
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if not changes:
+            return self
+        other = copy.copy(self)
+        other.nms = dataclasses.replace(self.nms, **changes)
+        cfg = copy.deepcopy(self.test_cfg)
+        for key in ("nms_pre", "score_thr", "max_per_img"):
+            if key in changes:
+                cfg[key] = changes[key]
+        if "iou_threshold" in changes:
+            cfg["nms"] = {**dict(cfg.get("nms") or {"type": "nms"}),
+                          "iou_threshold": changes["iou_threshold"]}
+        other.test_cfg = cfg
+        return other
 
     def copy_to(self, device: str, dtype: Any) -> "MmyoloModel":
         import copy
@@ -300,7 +327,7 @@ class MmyoloModel:
         with torch.no_grad():
             found = head.predict_by_feat(
                 maps["cls_scores"], maps["bbox_preds"], maps.get("objectnesses"),
-                batch_img_metas=img_metas, cfg=head.test_cfg, rescale=True, with_nms=True)
+                batch_img_metas=img_metas, cfg=self.test_cfg, rescale=True, with_nms=True)
         results = []
         for inst in found:
             n = len(inst.scores)
@@ -329,6 +356,10 @@ class MmyoloModel:
             "config": self.cfg_path, "checkpoint": self.ckpt_path, "family": self.family,
             "head": self.head_type, "num_classes": self.num_classes,
             "class_names": list(self.class_names), "nms": asdict(self.nms),
+            # settings changed from the config's test_cfg (with_nms): name → [config, used]
+            "nms_changed": {k: [v, getattr(self.nms, k)]
+                            for k, v in asdict(self.nms_config).items()
+                            if getattr(self.nms, k) != v},
             "preprocess": self.preprocess.describe(), "torch": torch.__version__,
             "device": self.device,
         }

@@ -102,6 +102,13 @@ class ModelSource(Protocol):
         source is left as it is (the PyTorch backend's fp16 / bf16 / other-device runs)."""
         ...
 
+    def with_nms(self, **changes: Any) -> "ModelSource":
+        """A copy (sharing the module) whose post-processing uses NmsSettings with `changes`
+        (nms_pre, score_thr, iou_threshold, max_per_img) — in the numpy reference and in the
+        framework's own detections alike; this source is left as it is. How a user aligns
+        the PyTorch reference with a deployed TopK (`--nms-pre 3840`)."""
+        ...
+
     # -- the stages, torch side (PyTorch backend, export) --------------------------------
     def head_outputs(self, images: Any) -> dict[str, Any]:
         """images (B, 3, H, W) (numpy or torch; run on `device` in the module's dtype) →

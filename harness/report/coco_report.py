@@ -42,8 +42,11 @@ def write_coco_report(doc: CocoResult, out: Path,
     return written
 
 
-def _label(row: CocoRow) -> str:
-    return f"{row.backend} {row.device} {row.precision} b{row.batch}"
+def _label(row: CocoRow, doc: Optional[CocoResult] = None) -> str:
+    """backend device precision b<batch>, and nms_pre when the doc's rows vary it."""
+    text = f"{row.backend} {row.device} {row.precision} b{row.batch}"
+    axis = doc is not None and len({r.nms_pre for r in doc.rows if r.ok}) > 1
+    return f"{text} nms_pre {row.nms_pre}" if axis else text
 
 
 def _lat(row: CocoRow, stage: str, stat: str) -> Any:
@@ -63,16 +66,17 @@ def _mean_cell(row: CocoRow) -> Any:
 
 
 def main_table(doc: CocoResult) -> str:
-    headers = ["backend", "device", "precision", "batch", *ACCURACY, "ΔAP vs PyTorch fp32",
-               "latency mean (ms/batch)", "latency p99 (ms/batch)", "images/s", "status"]
+    headers = ["backend", "device", "precision", "batch", "nms_pre", *ACCURACY,
+               "ΔAP vs PyTorch fp32", "latency mean (ms/batch)", "latency p99 (ms/batch)",
+               "images/s", "status"]
     rows = []
     for r in doc.rows:
         delta = r.delta_AP
-        rows.append([r.backend, r.device, r.precision, r.batch,
+        rows.append([r.backend, r.device, r.precision, r.batch, r.nms_pre,
                      *(getattr(r, k) for k in ACCURACY),
                      None if delta is None else f"{delta:+.4f}",
                      _mean_cell(r), _lat(r, "total", "p99"), r.images_per_s, r.status])
-    return table(headers, rows, align="lllr" + "r" * 10 + "l", digits=3)
+    return table(headers, rows, align="lllrr" + "r" * 10 + "l", digits=3)
 
 
 def stability_text(doc: CocoResult) -> Optional[str]:
@@ -87,7 +91,8 @@ def stability_text(doc: CocoResult) -> Optional[str]:
     if not unstable:
         return (f"Latency stability: all {len(judged)} configurations that ran are within the "
                 f"limits (unstable means {limits}).")
-    which = "; ".join(f"**{_label(r)}**: {r.latency_stability['reason']}" for r in unstable)
+    which = "; ".join(f"**{_label(r, doc)}**: {r.latency_stability['reason']}"
+                      for r in unstable)
     machine = doc.machine or {}
     threads, cores = machine.get("threads"), machine.get("usable_cores")
     crowded = (f" PyTorch ran {threads} threads on {cores} usable cores."
@@ -117,8 +122,28 @@ def stage_table(doc: CocoResult) -> str:
         if not r.ok:
             continue
         cells = [f"{fmt(_lat(r, s, 'mean'))} / {fmt(_lat(r, s, 'p99'))}" for s in STAGES]
-        rows.append([_label(r) + (f" {UNSTABLE}" if _unstable(r) else ""), *cells])
+        rows.append([_label(r, doc) + (f" {UNSTABLE}" if _unstable(r) else ""), *cells])
     return table(headers, rows, align="l" + "r" * len(STAGES))
+
+
+def nms_pre_table(doc: CocoResult) -> Optional[str]:
+    """AP per configuration (rows) and nms_pre (columns, largest first), with the change from
+    the largest; None unless the rows that ran have more than one nms_pre."""
+    ran = [r for r in doc.rows if r.ok and r.nms_pre is not None]
+    values = sorted({r.nms_pre for r in ran}, reverse=True)
+    if len(values) < 2:
+        return None
+    by_config: dict[tuple, dict[int, float]] = {}
+    for r in ran:
+        by_config.setdefault((r.backend, r.device, r.precision, r.batch), {})[r.nms_pre] = r.AP
+    rows = []
+    for (backend, device, precision, batch), aps in by_config.items():
+        base = aps.get(values[0])
+        cells = [None if v not in aps else fmt(aps[v]) if base is None or v == values[0]
+                 else f"{fmt(aps[v])} ({aps[v] - base:+.4f})" for v in values]
+        rows.append([f"{backend} {device} {precision} b{batch}", *cells])
+    return table(["configuration", *(f"nms_pre {v}" for v in values)], rows,
+                 align="l" + "r" * len(values))
 
 
 def per_class_table(doc: CocoResult) -> Optional[str]:
@@ -127,7 +152,7 @@ def per_class_table(doc: CocoResult) -> Optional[str]:
         return None
     classes = list(ran[0].per_class)
     rows = [[name, *(r.per_class.get(name) for r in ran)] for name in classes]
-    return table(["class", *(_label(r) for r in ran)], rows, align="l" + "r" * len(ran))
+    return table(["class", *(_label(r, doc) for r in ran)], rows, align="l" + "r" * len(ran))
 
 
 def render_coco(doc: CocoResult, plot: Optional[str] = None) -> str:
@@ -168,6 +193,12 @@ def render_coco(doc: CocoResult, plot: Optional[str] = None) -> str:
         lines += [f"![AP vs latency]({plot})", ""]
     if ok:
         lines += ["## Latency by stage (ms per batch)", "", stage_table(doc), ""]
+    by_nms_pre = nms_pre_table(doc)
+    if by_nms_pre:
+        lines += ["## AP by nms_pre", "", "COCO AP of each configuration with the pre-NMS "
+                  "candidate cap (test_cfg.nms_pre) at each value of the matrix's nms_pre "
+                  "axis, and the change from the largest: what a smaller TopK — TensorRT's "
+                  "3840, or a deployment's own — costs.", "", by_nms_pre, ""]
     per_class = per_class_table(doc)
     if per_class:
         lines += ["## AP per class", "", "AP@[.50:.95], area all, maxDets 100; — where the "
@@ -180,7 +211,7 @@ def render_csv(doc: CocoResult) -> str:
     coefficient of variation, whether its latency was stable (true / false; empty when not
     judged) and why not, throughput."""
     stats = ("mean", "median", "p90", "p99", "std")
-    headers = ["backend", "device", "precision", "batch", "status", *CSV_STATS,
+    headers = ["backend", "device", "precision", "batch", "nms_pre", "status", *CSV_STATS,
                *(f"{s}_{q}_ms" for s in STAGES for q in stats), "total_cv",
                "latency_stable", "latency_unstable_reason", "images_per_s", "images",
                "unreadable"]
@@ -188,7 +219,7 @@ def render_csv(doc: CocoResult) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(headers)
     for r in doc.rows:
-        writer.writerow([r.backend, r.device, r.precision, r.batch, r.status,
+        writer.writerow([r.backend, r.device, r.precision, r.batch, _cell(r.nms_pre), r.status,
                          *(_cell(getattr(r, k)) for k in CSV_STATS),
                          *(_cell(_lat(r, s, q)) for s in STAGES for q in stats),
                          _cell(_lat(r, "total", "cv")), *_stability_cells(r),

@@ -46,6 +46,7 @@ def render_compare(doc: CompareResult, plot: Optional[str] = None) -> str:
     out += _layers(doc, plot)
     out += _detections(doc)
     out += _candidates(doc)
+    out += _topk_pressure(doc)
     out += _examples(doc)
     out += [f"_{doc.created}, {doc.seconds} s._", ""]
     return "\n".join(out)
@@ -194,6 +195,28 @@ def _candidates(doc: CompareResult) -> list[str]:
             table(["target", "box max-abs (px)", "score max-abs", "score rel-L2",
                    "PyTorch above score_thr", "target above score_thr", "difference born",
                    "replay ≠ backend output (images)"], rows, align="lrrrrrlr"), ""]
+
+
+def _topk_pressure(doc: CompareResult) -> list[str]:
+    p = doc.reference.get("candidates_before_topk")
+    if not p:
+        return []
+    changed = doc.model.get("nms_changed") or {}
+    note = ("; the reference ran with " + ", ".join(f"{k} {v[1]} (config: {v[0]})"
+                                                    for k, v in changed.items())
+            if changed else "")
+    rows = [[x["image"], x["candidates"], max(0, x["candidates"] - p["nms_pre"]),
+             "yes" if x["candidates"] > p["tensorrt_topk_limit"] else "no"]
+            for x in sorted(p["per_image"], key=lambda x: -x["candidates"])[:10]]
+    return ["### Candidates before the pre-NMS TopK", "",
+            f"Candidates above score_thr that the pre-NMS TopK ranks, per image: at most "
+            f"{p['max']}. nms_pre {p['nms_pre']} cuts on {p['images_cut_by_nms_pre']} of "
+            f"{len(p['per_image'])} images; a TopK at TensorRT's limit "
+            f"({p['tensorrt_topk_limit']}) would cut on {p['images_cut_at_tensorrt_limit']}"
+            f"{note}. To compare with a deployed TopK of K, run the reference with "
+            "`--nms-pre K`.", "",
+            table(["image", "candidates above score_thr", "cut by nms_pre",
+                   f"over {p['tensorrt_topk_limit']}"], rows, align="lrrl"), ""]
 
 
 def _examples(doc: CompareResult) -> list[str]:

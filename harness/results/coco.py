@@ -19,6 +19,7 @@ class CocoRow(Schema):
     precision: str
     batch: int
     status: str
+    nms_pre: Optional[int] = None  # the row's test_cfg.nms_pre (an nms_pre axis varies it)
     AP: Optional[float] = None
     AP50: Optional[float] = None
     AP75: Optional[float] = None
@@ -41,8 +42,8 @@ class CocoRow(Schema):
         return self.status == "ok"
 
     @property
-    def key(self) -> tuple[str, str, str, int]:
-        return (self.backend, self.device, self.precision, self.batch)
+    def key(self) -> tuple:
+        return (self.backend, self.device, self.precision, self.batch, self.nms_pre)
 
 
 @dataclass

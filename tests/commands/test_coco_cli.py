@@ -33,7 +33,7 @@ def render_csv(doc: dict) -> str:
 RUNS_HERE = {f"{b}_cpu_{p}_b{n}" for b, ps in (("torch", ("fp32", "fp16", "bf16")),
                                                 ("onnxruntime", ("fp32", "fp16", "int8")))
              for p in ps for n in (1, 4)}
-ROW_KEYS = {"backend", "device", "precision", "batch", "status", "AP", "AP50", "AP75", "APs",
+ROW_KEYS = {"backend", "device", "precision", "batch", "nms_pre", "status", "AP", "AP50", "AP75", "APs",
             "APm", "APl", "AR1", "AR10", "AR100", "delta_AP", "per_class", "latency_ms",
             "latency_stability", "images_per_s", "images", "unreadable"}
 
