@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from harness.results import ExperimentSection
 
 PRECISION_NAMES = ("fp32", "fp16", "bf16", "int8")
+PREPROCESS_MODES = ("fixed", "batch_shapes")
 
 
 def _registry() -> Any:
@@ -43,12 +44,15 @@ class Configuration:
     precision: str
     batch: int
     nms_pre: Union[int, None] = None
+    preprocess: str = "fixed"  # or "batch_shapes": mmyolo's per-batch rectangles
 
     @property
     def key(self) -> str:
-        """File-name-safe name: `onnxruntime_cpu_int8_b4` (`..._b4_pre3840` with nms_pre)."""
+        """File-name-safe name: `onnxruntime_cpu_int8_b4` (`..._b4_pre3840` with nms_pre,
+        `..._bs` with batch shapes)."""
         pre = "" if self.nms_pre is None else f"_pre{self.nms_pre}"
-        return f"{self.backend}_{self.device}_{self.precision}_b{self.batch}{pre}"
+        shapes = "_bs" if self.preprocess == "batch_shapes" else ""
+        return f"{self.backend}_{self.device}_{self.precision}_b{self.batch}{pre}{shapes}"
 
 
 @dataclass(frozen=True)
@@ -80,10 +84,12 @@ class MatrixSpec:
     devices: tuple[str, ...] = ("cpu",)
     # an axis over test_cfg.nms_pre (empty: the config's only), e.g. (30000, 3840, 1000)
     nms_pre: tuple[int, ...] = ()
+    # fixed and / or batch_shapes (only backends that take any input size run those)
+    preprocess: tuple[str, ...] = ("fixed",)
 
     def configurations(self) -> list[Configuration]:
         return matrix_configurations(self.backends, self.precisions, self.batches,
-                                     self.devices, self.nms_pre)
+                                     self.devices, self.nms_pre, self.preprocess)
 
 
 @dataclass(frozen=True)
@@ -131,7 +137,8 @@ class Experiment:
 
 def matrix_configurations(backends: Iterable[str], precisions: Iterable[str],
                           batches: Iterable[int], devices: Iterable[str],
-                          nms_pre: Iterable[int] = ()) -> list[Configuration]:
+                          nms_pre: Iterable[int] = (),
+                          preprocess: Iterable[str] = ("fixed",)) -> list[Configuration]:
     """Every (backend, device, precision, batch) the pairing rule allows, in the order given
     (backend, device, precision, batch), without duplicates."""
     registry = _registry()
@@ -139,6 +146,11 @@ def matrix_configurations(backends: Iterable[str], precisions: Iterable[str],
     precisions, batches, devices = list(precisions), list(batches), list(devices)
     known_devices = registry.all_devices()
     pres: list[Union[int, None]] = list(nms_pre) or [None]
+    modes = list(preprocess) or ["fixed"]
+    bad = [m for m in modes if m not in PREPROCESS_MODES]
+    if bad:
+        raise UserError(f"unknown preprocess '{bad[0]}'; choose from "
+                        f"{', '.join(PREPROCESS_MODES)}")
     if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in pres if n is not None):
         raise UserError(f"nms_pre values must be whole numbers >= 1, got {list(nms_pre)}")
     for backend in backends:
@@ -158,9 +170,14 @@ def matrix_configurations(backends: Iterable[str], precisions: Iterable[str],
                     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
                         raise UserError(f"batch sizes must be whole numbers >= 1, got {batch!r}")
                     for pre in pres:
-                        c = Configuration(backend, device, precision, batch, pre)
-                        if c not in out:
-                            out.append(c)
+                        for mode in modes:
+                            # batch shapes vary the input size: static files cannot
+                            if mode == "batch_shapes" and not \
+                                    registry.backend_class(backend).dynamic_input_size:
+                                continue
+                            c = Configuration(backend, device, precision, batch, pre, mode)
+                            if c not in out:
+                                out.append(c)
     return out
 
 
@@ -217,14 +234,16 @@ def load_experiment(path: Union[str, Path]) -> Experiment:
                     annotations=_path(r.get(d, "annotations", str, "data")), count=count)
 
     mx = r.table(doc, "matrix")
-    r.keys(mx, "matrix", {"backends", "precisions", "batches", "devices", "nms_pre"})
+    r.keys(mx, "matrix", {"backends", "precisions", "batches", "devices", "nms_pre",
+                          "preprocess"})
     default = MatrixSpec()
     matrix = MatrixSpec(
         backends=r.choices(mx, "backends", tuple(_registry().BACKENDS), default.backends),
         precisions=r.choices(mx, "precisions", PRECISION_NAMES, default.precisions),
         batches=tuple(r.list_of(mx, "batches", int, "matrix", default.batches)),
         devices=r.choices(mx, "devices", _registry().all_devices(), default.devices),
-        nms_pre=tuple(r.list_of(mx, "nms_pre", int, "matrix", default.nms_pre)))
+        nms_pre=tuple(r.list_of(mx, "nms_pre", int, "matrix", default.nms_pre)),
+        preprocess=r.choices(mx, "preprocess", PREPROCESS_MODES, default.preprocess))
     if any(b < 1 for b in matrix.batches):
         raise UserError(f"{p}: matrix.batches must be >= 1, got {list(matrix.batches)}")
     matrix.configurations()  # the pairing rule's checks, now

@@ -36,6 +36,9 @@ class CompareSettings:
     # the PyTorch reference's test_cfg changed for this run (nms_pre, score_thr,
     # iou_threshold, max_per_img), e.g. nms_pre 3840 to align with a deployed TopK
     test_cfg: Mapping[str, Any] = field(default_factory=dict)
+    # engine → its source ONNX (--onnx, one per engine in the order of the engines): names
+    # the layers and NMS of an engine another tool built, which has no harness sidecar
+    engine_onnx: Mapping[Path, Path] = field(default_factory=dict)
     experiment: Any = None  # harness.results.ExperimentSection when run from a file
 
     def __post_init__(self) -> None:
@@ -133,7 +136,27 @@ def compare_settings(experiment: Union[str, Path, None] = None,
         provider=pick("provider"), device=pick("device"), score_tol=pick("score_tol"),
         box_tol=pick("box_tol"), iou_band=pick("iou_band"),
         test_cfg=test_cfg_changes(overrides),
+        engine_onnx=_engine_onnx(targets, overrides.get("onnx")),
         experiment=exp.results_section() if exp else None)
+
+
+def _engine_onnx(targets: Sequence[Union[str, Path]], onnx: Optional[Sequence[Any]]
+                 ) -> dict[Path, Path]:
+    """--onnx FILE (repeatable): the i-th names the source ONNX of the i-th engine among
+    `targets`; more --onnx than engines, or one that does not exist, is a UserError."""
+    if not onnx:
+        return {}
+    from harness.backends.registry import class_for_file
+
+    engines = [Path(t) for t in targets if class_for_file(t).file_kind == "engine"]
+    files = [Path(o) for o in onnx]
+    if len(files) > len(engines):
+        raise UserError(f"{len(files)} --onnx for {len(engines)} engine(s): give one --onnx "
+                        "per engine, in the order of the engines")
+    for f in files:
+        if not f.is_file():
+            raise UserError(f"--onnx {f} not found")
+    return dict(zip(engines, files))
 
 
 def coco_settings(experiment: Union[str, Path, None] = None, **overrides: Any) -> CocoSettings:
@@ -172,7 +195,8 @@ def coco_settings(experiment: Union[str, Path, None] = None, **overrides: Any) -
         _words(_given(overrides, "backends")) or matrix.backends,
         _words(_given(overrides, "precisions")) or matrix.precisions,
         _given(overrides, "batches") or matrix.batches,
-        _words(_given(overrides, "devices")) or matrix.devices, nms_pre_axis)
+        _words(_given(overrides, "devices")) or matrix.devices, nms_pre_axis,
+        _words(_given(overrides, "preprocess")) or matrix.preprocess)
 
     def pick(name: str, from_file: Any) -> Any:
         given = _given(overrides, name)
@@ -191,7 +215,8 @@ def coco_settings(experiment: Union[str, Path, None] = None, **overrides: Any) -
         calib_count=pick("calib_count", defaults["calib_count"]),
         evaluator=pick("evaluator", defaults["evaluator"]),
         progress=pick("progress", defaults["progress"]), out=out,
-        test_cfg=test_cfg_changes({k: v for k, v in overrides.items() if k != "nms_pre"}),
+        test_cfg=test_cfg_changes({k: v for k, v in overrides.items()
+                                   if k not in ("nms_pre", "preprocess")}),
         experiment=exp.results_section() if exp else None)
 
 

@@ -70,6 +70,8 @@ class Backend(ABC):
     file_suffixes: ClassVar[tuple[str, ...]] = ()  # the files `harness compare` opens with it
     file_kind: ClassVar[str] = ""           # what results call such a file: onnx | engine
     plot_marker: ClassVar[str] = "D"        # matplotlib marker in the AP-vs-latency plot
+    # takes inputs of any height and width (the rectangles of mmyolo's batch shapes)
+    dynamic_input_size: ClassVar[bool] = False
     # outputs are host arrays when infer() returns (no device sync needed around it)
     synchronous: ClassVar[bool] = True
 

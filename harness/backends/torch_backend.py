@@ -33,6 +33,7 @@ class TorchBackend(Backend):
     precisions = tuple(PRECISIONS)
     devices = ("cpu", "cuda")
     plot_marker = "o"
+    dynamic_input_size = True
     synchronous = False  # CUDA kernels run on after forward() returns
 
     @classmethod

@@ -50,6 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nms-pre", type=int, nargs="+", default=None, metavar="N",
                    help="test_cfg.nms_pre for every row; several values make an axis of the "
                         "matrix and an 'AP by nms_pre' table (e.g. 30000 3840 1000)")
+    p.add_argument("--preprocess", nargs="+", default=None, metavar="MODE",
+                   help="fixed (every image letterboxed to the config's size) and / or "
+                        "batch_shapes (mmyolo's per-batch rectangles from the config's "
+                        "batch_shapes_cfg, as tools/test.py evaluates; PyTorch rows only)")
     p.add_argument("--score-thr", type=float, default=None,
                    help="test_cfg.score_thr for every row (default: the config's)")
     p.add_argument("--iou-threshold", type=float, default=None,
@@ -69,7 +73,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         runs=args.runs, calib_count=args.calib_count, evaluator=args.evaluator,
         progress=not args.no_progress, out=args.out, nms_pre=args.nms_pre,
         score_thr=args.score_thr, iou_threshold=args.iou_threshold,
-        max_per_img=args.max_per_img)
+        max_per_img=args.max_per_img, preprocess=args.preprocess)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
 def print_rows(doc: Any) -> None:
     """One line per configuration: AP, ΔAP, latency, throughput, or why it did not run."""
     for r in doc.rows:
-        label = f"{r.backend:<11} {r.device:<4} {r.precision:<4} b{r.batch} pre{r.nms_pre}"
+        label = (f"{r.backend:<11} {r.device:<4} {r.precision:<4} b{r.batch} pre{r.nms_pre}"
+                 + (" batch-shapes" if r.preprocess == "batch_shapes" else ""))
         if r.ok:
             delta = "—" if r.delta_AP is None else f"{r.delta_AP:+.4f}"
             steady = r.latency_stability or {}

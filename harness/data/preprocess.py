@@ -106,9 +106,12 @@ def _keep_ratio_resize(img, step: KeepRatioResize):
     return img, (rw / w, rh / h), None
 
 
-def _letter_resize(img, step: LetterResize):
+def _letter_resize(img, step: LetterResize, batch_shape=None):
     h, w = img.shape[:2]
-    target_h, target_w = step.scale[1], step.scale[0]
+    # mmyolo's LetterResize letterboxes to the image's batch shape (h, w) when the dataset
+    # set one (BatchShapePolicy), else to its own scale (w, h)
+    target_h, target_w = batch_shape if batch_shape is not None else (step.scale[1],
+                                                                      step.scale[0])
     ratio = min(target_h / h, target_w / w)
     if not step.allow_scale_up:
         ratio = min(ratio, 1.0)
@@ -168,8 +171,11 @@ _APPLY = {KeepRatioResize: _keep_ratio_resize, LetterResize: _letter_resize,
           Rescale: _rescale, FixedResize: _fixed_resize, PadBottomRight: _pad_bottom_right}
 
 
-def transform_image(img: np.ndarray, spec: PreprocessSpec, path: str = "") -> tuple[np.ndarray, ImageMeta]:
-    """Apply the pipeline's pixel steps to one BGR uint8 image.
+def transform_image(img: np.ndarray, spec: PreprocessSpec, path: str = "",
+                    batch_shape: Union[tuple[int, int], None] = None
+                    ) -> tuple[np.ndarray, ImageMeta]:
+    """Apply the pipeline's pixel steps to one BGR uint8 image; batch_shape (h, w): the
+    rectangle mmyolo's BatchShapePolicy gave the image's batch (LetterResize pads to it).
 
     Returns the float32 (3, H, W) normalised input and its ImageMeta.
     """
@@ -177,7 +183,10 @@ def transform_image(img: np.ndarray, spec: PreprocessSpec, path: str = "") -> tu
     scale = (1.0, 1.0)
     pad: Union[tuple[float, ...], None] = None
     for step in spec.steps:
-        img, (sx, sy), step_pad = _APPLY[type(step)](img, step)
+        if batch_shape is not None and isinstance(step, LetterResize):
+            img, (sx, sy), step_pad = _letter_resize(img, step, batch_shape)
+        else:
+            img, (sx, sy), step_pad = _APPLY[type(step)](img, step)
         # Successive resizes compose their factors (LetterResize's scale_factor_origin);
         # letterbox pads accumulate scaled by the later ratio, as mmyolo's pad_param_origin.
         if step_pad is not None:

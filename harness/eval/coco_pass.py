@@ -74,7 +74,8 @@ def prepare_batch(chunk: Sequence[Any], spec: Any) -> _Prepared:
     arrays = []
     for im in chunk:
         try:
-            x, meta = transform_image(read_image(im.path), spec, str(im.path))
+            x, meta = transform_image(read_image(im.path), spec, str(im.path),
+                                      getattr(im, "batch_shape", None))
         except UserError as exc:
             out.unreadable.append((im, str(exc)))
             continue

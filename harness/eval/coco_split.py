@@ -15,9 +15,17 @@ from harness.errors import UserError
 
 @dataclass(frozen=True)
 class SplitImage:
+    """One image of the split; width / height as the annotation file records them (what
+    mmdet's dataset and mmyolo's BatchShapePolicy read); batch_shape (h, w): the rectangle
+    it is letterboxed to when a row evaluates with batch shapes, else None."""
+
     image_id: int
     file_name: str
     path: Path
+    width: int = 0
+    height: int = 0
+    position: int = 0  # where the annotation file lists it (mmdet's dataset order)
+    batch_shape: Union[tuple[int, int], None] = None
 
 
 @dataclass
@@ -76,7 +84,9 @@ def open_split(images_dir: Union[str, Path], annotations: Union[str, Path, None]
     if stray:
         raise UserError(f"annotation file {ann}: {len(stray)} annotations refer to image ids "
                         f"it does not list (first: {stray[0]})")
-    images = [SplitImage(i, name, images_dir / name) for i, name in sorted(pairs)]
+    sizes = {int(im["id"]): (int(im.get("width") or 0), int(im.get("height") or 0),
+                             position) for position, im in enumerate(entries)}
+    images = [SplitImage(i, name, images_dir / name, *sizes[i]) for i, name in sorted(pairs)]
     if count:
         images = images[:count]
     missing = [im for im in images if not im.path.is_file()]

@@ -90,7 +90,8 @@ def run_coco(settings: CocoSettings, log: Callable[[str], None] = _say,
 
 def _empty_row(config: Configuration, status: str) -> CocoRow:
     return CocoRow(backend=config.backend, device=config.device, precision=config.precision,
-                   batch=config.batch, status=status, nms_pre=config.nms_pre)
+                   batch=config.batch, status=status, nms_pre=config.nms_pre,
+                   preprocess=config.preprocess)
 
 
 def _run_configuration(config: Configuration, model: Any, files: Any, split: Any,
@@ -130,19 +131,24 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
         log(f"{config.key}: resuming, {done} of {len(split.images)} images already done")
     backend = target.backend
     timing = default_settings(config.device, settings.warmup, settings.runs)
+    try:
+        images, batch = images_for(config, split, model)
+    except UserError as exc:
+        log(f"{config.key}: {exc}")
+        return _empty_row(config, f"not available: {exc}"), run
 
     def post(outputs: Any, metas: Sequence[Any]) -> list:
         return detections_from_outputs(model, outputs, metas)
 
     try:
         run.pass_times = run_pass(
-            split.images, config.batch, model.preprocess, backend.infer, post, category_ids,
+            images, batch, model.preprocess, backend.infer, post, category_ids,
             store, sync=target.sync, desc=config.key, progress=settings.progress,
             on_batch=None if on_batch is None else (lambda n: on_batch(config, n)),
             warn=log)
         stored = store.latency or {}
         if (stored.get("warmup"), stored.get("runs")) != (timing.warmup, timing.runs):
-            store.append_latency(_measure(config, split, model, backend, post, target.sync,
+            store.append_latency(_measure(images, batch, model, backend, post, target.sync,
                                           timing).to_json())
     except UserError as exc:  # a backend that loads but cannot run these inputs
         log(f"{config.key}: failed: {exc}")
@@ -169,29 +175,56 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
     return row, run
 
 
-def _measure(config: Configuration, split: Any, model: Any, backend: Any,
+def images_for(config: Configuration, split: Any, model: Any) -> tuple[list[Any], int]:
+    """(images in evaluation order, batch size) of a row. With batch shapes, mmyolo's
+    BatchShapePolicy decides both: the images sorted by aspect ratio from the annotation
+    file's order, each letterboxed to its batch's rectangle, in batches of the policy's size
+    (tools/test.py's evaluation); a UserError says why a row cannot evaluate that way."""
+    import dataclasses
+
+    if config.preprocess == "fixed":
+        return list(split.images), config.batch
+    policy = model.preprocess.batch_shapes
+    if policy is None:
+        raise UserError("the config has no batch_shapes_cfg (its test dataset letterboxes "
+                        "every image to one size)")
+    if config.batch != policy.batch_size:
+        raise UserError(f"batch shapes are planned for batches of {policy.batch_size} (the "
+                        f"config's batch_shapes_cfg); run this row at batch "
+                        f"{policy.batch_size}")
+    in_file_order = sorted(split.images, key=lambda im: im.position)
+    if any(im.width <= 0 or im.height <= 0 for im in in_file_order):
+        raise UserError("batch shapes need each image's width and height in the annotation "
+                        "file")
+    order, shapes = policy.plan([(im.width, im.height) for im in in_file_order])
+    return ([dataclasses.replace(in_file_order[i], batch_shape=shape)
+             for i, shape in zip(order, shapes)], policy.batch_size)
+
+
+def _measure(images: Sequence[Any], batch: int, model: Any, backend: Any,
              post: Callable[..., Any], sync: Optional[Callable[[], None]],
              latency: Any) -> Any:
-    """Latency on the split's first readable images, cycled in batches of config.batch."""
-    from harness.data.preprocess import preprocess_files, read_image
-    from harness.eval.coco_pass import plan_batches
+    """Latency on the first readable images of the row's evaluation order, cycled in its
+    batches (with their batch shapes, where the row has them)."""
+    from harness.data.preprocess import read_image
+    from harness.eval.coco_pass import plan_batches, prepare_batch
     from harness.eval.latency import measure_latency
 
     readable = []
-    for im in split.images[: max(8 * config.batch, 32)]:
+    for im in images[: max(8 * batch, 32)]:
         try:
             read_image(im.path)
         except UserError:
             continue
-        readable.append(im.path)
-    batches = [b for b in plan_batches(readable, config.batch) if len(b) == config.batch]
+        readable.append(im)
+    batches = [b for b in plan_batches(readable, batch) if len(b) == batch]
     if not batches:
         batches = [readable] if readable else []
     return measure_latency(
-        batches, lambda paths: preprocess_files(paths, model.preprocess),
-        lambda batch: backend.infer(batch.inputs),
-        lambda batch, outputs: post(outputs, batch.metas), latency,
-        batch_size=len(batches[0]) if batches else config.batch, sync=sync)
+        batches, lambda ims: prepare_batch(ims, model.preprocess),
+        lambda prepared: backend.infer(prepared.inputs),
+        lambda prepared, outputs: post(outputs, prepared.metas), latency,
+        batch_size=len(batches[0]) if batches else batch, sync=sync)
 
 
 def add_delta_ap(rows: list[CocoRow]) -> None:
@@ -201,7 +234,8 @@ def add_delta_ap(rows: list[CocoRow]) -> None:
     for row in rows:
         if not row.ok or not refs:
             continue
-        same = [r for r in refs if (r.batch, r.nms_pre) == (row.batch, row.nms_pre)]
+        same = [r for r in refs if (r.batch, r.nms_pre, r.preprocess) ==
+                (row.batch, row.nms_pre, row.preprocess)]
         same.sort(key=lambda r: r.device != row.device)
         ref = (same or refs)[0]
         row.delta_AP = row.AP - ref.AP

@@ -7,7 +7,7 @@ annotation and packing steps are recognised and skipped. Anything else is refuse
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Optional, Sequence, Union
 
 from harness.errors import UserError
 
@@ -77,6 +77,8 @@ class PreprocessSpec:
     pad_size_divisor: int = 1
     pad_value: float = 0.0
     skipped: tuple[str, ...] = field(default=())
+    # the config's batch_shapes_cfg (mmyolo's rectangular per-batch shapes), or None
+    batch_shapes: Optional["BatchShapePolicy"] = None
 
     def describe(self) -> dict[str, Any]:
         """Plain-data summary for reports and results.json."""
@@ -85,7 +87,62 @@ class PreprocessSpec:
             "mean": list(self.mean), "std": list(self.std), "normalize": self.normalize,
             "bgr_to_rgb": self.bgr_to_rgb, "pad_size_divisor": self.pad_size_divisor,
             "pad_value": self.pad_value,
+            "batch_shapes": None if self.batch_shapes is None else self.batch_shapes.__dict__,
         }
+
+
+@dataclass(frozen=True)
+class BatchShapePolicy:
+    """mmyolo's BatchShapePolicy (mmyolo/datasets/utils.py, v0.6.0), which YOLOv5/v6/v7
+    val configs set as `batch_shapes_cfg`: images sorted by aspect ratio, grouped into
+    batches of `batch_size`, each batch letterboxed to its own rectangle
+    ceil(ratio * img_size / size_divisor + extra_pad_ratio) * size_divisor."""
+
+    batch_size: int = 32
+    img_size: int = 640
+    size_divisor: int = 32
+    extra_pad_ratio: float = 0.5
+
+    def plan(self, sizes: Sequence[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
+        """For images of `sizes` (w, h) in dataset order: the order mmyolo evaluates them in
+        (indices into `sizes`) and each one's batch shape (h, w), in that order. Follows the
+        policy's arithmetic step for step (numpy's default argsort included)."""
+        import numpy as np
+
+        shapes_wh = np.asarray(sizes, dtype=np.float64)
+        n = len(shapes_wh)
+        batch_index = np.floor(np.arange(n) / self.batch_size).astype(np.int64)
+        batches = int(batch_index[-1]) + 1
+        aspect = shapes_wh[:, 1] / shapes_wh[:, 0]
+        order = aspect.argsort()
+        aspect = aspect[order]
+        ratios = [[1, 1]] * batches
+        for i in range(batches):
+            lo, hi = aspect[batch_index == i].min(), aspect[batch_index == i].max()
+            if hi < 1:
+                ratios[i] = [hi, 1]
+            elif lo > 1:
+                ratios[i] = [1, 1 / lo]
+        shapes = np.ceil(np.array(ratios) * self.img_size / self.size_divisor +
+                         self.extra_pad_ratio).astype(np.int64) * self.size_divisor
+        return ([int(i) for i in order],
+                [(int(shapes[b][0]), int(shapes[b][1])) for b in batch_index])
+
+
+def batch_shape_policy(cfg: Any) -> Optional[BatchShapePolicy]:
+    """The config's test (else val) dataset `batch_shapes_cfg`, or None."""
+    for loader in ("test_dataloader", "val_dataloader"):
+        try:
+            policy = dict(cfg[loader]["dataset"].get("batch_shapes_cfg") or {})
+        except (KeyError, TypeError, AttributeError):
+            continue
+        if policy:
+            kind = str(policy.pop("type", "BatchShapePolicy")).split(".")[-1]
+            if kind != "BatchShapePolicy":
+                raise UserError(f"batch_shapes_cfg type {kind} is not supported "
+                                "(only mmyolo's BatchShapePolicy)")
+            return BatchShapePolicy(**policy)
+    return None
 
 
 # Transforms with no effect on pixels at test time (with or without an "mmdet." scope).
@@ -181,4 +238,5 @@ def preprocess_spec_from_config(cfg: Any) -> PreprocessSpec:
         pad_size_divisor=int(dp.get("pad_size_divisor", 1)),
         pad_value=float(dp.get("pad_value", 0)),
         skipped=tuple(skipped),
+        batch_shapes=batch_shape_policy(cfg),
     )

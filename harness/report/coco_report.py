@@ -46,7 +46,8 @@ def _label(row: CocoRow, doc: Optional[CocoResult] = None) -> str:
     """backend device precision b<batch>, and nms_pre when the doc's rows vary it."""
     text = f"{row.backend} {row.device} {row.precision} b{row.batch}"
     axis = doc is not None and len({r.nms_pre for r in doc.rows if r.ok}) > 1
-    return f"{text} nms_pre {row.nms_pre}" if axis else text
+    text = f"{text} nms_pre {row.nms_pre}" if axis else text
+    return f"{text} batch shapes" if row.preprocess == "batch_shapes" else text
 
 
 def _lat(row: CocoRow, stage: str, stat: str) -> Any:
@@ -66,17 +67,17 @@ def _mean_cell(row: CocoRow) -> Any:
 
 
 def main_table(doc: CocoResult) -> str:
-    headers = ["backend", "device", "precision", "batch", "nms_pre", *ACCURACY,
+    headers = ["backend", "device", "precision", "batch", "nms_pre", "preprocess", *ACCURACY,
                "ΔAP vs PyTorch fp32", "latency mean (ms/batch)", "latency p99 (ms/batch)",
                "images/s", "status"]
     rows = []
     for r in doc.rows:
         delta = r.delta_AP
         rows.append([r.backend, r.device, r.precision, r.batch, r.nms_pre,
-                     *(getattr(r, k) for k in ACCURACY),
+                     r.preprocess.replace("_", " "), *(getattr(r, k) for k in ACCURACY),
                      None if delta is None else f"{delta:+.4f}",
                      _mean_cell(r), _lat(r, "total", "p99"), r.images_per_s, r.status])
-    return table(headers, rows, align="lllrr" + "r" * 10 + "l", digits=3)
+    return table(headers, rows, align="lllrrl" + "r" * 10 + "l", digits=3)
 
 
 def stability_text(doc: CocoResult) -> Optional[str]:
@@ -135,13 +136,15 @@ def nms_pre_table(doc: CocoResult) -> Optional[str]:
         return None
     by_config: dict[tuple, dict[int, float]] = {}
     for r in ran:
-        by_config.setdefault((r.backend, r.device, r.precision, r.batch), {})[r.nms_pre] = r.AP
+        by_config.setdefault((r.backend, r.device, r.precision, r.batch, r.preprocess),
+                             {})[r.nms_pre] = r.AP
     rows = []
-    for (backend, device, precision, batch), aps in by_config.items():
+    for (backend, device, precision, batch, mode), aps in by_config.items():
         base = aps.get(values[0])
         cells = [None if v not in aps else fmt(aps[v]) if base is None or v == values[0]
                  else f"{fmt(aps[v])} ({aps[v] - base:+.4f})" for v in values]
-        rows.append([f"{backend} {device} {precision} b{batch}", *cells])
+        shapes = " batch shapes" if mode == "batch_shapes" else ""
+        rows.append([f"{backend} {device} {precision} b{batch}{shapes}", *cells])
     return table(["configuration", *(f"nms_pre {v}" for v in values)], rows,
                  align="l" + "r" * len(values))
 
@@ -211,7 +214,8 @@ def render_csv(doc: CocoResult) -> str:
     coefficient of variation, whether its latency was stable (true / false; empty when not
     judged) and why not, throughput."""
     stats = ("mean", "median", "p90", "p99", "std")
-    headers = ["backend", "device", "precision", "batch", "nms_pre", "status", *CSV_STATS,
+    headers = ["backend", "device", "precision", "batch", "nms_pre", "preprocess", "status",
+               *CSV_STATS,
                *(f"{s}_{q}_ms" for s in STAGES for q in stats), "total_cv",
                "latency_stable", "latency_unstable_reason", "images_per_s", "images",
                "unreadable"]
@@ -219,7 +223,8 @@ def render_csv(doc: CocoResult) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(headers)
     for r in doc.rows:
-        writer.writerow([r.backend, r.device, r.precision, r.batch, _cell(r.nms_pre), r.status,
+        writer.writerow([r.backend, r.device, r.precision, r.batch, _cell(r.nms_pre),
+                         r.preprocess, r.status,
                          *(_cell(getattr(r, k)) for k in CSV_STATS),
                          *(_cell(_lat(r, s, q)) for s in STAGES for q in stats),
                          _cell(_lat(r, "total", "cv")), *_stability_cells(r),

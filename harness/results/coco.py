@@ -20,6 +20,9 @@ class CocoRow(Schema):
     batch: int
     status: str
     nms_pre: Optional[int] = None  # the row's test_cfg.nms_pre (an nms_pre axis varies it)
+    # fixed: every image letterboxed to the config's size; batch_shapes: to its batch's
+    # rectangle, as mmyolo's own evaluation (tools/test.py) does with batch_shapes_cfg
+    preprocess: str = "fixed"
     AP: Optional[float] = None
     AP50: Optional[float] = None
     AP75: Optional[float] = None
@@ -43,7 +46,8 @@ class CocoRow(Schema):
 
     @property
     def key(self) -> tuple:
-        return (self.backend, self.device, self.precision, self.batch, self.nms_pre)
+        return (self.backend, self.device, self.precision, self.batch, self.nms_pre,
+                self.preprocess)
 
 
 @dataclass

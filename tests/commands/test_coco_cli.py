@@ -33,9 +33,10 @@ def render_csv(doc: dict) -> str:
 RUNS_HERE = {f"{b}_cpu_{p}_b{n}" for b, ps in (("torch", ("fp32", "fp16", "bf16")),
                                                 ("onnxruntime", ("fp32", "fp16", "int8")))
              for p in ps for n in (1, 4)}
-ROW_KEYS = {"backend", "device", "precision", "batch", "nms_pre", "status", "AP", "AP50", "AP75", "APs",
-            "APm", "APl", "AR1", "AR10", "AR100", "delta_AP", "per_class", "latency_ms",
-            "latency_stability", "images_per_s", "images", "unreadable"}
+ROW_KEYS = {"backend", "device", "precision", "batch", "nms_pre", "preprocess", "status",
+            "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "delta_AP",
+            "per_class", "latency_ms", "latency_stability", "images_per_s", "images",
+            "unreadable"}
 
 
 # the tests that share the one full matrix run (about 40 s on 2 cores)
