@@ -19,13 +19,14 @@ def default_target(model: Any, out: Path) -> Path:
                          ExportSettings(variant="raw"))
 
 
-def open_or_say_why(path: Path, provider: str) -> Any:
-    """The target behind `path`, or, when the file cannot be loaded (corrupt, of an unknown
-    layout), a target row saying why: the other targets are still compared."""
+def open_or_say_why(path: Path, provider: str, onnx: Any = None) -> Any:
+    """The target behind `path` (onnx: an engine's source ONNX, --onnx), or, when the file
+    cannot be loaded (corrupt, of an unknown layout), a target row saying why: the other
+    targets are still compared."""
     from harness.align.targets import Target, open_target, target_kind
 
     try:
-        return open_target(path, provider=provider)
+        return open_target(path, provider=provider, onnx=onnx)
     except UserError as exc:
         return Target(Path(path), target_kind(path), reason=f"could not be compared: {exc}")
 
@@ -47,7 +48,8 @@ def compare_with_settings(settings: Any, say: Callable[[str], None] = print) -> 
     model = load_mmyolo_model(settings.config, settings.checkpoint, device=settings.device)
     model = model.with_nms(**settings.test_cfg)  # the reference as the user aligned it
     paths = list(settings.targets) or [default_target(model, settings.out)]
-    targets = [open_or_say_why(p, settings.provider) for p in paths]
+    targets = [open_or_say_why(p, settings.provider, settings.engine_onnx.get(p))
+               for p in paths]
     for t in targets:
         say(f"{t.name}: " + (f"{t.kind}, {t.precision}" if t.available else t.reason))
     tol = Tolerances(score=settings.score_tol, box_px=settings.box_tol,

@@ -41,10 +41,13 @@ def target_kind(path: Path) -> str:
     return cls.file_kind or cls.name
 
 
-def open_target(path: Union[str, Path], provider: str = "cpu") -> Target:
+def open_target(path: Union[str, Path], provider: str = "cpu",
+                onnx: Union[str, Path, None] = None) -> Target:
     """Load `path` behind the backend its suffix names (harness.backends.registry). A missing
     or corrupt file is a UserError (the user named it); a runtime that cannot run here is a
-    Target with the reason."""
+    Target with the reason. onnx: an engine's source ONNX (`--onnx`), which names its layers
+    and NMS node when the engine has no harness sidecar (its describe() says where its
+    settings came from: settings_source)."""
     from harness.backends.registry import class_for_file
 
     path = Path(path)
@@ -52,11 +55,15 @@ def open_target(path: Union[str, Path], provider: str = "cpu") -> Target:
     kind = cls.file_kind or cls.name
     if not path.is_file():
         raise UserError(f"{kind} file not found: {path}")
+    if onnx is not None and kind != "engine":
+        raise UserError(f"--onnx names an engine's source ONNX; {path.name} is not an "
+                        f"engine but an {kind} file")
     device = cls.devices[0] if len(cls.devices) == 1 else provider
     reason = cls.unavailable(device) if provider != "auto" or len(cls.devices) == 1 else None
     if reason is not None:
         return Target(path, kind, reason=f"not available: {reason}")
-    backend = cls.open_file(path, device)
+    backend = cls.open_file(path, device, onnx=Path(onnx)) if onnx is not None \
+        else cls.open_file(path, device)
     return Target(path, kind, backend, onnx_path=backend.source_onnx(),
                   precision=backend.precision, info=backend.describe())
 
@@ -74,8 +81,10 @@ def layer_backend(target: Target, node_names: list[str], work_dir: Path,
     if target.kind == "onnx":
         return target.backend
     if target.onnx_path is None:
-        raise UserError(f"{target.name}: its source ONNX is gone, so its layers cannot be "
-                        "named; pass the ONNX next to the engine")
+        raise UserError(f"{target.name}: no source ONNX names its layers; give --onnx")
+    # the deployed engine's own settings (its sidecar's, or for another tool's engine its
+    # profile and precision): a UserError now when they cannot be known
+    settings = target.backend.debug_build()
     import onnx
 
     from harness.backends.tensorrt_marking import (DEFAULT_CHUNK, ChunkedDebugEngines,
@@ -85,6 +94,6 @@ def layer_backend(target: Target, node_names: list[str], work_dir: Path,
     layer_tensors, nms_inputs = split_marking(list(graph.node), node_names)
     del graph
     engines = ChunkedDebugEngines(target.backend, target.onnx_path, layer_tensors, nms_inputs,
-                                  work_dir, chunk or DEFAULT_CHUNK)
+                                  work_dir, chunk or DEFAULT_CHUNK, settings=settings)
     engines.load()
     return engines

@@ -42,6 +42,41 @@ def import_tensorrt() -> Any:
     return trt
 
 
+# one logger per tensorrt module for the whole process: TensorRT keeps "only a single logger
+# pointer at any given time" and ignores a builder's or runtime's other logger while one
+# exists (its warning, NVIDIA/TensorRT#1475), so every builder and runtime here shares this
+_LOGGERS: dict[int, tuple[Any, Any]] = {}
+
+
+def shared_logger(trt: Any) -> Any:
+    """The process's trt.ILogger: prints warnings and errors to stderr, as
+    trt.Logger(WARNING) does, and keeps every error in `.errors`, so a failed
+    deserialization can say TensorRT's own reason in one line (deserialize_cuda_engine
+    returns None and only the log says why). Subclassing trt.ILogger and calling its
+    __init__ is how the bindings take a Python logger (pyCore.cpp PyLogger; Polygraphy's
+    CustomTrtLogger; docs/tensorrt-api.md)."""
+    held = _LOGGERS.get(id(trt))
+    if held is not None and held[0] is trt:
+        return held[1]
+
+    class RecordingLogger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity: Any, msg: str) -> None:
+            if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
+                self.errors.append(str(msg))
+            if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR,
+                             trt.ILogger.WARNING):
+                print(f"[TensorRT] {getattr(severity, 'name', severity)}: {msg}",
+                      file=sys.stderr)
+
+    logger = RecordingLogger()
+    _LOGGERS[id(trt)] = (trt, logger)
+    return logger
+
+
 def trt_major(trt: Any) -> int:
     return int(str(trt.__version__).split(".")[0])
 
@@ -276,7 +311,7 @@ def build_engine(onnx_path: Union[str, Path], engine_path: Union[str, Path],
     gpu_name, capability = current_gpu()
     started = time.perf_counter()
     notes: list[str] = []
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = shared_logger(trt)
     trt.init_libnvinfer_plugins(logger, "")  # registers EfficientNMS_TRT, BatchedNMS...
     builder = trt.Builder(logger)
     # TensorRT 10 networks are always explicit batch (EXPLICIT_BATCH is "[DEPRECATED] Ignored",

@@ -64,6 +64,27 @@ class DebugBuild:
                    tensorrt_version=sidecar.tensorrt_version, gpu_name=sidecar.gpu_name,
                    compute_capability=sidecar.compute_capability)
 
+    @classmethod
+    def of_foreign(cls, onnx_sha256: str, precision: str, profile: Any,
+                   tensorrt_version: str, gpu_name: str, compute_capability: str
+                   ) -> "DebugBuild":
+        """For an engine without a sidecar (another tool built it): the batch limits from
+        its optimization profile (tensorrt_plan.BatchProfile), the precision the user gave
+        or the inspector read, TensorRT and GPU those it runs on here, and TF32 on, as
+        TensorRT (BuilderFlag.TF32 "Enabled by default") and trtexec (without --noTF32)
+        build: assumed, since nothing in the engine says. An unknown precision is a
+        UserError: debug engines at another precision would explain another engine."""
+        if precision not in ("fp32", "fp16", "int8"):
+            raise UserError("the engine's precision is unknown (no harness sidecar, and its "
+                            "inspector shows no layer formats, as an engine built without "
+                            "ProfilingVerbosity.DETAILED does), so its debug engines cannot "
+                            "be built like it")
+        return cls(onnx_sha256=onnx_sha256, precision=precision,
+                   min_batch=int(profile.min[0]), opt_batch=int(profile.opt[0]),
+                   max_batch=int(profile.max[0]), tf32=True, workspace_gb=4.0,
+                   tensorrt_version=tensorrt_version, gpu_name=gpu_name,
+                   compute_capability=compute_capability)
+
 
 @dataclass(frozen=True)
 class MarkedSet:
@@ -283,19 +304,22 @@ class ChunkedDebugEngines(Backend):
 
     deployed: the loaded TensorRTBackend of the engine itself. build / open_engine: how a
     debug engine is built (tensorrt_build.build_engine's signature) and loaded (an object with
-    run_marked(inputs, names) and unload()); the defaults are TensorRT's."""
+    run_marked(inputs, names) and unload()); the defaults are TensorRT's. settings: what the
+    debug engines are built with (default: DebugBuild.of the deployed engine's sidecar; an
+    engine without one gives TensorRTBackend.debug_build())."""
 
     name = "tensorrt-debug"
 
     def __init__(self, deployed: Any, onnx_path: Union[str, Path], layer_tensors: Sequence[str],
                  nms_inputs: Sequence[str] = (), work_dir: Union[str, Path] = ".",
                  chunk: int = DEFAULT_CHUNK, *, build: Optional[Callable[..., Any]] = None,
-                 open_engine: Optional[Callable[[Path], Any]] = None):
+                 open_engine: Optional[Callable[[Path], Any]] = None,
+                 settings: Optional[DebugBuild] = None):
         self.deployed = deployed
         self.onnx_path = Path(onnx_path)
         self.work_dir = Path(work_dir)
         self.chunk = chunk
-        self.settings = DebugBuild.of(deployed.sidecar)
+        self.settings = settings or DebugBuild.of(deployed.sidecar)
         stem = Path(deployed.path).stem
         self.sets = marking_plan(layer_tensors, nms_inputs, self.settings, self.work_dir, stem,
                                  chunk)

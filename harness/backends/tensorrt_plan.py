@@ -74,12 +74,13 @@ def profile_shapes(input_dims: Sequence[Dim], min_batch: int = 1, opt_batch: int
     return BatchProfile((min_batch, *rest_i), (opt_batch, *rest_i), (max_batch, *rest_i))
 
 
-def check_batch(profile: BatchProfile, shape: Sequence[int], engine: str = "engine") -> None:
-    """UserError, before anything runs, when `shape` is outside the profile."""
+def check_batch(profile: BatchProfile, shape: Sequence[int], engine: str = "engine",
+                fix: str = "rebuild with --min-batch/--max-batch covering it") -> None:
+    """UserError, before anything runs, when `shape` is outside the profile; `fix` says
+    what to do (an engine another tool built is not rebuilt with harness's flags)."""
     if not profile.fits(shape):
         raise UserError(f"input {tuple(shape)} is outside {engine}'s profile (min "
-                        f"{profile.min}, max {profile.max}): rebuild with --min-batch/"
-                        "--max-batch covering it")
+                        f"{profile.min}, max {profile.max}): {fix}")
 
 
 def resolve_shape(shape: Sequence[int], batch: int) -> tuple[int, ...]:

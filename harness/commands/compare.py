@@ -26,6 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="module paths to compare (globs, repeatable; default every ConvModule "
                         "and head conv)")
     p.add_argument("--no-layers", action="store_true", help="skip the layer diff")
+    p.add_argument("--onnx", action="append", default=[], type=Path, metavar="FILE",
+                   help="the source ONNX of an engine another tool built (trtexec, "
+                        "easydeploy, mmdeploy: no harness sidecar): names its layers and its "
+                        "NMS node; repeat once per engine, in the order of the engines")
     p.add_argument("--provider", choices=("cpu", "cuda", "auto"), default=None,
                    help="onnxruntime provider for ONNX targets (default cpu)")
     p.add_argument("--device", default=None, help="PyTorch device, the reference (default cpu)")
@@ -65,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         provider=args.provider, device=args.device, score_tol=args.score_tol,
         nms_pre=args.nms_pre, score_thr=args.score_thr, iou_threshold=args.iou_threshold,
         max_per_img=args.max_per_img,
-        box_tol=args.box_tol, iou_band=args.iou_band)
+        box_tol=args.box_tol, iou_band=args.iou_band, onnx=args.onnx)
     writable_dir(settings.out)
     doc = compare_with_settings(settings)
     written = write_compare_report(doc, settings.out, settings.experiment)

@@ -3,12 +3,21 @@ tensors named after the ONNX tensors, as onnx-tensorrt names them), recording wh
 marks; and stand-ins for a loaded deployed engine and loaded debug engines that count how many
 are alive. For the chunked-marking tests (test_tensorrt_marking.py, tests/align/
 test_marking*.py); the shapes of the calls follow test_tensorrt_build_calls.py's fake and
-docs/tensorrt-api.md. Nothing here runs TensorRT."""
+docs/tensorrt-api.md. Nothing here runs TensorRT.
+
+Its runtime half (Runtime, ILogger, the engine API of docs/tensorrt-api.md) "deserializes" an
+engine another tool built from bytes written by fake_engine_bytes: its I/O, shapes, dtypes,
+optimization profiles and engine-inspector JSON, and no sidecar; bytes it cannot read give
+the two ERROR log lines TensorRT gives (their form as in NVIDIA/TensorRT#3898 and #2195:
+"1: [stdArchiveReader.cpp::...] Error Code 1: Serialization (...)", then "Engine
+deserialization failed."; the texts are imitations) and None. For test_tensorrt_foreign.py
+and tests/align/test_foreign_engine.py."""
 from __future__ import annotations
 
+import json
 import types
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import onnx
@@ -166,7 +175,191 @@ def fake_trt(version: str = "10.13.0"):
         init_libnvinfer_plugins=lambda logger, namespace: None,
         MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"),
         BuilderFlag=types.SimpleNamespace(TF32="TF32", FP16="FP16", INT8="INT8"))
+    add_runtime(trt)
     return trt, builds
+
+
+# -- the runtime: engines another tool built ---------------------------------------------------
+
+FAKE_MAGIC = b"FAKE-TRT-PLAN\n"
+FAKE_GPU = ("Test GPU", "9.0")
+
+
+def fake_engine_bytes(io: list[dict[str, Any]], profiles: list[dict[str, list]],
+                      layers: Optional[list[Any]] = None, verbosity: str = "LAYER_NAMES_ONLY",
+                      built_with: str = "10.13.0", compute: str = "9.0") -> bytes:
+    """A fake serialized engine: io [{name, mode input|output, shape (-1 dynamic), dtype}];
+    profiles [{input name: [min, opt, max]}]; layers: the inspector's layer records (or
+    names), shown in full only when `verbosity` is DETAILED (names only for
+    LAYER_NAMES_ONLY, nothing for NONE), as TensorRT's inspector does; built_with / compute:
+    the TensorRT version and compute capability it "needs"."""
+    doc = {"io": io, "profiles": profiles, "layers": layers or [], "verbosity": verbosity,
+           "built_with": built_with, "compute": compute}
+    return FAKE_MAGIC + json.dumps(doc).encode()
+
+
+def raw_engine_io(batch: int = -1, size: int = 8) -> list[dict[str, Any]]:
+    """The I/O of a raw-head engine (one input, two head maps), batch -1 = dynamic."""
+    return [{"name": "images", "mode": "input", "shape": [batch, 3, size, size],
+             "dtype": "FLOAT"},
+            {"name": "cls_scores.0", "mode": "output", "shape": [batch, 5, 1, 1],
+             "dtype": "FLOAT"},
+            {"name": "bbox_preds.0", "mode": "output", "shape": [batch, 4, 1, 1],
+             "dtype": "HALF"}]
+
+
+def nms_engine_io(batch: int = -1, size: int = 8) -> list[dict[str, Any]]:
+    """The I/O of an end2end engine with EfficientNMS_TRT (chain_onnx(..., nms=True))."""
+    return [{"name": "images", "mode": "input", "shape": [batch, 3, size, size],
+             "dtype": "FLOAT"}] + [
+        {"name": n, "mode": "output", "shape": [batch, 1] if n == "num_detections" else
+         [batch, 10, 4] if n == "detection_boxes" else [batch, 10],
+         "dtype": "INT32" if n in INT_OUTPUTS else "FLOAT"} for n in NMS_OUTPUTS]
+
+
+def batch_profiles(lo: int = 1, opt: int = 4, hi: int = 4, size: int = 8,
+                   name: str = "images") -> list[dict[str, list]]:
+    return [{name: [[lo, 3, size, size], [opt, 3, size, size], [hi, 3, size, size]]}]
+
+
+class FakeEngine:
+    """An ICudaEngine's read side, as docs/tensorrt-api.md lists it."""
+
+    def __init__(self, trt: Any, doc: dict[str, Any]):
+        self._trt, self._doc = trt, doc
+        self._io = {t["name"]: t for t in doc["io"]}
+        self.profiling_verbosity = Enum(name=doc["verbosity"])
+        self.contexts: list[FakeContext] = []
+
+    num_io_tensors = property(lambda self: len(self._doc["io"]))
+    num_optimization_profiles = property(lambda self: max(1, len(self._doc["profiles"])))
+
+    def get_tensor_name(self, index: int) -> str:
+        return self._doc["io"][index]["name"]
+
+    def get_tensor_mode(self, name: str) -> Any:
+        mode = self._trt.TensorIOMode
+        return mode.INPUT if self._io[name]["mode"] == "input" else mode.OUTPUT
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._io[name]["shape"])
+
+    def get_tensor_dtype(self, name: str) -> Enum:
+        return Enum(name=self._io[name]["dtype"])
+
+    def get_tensor_profile_shape(self, name: str, profile_index: int) -> list[tuple[int, ...]]:
+        assert self._io[name]["mode"] == "input", "profile shapes are asked of inputs only"
+        profiles = self._doc["profiles"]
+        if not profiles:  # a static engine: what TensorRT answers is unconfirmed
+            return []
+        return [tuple(s) for s in profiles[profile_index][name]]
+
+    def create_execution_context(self) -> "FakeContext":
+        context = FakeContext(self)
+        self.contexts.append(context)
+        return context
+
+    def create_engine_inspector(self) -> "FakeInspector":
+        return FakeInspector(self)
+
+
+class FakeContext:
+    def __init__(self, engine: FakeEngine):
+        self.engine, self.input_shapes = engine, {}
+
+    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        profile = self.engine._doc["profiles"][0][name] if self.engine._doc["profiles"] \
+            else [self.engine._io[name]["shape"]] * 3
+        ok = len(shape) == len(profile[0]) and all(
+            lo <= s <= hi for lo, s, hi in zip(profile[0], shape, profile[2]))
+        if ok:
+            self.input_shapes[name] = tuple(shape)
+        return ok
+
+
+class FakeInspector:
+    """IEngineInspector: get_engine_information(JSON) as the engine's verbosity allows."""
+
+    def __init__(self, engine: FakeEngine):
+        self.engine, self.execution_context = engine, None
+
+    def get_engine_information(self, fmt: Any) -> str:
+        assert fmt is self.engine._trt.LayerInformationFormat.JSON
+        doc, verbosity = self.engine._doc, self.engine._doc["verbosity"]
+        if verbosity == "NONE":
+            return ""
+        layers = doc["layers"]
+        if verbosity != "DETAILED":
+            layers = [layer["Name"] if isinstance(layer, dict) else layer for layer in layers]
+        bindings = [t["name"] for t in doc["io"]]
+        return json.dumps({"Layers": layers, "Bindings": bindings}, indent=2)
+
+
+def add_runtime(trt: Any) -> None:
+    """Give the fake module the runtime half: ILogger (subclassable, severities exported
+    onto it), Runtime.deserialize_cuda_engine, and the enums the backend reads."""
+
+    class ILogger:
+        INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = (
+            Enum(name=n) for n in ("INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE"))
+
+        def __init__(self):
+            pass
+
+    class Runtime:
+        def __init__(self, logger):
+            self.logger = logger
+            trt.runtimes.append(self)
+
+        def deserialize_cuda_engine(self, data: bytes) -> Optional[FakeEngine]:
+            data = bytes(data)
+            error = None
+            if not data.startswith(FAKE_MAGIC):
+                error = ("1: [stdArchiveReader.cpp::StdArchiveReaderInitCommon::47] Error Code "
+                         "1: Serialization (Serialization assertion magicTagRead == kMAGIC_TAG "
+                         "failed.Magic tag does not match)")
+            else:
+                doc = json.loads(data[len(FAKE_MAGIC):])
+                if doc["built_with"] != trt.__version__:
+                    error = ("1: [stdArchiveReader.cpp::StdArchiveReaderInitCommon::46] Error "
+                             "Code 1: Serialization (Serialization assertion stdVersionRead == "
+                             "kSERIALIZATION_VERSION failed.Version tag does not match. Note: "
+                             f"Current Version: {trt.__version__}, Serialized Engine Version: "
+                             f"{doc['built_with']})")
+                elif doc["compute"] != FAKE_GPU[1]:
+                    error = ("6: The engine plan file is generated on an incompatible device, "
+                             f"expecting compute {doc['compute']} got compute {FAKE_GPU[1]}, "
+                             "please rebuild.")
+            if error:
+                self.logger.log(ILogger.ERROR, error)
+                self.logger.log(ILogger.ERROR, "4: [runtime.cpp::deserializeCudaEngine::65] "
+                                "Error Code 4: Internal Error (Engine deserialization failed.)")
+                return None
+            return FakeEngine(trt, doc)
+
+    trt.ILogger = ILogger
+    trt.Runtime = Runtime
+    trt.runtimes = []
+    trt.TensorIOMode = types.SimpleNamespace(INPUT=Enum(name="INPUT"),
+                                             OUTPUT=Enum(name="OUTPUT"))
+    trt.LayerInformationFormat = types.SimpleNamespace(ONELINE=Enum(name="ONELINE"),
+                                                       JSON=Enum(name="JSON"))
+
+
+def use_fake_runtime(monkeypatch, version: str = "10.13.0"):
+    """The fake `tensorrt` for TensorRTBackend.load on a machine without CUDA: the module, the
+    GPU FAKE_GPU, and the backend's two CUDA steps (device guard, stream) made no-ops.
+    Returns the module (its `runtimes` lists every Runtime made)."""
+    import contextlib
+
+    from harness.backends.tensorrt_backend import TensorRTBackend
+
+    trt, _ = fake_trt(version)
+    monkeypatch.setattr(tensorrt_build, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(tensorrt_build, "current_gpu", lambda device=0: FAKE_GPU)
+    monkeypatch.setattr(TensorRTBackend, "_on_device", lambda self: contextlib.nullcontext())
+    monkeypatch.setattr(TensorRTBackend, "_cuda_setup", lambda self: None)
+    return trt
 
 
 def use_fake_trt(monkeypatch, version: str = "10.13.0"):
@@ -205,6 +398,11 @@ class FakeDeployed:
     def infer(self, inputs):
         self.runs += 1
         return final_outputs(self.sidecar.outputs, inputs)
+
+    def debug_build(self):
+        from harness.backends.tensorrt_marking import DebugBuild
+
+        return DebugBuild.of(self.sidecar)
 
 
 class FakeDebugEngines:

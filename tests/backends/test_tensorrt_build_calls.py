@@ -194,13 +194,18 @@ def fake_trt(version: str, parse_ok: bool = True, cache_fits: bool = True):
         WARNING = "warning"
         def __init__(self, level): pass
 
+    class ILogger:  # the base of the harness's one logger (tensorrt_build.shared_logger)
+        INTERNAL_ERROR, ERROR, WARNING = "internal_error", "error", "warning"
+        def __init__(self): pass
+
     class IInt8EntropyCalibrator2:
         def __init__(self): calls.append(("calibrator_base_init",))
 
     major = int(version.split(".")[0])
     flags = ["TF32"] + (["FP16", "INT8"] if major < 11 else [])  # 11.0 removed FP16 / INT8
     trt = types.SimpleNamespace(
-        __version__=version, Logger=Logger, Builder=Builder, OnnxParser=Parser,
+        __version__=version, Logger=Logger, ILogger=ILogger, Builder=Builder,
+        OnnxParser=Parser,
         init_libnvinfer_plugins=lambda logger, ns: calls.append(("init_plugins", ns)),
         MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"),
         BuilderFlag=types.SimpleNamespace(**{f: f for f in flags}))

@@ -1,6 +1,8 @@
 """TensorRT engines built from the fixture's raw and end2end (EfficientNMS) ONNX at fp32, fp16
 and int8, run at batch 1 and 4 from one engine and compared with onnxruntime on the same
-bytes. They need TensorRT and a GPU it supports, and skip, saying what to install, without."""
+bytes; engines without a harness sidecar (a copy of ours without it, and one built with
+ProfilingVerbosity.DETAILED as trtexec would) read from the engine itself. They need TensorRT
+and a GPU it supports, and skip, saying what to install, without."""
 from __future__ import annotations
 
 import numpy as np
@@ -140,6 +142,8 @@ def test_batch_outside_profile_refused_before_running(engines, fixture_batch):
 
 
 def test_changed_onnx_or_missing_sidecar_refused_on_load(engines, tmp_path):
+    """A check against an ONNX needs the sidecar (the coco cache rebuilds an engine whose
+    sidecar is gone); without onnx_path a lone engine is another tool's (next tests)."""
     import shutil
 
     from harness.backends import TensorRTBackend
@@ -155,7 +159,131 @@ def test_changed_onnx_or_missing_sidecar_refused_on_load(engines, tmp_path):
     shutil.copy(engine, lone)
     assert not sidecar_path(lone).exists()
     with pytest.raises(UserError, match="is missing"):
-        TensorRTBackend(lone).load()
+        TensorRTBackend(lone, onnx_path=onnx_path).load()
+
+
+# -- engines without a sidecar (built by trtexec, easydeploy, mmdeploy: here a copy of one of
+# ours without its sidecar, and one built here with ProfilingVerbosity.DETAILED) --------------
+
+def _lone(engine, folder):
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lone = folder / f"lone_{engine.name}"
+    shutil.copy(engine, lone)
+    return lone
+
+
+def test_engine_without_sidecar_runs_like_its_twin(engines, fixture_batch, tmp_path, capsys):
+    from harness.backends import TensorRTBackend
+    from harness.backends.tensorrt_engine_info import NO_SIDECAR_WARNING
+    from harness.backends.tensorrt_sidecar import read_sidecar
+
+    engine, onnx_path = engines("fp32", variant="raw")
+    twin = TensorRTBackend(engine)
+    lone = TensorRTBackend(_lone(engine, tmp_path))
+    lone.load()
+    assert NO_SIDECAR_WARNING in capsys.readouterr().err
+    info, side = lone.describe(), read_sidecar(engine)
+    assert not info["sidecar"] and info["warnings"][0] == NO_SIDECAR_WARNING
+    assert info["profile"] == side.profile  # read from the engine: what the build set
+    assert {t["name"]: t["shape"] for t in info["io"] if t["mode"] == "output"} == \
+        side.outputs
+    assert info["input"]["shape"] == side.inputs[info["input"]["name"]]
+    assert lone.precision == "unknown" and info["settings_source"] == "assumed"
+    for batch in (fixture_batch.inputs[:1], fixture_batch.inputs):
+        got, want = lone.infer(batch), twin.infer(batch)
+        assert set(got) == set(want)
+        for name in want:  # the same plan: equal up to TensorRT's run-to-run determinism
+            assert rel_l2(got[name], want[name]) <= 1e-6, name
+    five = np.concatenate([fixture_batch.inputs, fixture_batch.inputs[:1]])
+    with pytest.raises(UserError, match="outside .* profile.*batches of 1 to 4"):
+        lone.infer(five)
+    build = TensorRTBackend(_lone(engine, tmp_path / "given"), given_onnx=onnx_path,
+                            precision="fp32")
+    assert build.debug_build().max_batch == 4
+
+
+def test_engine_without_sidecar_takes_nms_settings_from_the_onnx(engines, tmp_path):
+    import onnx
+
+    from harness.backends import TensorRTBackend
+    from harness.nms.plugin_nodes import node_attributes
+
+    engine, onnx_path = engines("fp16", variant="end2end", nms="efficient")
+    node = next(n for n in onnx.load(str(onnx_path)).graph.node if n.domain == "TRT")
+    with_onnx = TensorRTBackend(_lone(engine, tmp_path), given_onnx=onnx_path)
+    with_onnx.load()
+    info = with_onnx.describe()
+    assert info["settings_source"] == "source onnx" and info["variant"] == "end2end"
+    assert info["nms_plugin"]["attributes"] == node_attributes(node)
+    assert with_onnx.source_onnx() == onnx_path
+    # built with the default verbosity: layer names only
+    assert info["profiling_verbosity"] == "LAYER_NAMES_ONLY"
+    assert info["inspector"]["layers"] > 0 and not info["inspector"]["detailed"]
+    alone = TensorRTBackend(_lone(engine, tmp_path / "alone"))
+    alone.load()
+    assert alone.describe()["settings_source"] == "assumed"
+
+
+def test_detailed_engine_inspector_gives_precision_and_the_plugin(trt, fixture_onnx, tmp_path):
+    """An engine built as trtexec --fp16 --profilingVerbosity=detailed builds it. Whether
+    TensorRT prints a plugin's fields in its layer record is unconfirmed: when it does, the
+    settings come from the inspector and must equal the ONNX's; when not, they are assumed."""
+    import onnx
+
+    from harness.backends import TensorRTBackend
+    from harness.backends.tensorrt_build import shared_logger
+    from harness.nms.plugin_nodes import node_attributes
+
+    onnx_path = fixture_onnx(variant="end2end", nms="efficient").path
+    logger = shared_logger(trt)  # the process's one logger, as build_engine uses
+    trt.init_libnvinfer_plugins(logger, "")
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse_from_file(str(onnx_path))
+    config = builder.create_builder_config()
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    name = network.get_input(0).name
+    size = tuple(network.get_input(0).shape)[1:]
+    profile.set_shape(name, (1, *size), (2, *size), (4, *size))
+    config.add_optimization_profile(profile)
+    path = tmp_path / "detailed.engine"
+    path.write_bytes(bytes(builder.build_serialized_network(network, config)))
+    backend = TensorRTBackend(path)
+    backend.load()
+    info = backend.describe()
+    assert info["profiling_verbosity"] == "DETAILED" and info["inspector"]["detailed"]
+    assert info["precision_source"] == "engine inspector"
+    assert info["precision"] in ("fp16", "fp32")  # fp16 allowed, not forced
+    assert info["profile"]["min"][0] == 1 and info["profile"]["max"][0] == 4
+    node = next(n for n in onnx.load(str(onnx_path)).graph.node if n.domain == "TRT")
+    print("plugin as the inspector shows it:", info["nms_plugin"])
+    # the plugin layer is a PluginV2/V3 record whose name (the ONNX node's) or metadata
+    # names its op type: the parser's assumption, checked here
+    assert info["nms_plugin"] is not None, backend.inspector.records
+    assert info["nms_plugin"]["op_type"] == node.op_type
+    if info["settings_source"] == "engine inspector":
+        got = info["nms_plugin"]["attributes"]
+        for key, value in node_attributes(node).items():
+            if key in got:
+                assert np.float32(got[key]) == np.float32(value), key
+    else:
+        assert info["settings_source"] == "assumed"
+
+
+def test_bytes_tensorrt_cannot_read_give_its_first_error_line(engines, tmp_path):
+    from harness.backends import TensorRTBackend
+
+    engine, _ = engines("fp32", variant="raw")
+    cut = tmp_path / "cut.engine"
+    cut.write_bytes(engine.read_bytes()[:1000])
+    with pytest.raises(UserError, match="cannot deserialize cut.engine: ") as exc:
+        TensorRTBackend(cut).load()
+    assert "\n" not in str(exc.value) and "logged no error" not in str(exc.value)
 
 
 def test_debug_engine_marks_requested_layers_with_onnx_names(trt, fixture_onnx, fixture_batch,
