@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("harness.commands.demo", "run the main job on the bundled fixture model and data"),
     "export": ("harness.commands.export", "export the detector to ONNX (any variant, precision)"),
     "build": ("harness.commands.build", "build a TensorRT engine from an ONNX file"),
+    "check": ("harness.commands.check", "TensorRT pre-flight of an ONNX file, on the CPU"),
     "compare": ("harness.commands.compare",
                 "diff PyTorch against ONNX files / TensorRT engines, layer by layer and after NMS"),
     "coco": ("harness.commands.coco", "COCO mAP and latency across backends, precisions, batches"),

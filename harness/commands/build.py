@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="debug engine: mark the ONNX output tensors of these modules' nodes "
                         "(module paths, ONNX scopes or node names) as outputs for the layer "
                         "diff")
+    p.add_argument("--force", action="store_true",
+                   help="build even when 'harness check' finds an error (a TopK K > 3840, an "
+                        "operator the ONNX parser lacks, ...)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"ONNX file not found: {args.onnx}")
     if args.calib is not None and args.config is None:
         raise UserError("--calib needs --config (the model's preprocessing feeds calibration)")
-    import_tensorrt()
+    trt = import_tensorrt()
+    if refused_by_check(args.onnx, str(trt.__version__), args.force):
+        return 1
     images, preprocess = None, None
     if args.calib is not None:
         from harness.export.calibration import calibration_images
@@ -64,3 +69,26 @@ def run(args: argparse.Namespace) -> int:
           f"{side.precision}, batch {args.min_batch}/{args.opt_batch}/{args.max_batch}")
     print(f"wrote {result.engine_path} and {result.sidecar_path} in {result.seconds:.1f} s")
     return 0
+
+
+def refused_by_check(onnx_path: Path, trt_version: str, force: bool) -> bool:
+    """`harness check` before building: print its errors and warnings; True (refuse) when an
+    error says the build will fail and --force was not given."""
+    from harness.commands.check import finding_lines
+    from harness.errors import UserError
+    from harness.export.check import DEFAULT_TRT_VERSION, check_file, resolve_version
+
+    try:
+        version = resolve_version(trt_version)
+    except UserError:
+        print(f"note: no ONNX operator list for TensorRT {trt_version}; checking against "
+              f"TensorRT {DEFAULT_TRT_VERSION}'s")
+        version = DEFAULT_TRT_VERSION
+    result = check_file(onnx_path, version)
+    for line in finding_lines(result):
+        print(line)
+    if result.errors and not force:
+        print(f"refusing to build: {len(result.errors)} error(s) above say TensorRT cannot "
+              f"build {onnx_path}; fix them, or pass --force to try anyway")
+        return True
+    return False

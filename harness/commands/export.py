@@ -86,4 +86,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"int8 calibration: {calib['method']} on {calib['count']} images "
               f"(cache {calib['cache']}: {calib['cache_file']})")
     print(f"wrote {result.path} in {result.seconds:.1f} s")
+    report_check(result.path)
     return 0
+
+
+def report_check(path: Path) -> None:
+    """`harness check` on the written file: its errors and warnings; the export stands either
+    way, but the user hears now that TensorRT will not build it."""
+    from harness.commands.check import finding_lines
+    from harness.export.check import check_file
+
+    result = check_file(path)
+    for line in finding_lines(result):
+        print(line)
+    if result.errors:
+        print(f"TensorRT will not build {path}: {len(result.errors)} error(s) above "
+              f"(TensorRT {result.trt_version} operator list)")

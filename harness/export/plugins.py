@@ -53,6 +53,9 @@ class PluginCut:
 
         model = onnx.ModelProto()
         model.CopyFrom(body)
+        # converters may append nodes out of order (onnxruntime's float16 puts the input
+        # Cast last), and onnx.checker refuses a graph that is not topologically sorted
+        sort_topologically(model.graph)
         model.graph.node.extend(self.plugins)
         del model.graph.output[:]
         model.graph.output.extend(self.outputs)
@@ -115,3 +118,51 @@ def _value_types(model: Any) -> dict[str, Any]:
         return {}
     g = inferred.graph
     return {v.name: v for v in list(g.value_info) + list(g.output) + list(g.input)}
+
+
+def sort_topologically(graph: Any) -> None:
+    """Reorder `graph.node` in place so every node comes after the producers of its inputs:
+    the existing order when it is valid, else the nearest valid one (Kahn's algorithm, lowest
+    original index first). Names a node's subgraphs read from the outer scope count as its inputs. A
+    cycle, or an input nothing produces, leaves those nodes at the end in their old order, for
+    onnx.checker to name."""
+    import heapq
+
+    nodes = list(graph.node)
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    waiting_on: list[set[int]] = []
+    consumers: dict[int, list[int]] = {}
+    for i, node in enumerate(nodes):
+        deps = {producer[name] for name in _node_inputs(node)
+                if name not in available and name in producer and producer[name] != i}
+        waiting_on.append(deps)
+        for d in deps:
+            consumers.setdefault(d, []).append(i)
+    ready = [i for i, deps in enumerate(waiting_on) if not deps]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for c in consumers.get(i, ()):
+            waiting_on[c].discard(i)
+            if not waiting_on[c]:
+                heapq.heappush(ready, c)
+    if order == list(range(len(nodes))):
+        return
+    placed = set(order)
+    order += [i for i in range(len(nodes)) if i not in placed]
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in order)
+
+
+def _node_inputs(node: Any) -> set[str]:
+    """A node's inputs, plus the outer-scope names its subgraphs (If / Loop / Scan bodies)
+    read."""
+    names = set(node.input)
+    for attr in node.attribute:
+        for sub in list(attr.g.node if attr.HasField("g") else []) + \
+                [n for g in attr.graphs for n in g.node]:
+            names |= _node_inputs(sub)
+    return names

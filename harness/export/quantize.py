@@ -37,6 +37,8 @@ def to_fp16(model: Any) -> Any:
     with _quiet():
         half = convert_float_to_float16(cut.body, keep_io_types=True,
                                         op_block_list=list(DEFAULT_OP_BLOCK_LIST))
+    # the converter appends its input Cast (and Resize scale Casts) after their consumers;
+    # reattach sorts the nodes back into topological order, which onnx.checker requires
     return cut.reattach(half)
 
 
