@@ -15,7 +15,8 @@ import numpy as np
 
 from harness.align.detections import DetectionDiff, Tolerances
 from harness.align.layers import LayerDiff, layers_for
-from harness.align.pipelines import Candidates, PluginPipeline, SourcePipeline, pipeline_for
+from harness.align.file_pipelines import FilePipeline
+from harness.align.pipelines import Candidates, SourcePipeline, pipeline_for
 from harness.align.reference import ReplayCheck, adopt_mmyolo_output
 from harness.align.targets import Target, layer_backend
 from harness.align.tensor_diff import DiffAccumulator
@@ -40,12 +41,15 @@ class CandidateDiff:
     above_ref: int = 0
     above_tgt: int = 0
     note: Optional[str] = None
+    coding_note: Optional[str] = None
 
     def add(self, ref: Candidates, tgt: Candidates) -> None:
         if ref.boxes.shape != tgt.boxes.shape or ref.scores.shape != tgt.scores.shape:
             self.note = (f"candidate shapes differ: reference {list(ref.scores.shape)}, "
                          f"target {list(tgt.scores.shape)}")
             return
+        if self.coding_note is None:
+            self.coding_note = box_coding_mismatch(ref.boxes, tgt.boxes)
         self.boxes.add(tgt.boxes, ref.boxes)
         self.scores.add(tgt.scores, ref.scores)
         self.above_ref += int(np.count_nonzero(ref.scores > self.score_thr))
@@ -59,10 +63,27 @@ class CandidateDiff:
             s["max_abs"] <= SAME_CANDIDATES["score_max_abs"]
         born = "none" if not mismatches else ("in_nms" if same else "before_nms")
         return CandidateSummary(
-            born=born, box_max_abs=b["max_abs"], box_rel_l2=b["rel_l2"],
+            born=born, box_coding=self.coding_note or None,
+            box_max_abs=b["max_abs"], box_rel_l2=b["rel_l2"],
             score_max_abs=s["max_abs"], score_rel_l2=s["rel_l2"],
             score_threshold=self.score_thr, above_threshold_reference=self.above_ref,
             above_threshold_target=self.above_tgt)
+
+
+def box_coding_mismatch(ref: np.ndarray, tgt: np.ndarray) -> str:
+    """Why the target's candidate boxes differ from PyTorch's when they are the same boxes in
+    the other coding: the NMS is fed centre-size boxes and told they are corners (mmyolo
+    0.6.0's mmdeploy EfficientNMS path, box_coding 0), or the other way round; "" when not."""
+    from harness.align.pipelines import centre_size_to_corners
+
+    if np.allclose(tgt, ref, atol=1e-2, rtol=0):
+        return ""
+    as_corners = centre_size_to_corners(tgt)
+    if np.allclose(as_corners, ref, atol=1e-2, rtol=1e-4):
+        return ("the file feeds its NMS centre-size boxes (x, y, w, h) while the NMS reads "
+                "them as corners: its box_coding does not fit its boxes, every IoU it computes "
+                "is wrong")
+    return ""
 
 
 class TargetRun:
@@ -86,16 +107,21 @@ class TargetRun:
         self.layers: Optional[LayerDiff] = None
         self.unmapped: list[str] = []
         self.replaced: dict[str, str] = {}
+        self.mapped: dict[str, int] = {}
+        self.position_note: Optional[str] = None
         self.layer_backend: Any = None
         layers: list[Any] = []
         if with_layers and proto is not None:
-            layers, self.unmapped, self.replaced = layers_for(model, list(proto.graph.node),
-                                                              layer_patterns)
+            found = layers_for(model, proto.graph, layer_patterns)
+            layers, self.unmapped, self.replaced = found.layers, found.unmapped, found.replaced
+            self.mapped = {**found.counts, "not mapped": len(found.unmapped)}
+            self.position_note = found.position_note
         elif with_layers:
-            self.layer_note = "layer diff not available: no ONNX graph names this target's layers"
-        # an engine keeps its NMS plugin's inputs inside: the debug engine marks them too
-        plugin_nodes = _producers(proto, self.pipeline.inputs[:2]) \
-            if target.kind == "engine" and isinstance(self.pipeline, PluginPipeline) else []
+            self.layer_note = ("layer diff not available: no ONNX graph names this target's "
+                               "layers (give the engine's source ONNX with --onnx)")
+        # an engine keeps its NMS candidates inside: a debug engine marks them too
+        plugin_nodes = _producers(proto, self.pipeline.inputs) \
+            if target.kind == "engine" and isinstance(self.pipeline, FilePipeline) else []
         if layers or plugin_nodes:
             from harness.errors import UserError
 
@@ -115,7 +141,8 @@ class TargetRun:
 
         backend = self.target.backend
         outputs = backend.infer(batch.inputs)
-        check_outputs_fit(outputs, ref_out)
+        if isinstance(self.pipeline, SourcePipeline):  # raw / decoded: the source's names
+            check_outputs_fit(outputs, ref_out)
         if self.candidate_backend is None:
             raise UserError(f"{self.layer_note}; its NMS inputs cannot be read without a "
                             "debug engine")
@@ -150,12 +177,30 @@ class TargetRun:
             layers = self.layers.result(self.target.precision)
             layers.unmapped = self.unmapped
             layers.replaced = self.replaced
+            layers.mapped = self.mapped
+            layers.mapping_note = self.position_note
             layers.marking_changed_outputs_rel_l2 = self.marking
         else:
             layers = LayerSummary(rows=[], note=self.layer_note)
         return {"pipeline": self.pipeline.describe(), "detections": det,
                 "candidates": self.candidates.result(det.mismatches), "layers": layers,
-                "replay_disagrees": self.replay_disagrees}
+                "replay_disagrees": self.replay_disagrees, "tensorrt_check": self.preflight()}
+
+    def preflight(self) -> Optional[dict[str, Any]]:
+        """`harness check` of the target's ONNX: what would stop or change a TensorRT build
+        of it, with the config values a TopK's K may come from."""
+        from harness.errors import UserError
+        from harness.export.check import check_file
+
+        if not self.target.onnx_path:
+            return None
+        nms = self.model.nms
+        named = {f"model.test_cfg.{k}": getattr(nms, k) for k in ("nms_pre", "max_per_img")
+                 if type(getattr(nms, k, None)) is int}
+        try:
+            return check_file(self.target.onnx_path, config_values=named).to_json()
+        except UserError as exc:
+            return {"error": str(exc)}
 
 
 class _LastChunk:
@@ -355,10 +400,14 @@ def verdict(targets: Sequence[TargetResult], replay_check: Optional[dict[str, in
     parts = []
     for t in targets:
         if not t.available or t.detections is None:
-            parts.append(f"{t.name} was {t.reason}")
+            # "could not be compared: …" reads as it is; "not available …" after "was"
+            verb = "" if (t.reason or "").startswith("could not") else "was "
+            parts.append(f"{t.name} {verb}{t.reason}")
             continue
         det = t.detections
         where = _layer_words(t)
+        if t.candidates is not None and t.candidates.box_coding:
+            where += f"; before NMS: {t.candidates.box_coding}"
         if det.settings_problem:
             parts.append(f"{t.name}: its NMS settings give no output ({det.settings_problem}"
                          f"), so {det.mismatches} PyTorch detections are missing; {where}")

@@ -7,7 +7,8 @@ IoU >= 0.5; boxes of (almost) zero width or height match by corner distance inst
 matched pair whose score or box moved beyond tolerance. Causes:
 
 - nms_settings: the two NMS are set up differently (score or IoU threshold beyond the edge
-  bands), or the other side's settings make its output empty (named once, with both values).
+  bands, or an IoU formula that decides the pair on the same boxes: BatchedNMS's +1 px), or
+  the other side's settings make its output empty (named once, with both values).
 - topk_cut: the other side cut the candidate by its pre-NMS top-k (nms_pre, topK).
 - score_edge: the other side scored it on the wrong side of its score threshold, within the
   score tolerance of it (or both sides have the same threshold).
@@ -162,7 +163,10 @@ class Explainer:
             if self._tied_at_boundary(absent, b.scores[box, cls], past):
                 last = "candidate" if topk else "detection"
                 return Why("tie_order", f"{where}, tied with the last {last} kept", fate)
-            setting = "pre_topk" if topk else "max_detections"
+            setting = "pre_topk" if topk else (
+                "max_per_class" if b.settings.max_per_class is not None
+                and fate.limit == b.settings.max_per_class
+                and fate.limit != b.settings.max_detections else "max_detections")
             differs = getattr(a.settings, setting) != getattr(b.settings, setting)
             return Why("topk_cut" if topk else "max_det_cut", where, fate,
                        setting if differs else None)
@@ -187,6 +191,26 @@ class Explainer:
                                    f"{_fmt(mine)} ({present}): {present} score {score:.6g}",
                    fate, "score_threshold")
 
+    @staticmethod
+    def _formula_decides(a: Any, b: Any, box: int, j: int) -> Optional[str]:
+        """When the two NMS compute IoU by different formulas: whether, on the present side's
+        own boxes, the absent side's formula crosses its threshold where the present side's
+        does not — the formula, not the boxes, decided. Says so with both values."""
+        from harness.align.pipelines import iou_by_formula, iou_family
+
+        fa, fb = a.settings.iou_formula, b.settings.iou_formula
+        if iou_family(fa) == iou_family(fb):
+            return None
+        pair = a.boxes[box].astype(np.float64), a.boxes[j].astype(np.float64)
+        iou_fa, iou_fb = iou_by_formula(*pair, fa), iou_by_formula(*pair, fb)
+        t_a, t_b = a.settings.iou_threshold, b.settings.iou_threshold
+        over_b = iou_fb >= t_b if b.settings.iou_inclusive else iou_fb > t_b
+        over_a = iou_fa >= t_a if a.settings.iou_inclusive else iou_fa > t_a
+        if not over_b or over_a:
+            return None
+        return (f"IoU formula {fb} gives {iou_fb:.4f} > {t_b:g}, {fa} gives {iou_fa:.4f} on "
+                "the same boxes")
+
     def _suppressed(self, present: str, absent: str, box: int, cls: int, fate: Any,
                     depth: int) -> Why:
         a, b = self.sides[present], self.sides[absent]
@@ -201,6 +225,9 @@ class Explainer:
             iou_a = float(box_iou(a.boxes[box], a.boxes[j])[0, 0])
             t_a, t_b = a.settings.iou_threshold, b.settings.iou_threshold
             said = f"{where}; {present} IoU {iou_a:.4f} vs threshold {t_a:g}"
+            formula = self._formula_decides(a, b, box, j)
+            if formula:
+                return Why("nms_settings", f"{where}; {formula}", fate, "iou_formula")
             if abs(fate.iou - t_b) <= self.tol.iou_band:
                 return Why("iou_edge", said, fate)
             if "iou_threshold" in a.settings.differences(b.settings) and \

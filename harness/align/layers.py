@@ -53,24 +53,83 @@ class Layer:
     depth: int
 
 
-def map_modules(nodes: Sequence[Any], modules: Sequence[str]) -> tuple[list[Layer], list[str]]:
+class ScopeNames:
+    """Turns the module path a node's scope names into a module path of the PyTorch model,
+    when another exporter's wrapper changed it: the path itself; the path without a wrapper's
+    leading scopes (easydeploy's `/baseModel/...`); or the one module sharing the longest tail
+    of at least two components with it (easydeploy's head, traced without its `bbox_head`
+    scope). None when no module is that path."""
+
+    def __init__(self, modules: Iterable[str]):
+        self.modules = set(modules)
+        self.by_last: dict[str, list[str]] = {}
+        for m in self.modules:
+            self.by_last.setdefault(m.rpartition(".")[2], []).append(m)
+        self.how: dict[str, str] = {}  # path → "name" | "wrapper prefix" | "scope tail"
+        self._cache: dict[str, Optional[str]] = {}
+
+    def __call__(self, path: str) -> Optional[str]:
+        if path not in self._cache:
+            self._cache[path] = self._translate(path)
+        return self._cache[path]
+
+    def _translate(self, path: str) -> Optional[str]:
+        if path in self.modules:
+            self.how[path] = "name"
+            return path
+        parts = path.split(".")
+        for i in range(1, len(parts)):
+            tail = ".".join(parts[i:])
+            if tail in self.modules and len(parts) - i >= 2:
+                self.how[path] = "wrapper prefix"
+                return tail
+        best, best_len, tied = None, 1, False
+        for m in self.by_last.get(parts[-1], []):
+            mparts = m.split(".")
+            n = 0
+            while n < min(len(mparts), len(parts)) and mparts[-1 - n] == parts[-1 - n]:
+                n += 1
+            if n > best_len:
+                best, best_len, tied = m, n, False
+            elif n == best_len:
+                tied = True
+        if best is None or tied:
+            return None
+        self.how[path] = "scope tail"
+        return best
+
+
+def map_modules(nodes: Sequence[Any], modules: Sequence[str],
+                all_modules: Optional[Iterable[str]] = None
+                ) -> tuple[list[Layer], list[str], dict[str, int]]:
     """Layers (in graph order) for the module paths found among `nodes` (onnx NodeProtos in
-    graph order), and the module paths no node belongs to."""
+    graph order), the module paths no node belongs to, and how the found ones were named
+    (by name, under a wrapper's prefix, by a scope's tail). all_modules: every module path
+    of the model (default `modules`), which a scope is read against."""
     last: dict[str, tuple[int, Any]] = {}
     wanted = set(modules)
+    scopes = ScopeNames(all_modules if all_modules is not None else modules)
+    method: dict[str, str] = {}
     for index, node in enumerate(nodes):
         if node.op_type in _NOT_OUTPUTS or not node.output or not node.name:
             continue
-        path = module_path_of(node.name)
+        scope = module_path_of(node.name)
+        path = scopes(scope) if scope else None
+        while scope and path is None:  # a part the model does not name as a module
+            scope = scope.rpartition(".")[0]
+            path = scopes(scope) if scope else None
         # the node belongs to its own module and to every enclosing one
         while path:
             if path in wanted:
                 last[path] = (index, node)
+                method[path] = scopes.how[scope]
             path = path.rpartition(".")[0]
     layers = [Layer(module=m, tensor=n.output[0], node=n.name, depth=0)
               for m, (i, n) in sorted(last.items(), key=lambda kv: kv[1][0])]
     layers = [Layer(lay.module, lay.tensor, lay.node, depth) for depth, lay in enumerate(layers)]
-    return layers, [m for m in modules if m not in last]
+    counts = {how: sum(1 for m in method.values() if m == how)
+              for how in ("name", "wrapper prefix", "scope tail")}
+    return layers, [m for m in modules if m not in last], counts
 
 
 def select_modules(all_modules: Sequence[str], patterns: Sequence[str]) -> list[str]:
@@ -178,17 +237,66 @@ def fused_into_parent(module: Any, chosen: Sequence[str]) -> tuple[list[str], di
     return out, replaced
 
 
-def layers_for(model: ModelSource, nodes: Sequence[Any], patterns: Iterable[str] = ()
-               ) -> tuple[list[Layer], list[str], dict[str, str]]:
-    """The layers to compare for a model source and an ONNX graph: its default layers, or the
-    modules matching `patterns` (ConvModule parts replaced by their ConvModule); returns
-    (layers, module paths with no ONNX node, {ConvModule part: the ConvModule compared})."""
+@dataclass
+class LayerMap:
+    """The layers to compare and how they were found: `counts` of modules named by their
+    scope ("name"), under a wrapper's leading scopes ("wrapper prefix"), by their scope's tail
+    ("scope tail"), by graph position and signature ("position", harness.align.positions);
+    `unmapped`: modules found none of these ways; `replaced`: ConvModule parts asked for,
+    compared as their ConvModule; `position_note`: why position mapping was not used."""
+
+    layers: list[Layer]
+    unmapped: list[str]
+    replaced: dict[str, str]
+    counts: dict[str, int]
+    position_note: Optional[str] = None
+
+
+# the zero image the conv run order is learned on (any multiple of the largest stride)
+POSITION_PROBE_HW = (64, 64)
+
+
+def layers_for(model: ModelSource, graph: Any, patterns: Iterable[str] = ()) -> LayerMap:
+    """The layers to compare for a model source and an ONNX graph (a GraphProto): its default
+    layers, or the modules matching `patterns` (ConvModule parts replaced by their
+    ConvModule); those no scope names are mapped by graph position where that checks out."""
     patterns = list(patterns)
     replaced: dict[str, str] = {}
+    names = [n for n, _ in model.module.named_modules() if n]
     if patterns:
-        names = [n for n, _ in model.module.named_modules() if n]
         modules, replaced = fused_into_parent(model.module, select_modules(names, patterns))
     else:
         modules = model.default_layers()
-    layers, unmapped = map_modules(nodes, modules)
-    return layers, unmapped, replaced
+    nodes = list(graph.node)
+    layers, unmapped, counts = map_modules(nodes, modules, names)
+    counts["position"] = 0
+    note = None
+    if unmapped:
+        layers, unmapped, counts["position"], note = _add_by_position(
+            model, graph, layers, unmapped)
+    return LayerMap(layers, unmapped, replaced, counts, note)
+
+
+def _add_by_position(model: ModelSource, graph: Any, layers: list[Layer],
+                     unmapped: list[str]) -> tuple[list[Layer], list[str], int, Optional[str]]:
+    from harness.align.positions import map_by_position
+
+    try:
+        found, refused = map_by_position(model.module, graph, unmapped,
+                                         {lay.module: lay.node for lay in layers},
+                                         POSITION_PROBE_HW)
+    except Exception as exc:  # a model whose forward needs more than an image (two-stage)
+        from harness.errors import first_line
+
+        return layers, unmapped, 0, f"position mapping not tried: {first_line(exc)}"
+    if refused:
+        return layers, unmapped, 0, refused
+    order = {n.name: i for i, n in enumerate(graph.node) if n.name}
+    producer_index = {o: i for i, n in enumerate(graph.node) for o in n.output}
+    placed = [(order.get(lay.node, producer_index.get(lay.tensor, 0)), lay) for lay in layers]
+    placed += [(producer_index.get(tensor, 0), Layer(m, tensor, node, 0))
+               for m, (tensor, node, _) in found.items()]
+    placed.sort(key=lambda p: p[0])
+    merged = [Layer(lay.module, lay.tensor, lay.node, depth)
+              for depth, (_, lay) in enumerate(placed)]
+    return merged, [m for m in unmapped if m not in found], len(found), None

@@ -1,7 +1,8 @@
 """Each backend's post-processing as a replayable pipeline: where its NMS candidates come from
 (decoded head maps, a decoded file's outputs, an NMS node's inputs) and the reference kernel
 that replays its NMS in trace mode on its *own* candidates, so every detection it gave or lost
-has a recorded fate (harness.nms.trace).
+has a recorded fate (harness.nms.trace). The pipelines of files that end in their own NMS are
+in harness.align.file_pipelines.
 
 - `SourcePipeline` (alias `MmyoloPipeline`): the model source's own decode + NMS (for mmyolo,
   predict_by_feat): the PyTorch reference, and raw / decoded files, whose NMS the harness runs
@@ -16,7 +17,6 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from harness.errors import UserError
 from harness.models.source import ModelSource
 
 
@@ -58,23 +58,47 @@ class PipelineSettings:
     max_per_class: Optional[int] = None
     problem: Optional[str] = None
     # how the NMS computes IoU: "plain" (corners, no +1), "mmcv" (plain, on boxes offset by
-    # class in float32, which rounds tiny boxes), "+1 px" (BatchedNMS unnormalised)
+    # class in float32, which rounds tiny boxes), "+1 px" (BatchedNMS unnormalised, Caffe
+    # semantics: +1 on widths, heights and the intersection), "+1 px areas" (unnormalised,
+    # caffeSemantics 0: +1 on the areas only)
     iou_formula: str = "plain"
 
     # the settings two pipelines can differ in, with the words a report uses for them
     COMPARED = {"score_threshold": "score threshold", "iou_threshold": "IoU threshold",
                 "pre_topk": "pre-NMS top-k", "max_detections": "max detections",
-                "max_per_class": "max per class"}
+                "max_per_class": "max per class", "iou_formula": "IoU formula"}
 
     def differences(self, other: "PipelineSettings") -> dict[str, tuple[Any, Any]]:
         """setting → (this value, other value) for every compared setting that differs."""
         out = {}
         for name in self.COMPARED:
             mine, theirs = getattr(self, name), getattr(other, name)
+            if name == "iou_formula" and iou_family(mine) == iou_family(theirs):
+                continue  # mmcv's offset boxes are the plain formula, up to float32
             if mine != theirs and not (isinstance(mine, float) and isinstance(theirs, float)
                                        and np.float32(mine) == np.float32(theirs)):
                 out[name] = (mine, theirs)
         return out
+
+
+def iou_family(formula: str) -> str:
+    """The formula, with "mmcv" (plain IoU on class-offset boxes) counted as "plain"."""
+    return "plain" if formula == "mmcv" else formula
+
+
+def iou_by_formula(a: np.ndarray, b: np.ndarray, formula: str) -> float:
+    """IoU of two xyxy boxes (float64) as the named formula computes it."""
+    one = 0.0 if iou_family(formula) == "plain" else 1.0
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    if formula == "+1 px":
+        iw, ih = iw + one, ih + one
+    inter = float(iw * ih)
+    area = (float(a[2] - a[0]) + one) * (float(a[3] - a[1]) + one) + \
+        (float(b[2] - b[0]) + one) * (float(b[3] - b[1]) + one)
+    return inter / (area - inter) if area - inter > 0 else 0.0
 
 
 @dataclass
@@ -200,147 +224,20 @@ class SourcePipeline(Pipeline):
 MmyoloPipeline = SourcePipeline
 
 
-class OnnxNmsPipeline(Pipeline):
-    """ONNX NonMaxSuppression, per class, `max_output_boxes_per_class` per class and no
-    overall limit; onnxruntime's semantics (docs/nms-semantics.md)."""
-
-    name = "onnx"
-
-    def __init__(self, node: Any, constants: dict[str, np.ndarray]):
-        def const(i: int, default: Any) -> Any:
-            if len(node.input) > i and node.input[i]:
-                if node.input[i] not in constants:
-                    raise UserError(f"NonMaxSuppression node {node.name!r}: input "
-                                    f"{node.input[i]!r} is not a constant; the harness cannot "
-                                    "replay it")
-                return constants[node.input[i]].reshape(-1)[0].item()
-            return default
-
-        attrs = {a.name: a.i for a in node.attribute}
-        self.center_point_box = int(attrs.get("center_point_box", 0))
-        self.max_per_class = int(const(2, 0))
-        self.iou_threshold = float(const(3, 0.0))
-        score = const(4, None)
-        self.score_threshold = None if score is None else float(score)
-        self.boxes_name, self.scores_name = node.input[0], node.input[1]
-        self.settings = PipelineSettings(
-            score_threshold=self.score_threshold, score_inclusive=False,
-            iou_threshold=self.iou_threshold, iou_inclusive=False,
-            max_per_class=self.max_per_class,
-            problem="max_output_boxes_per_class 0 → no detections (ONNX selects nothing)"
-            if self.max_per_class <= 0 else None)
-
-    def candidates(self, outputs, backend, inputs):
-        # the file's own outputs carry the NMS inputs (boxes (B, N, 4), scores (B, N, C))
-        boxes = np.asarray(outputs["boxes"], np.float32)
-        if self.center_point_box:
-            return Candidates(centre_size_to_corners(boxes),
-                              np.asarray(outputs["scores"], np.float32), nms_boxes=boxes)
-        return Candidates(boxes, np.asarray(outputs["scores"], np.float32))
-
-    def replay(self, cands, metas):
-        from harness.export.outputs import to_original_pixels
-        from harness.nms import NmsResult, onnx_non_max_suppression
-
-        out = onnx_non_max_suppression(
-            cands.boxes if cands.nms_boxes is None else cands.nms_boxes,
-            np.ascontiguousarray(cands.scores.transpose(0, 2, 1)),
-            self.max_per_class, self.iou_threshold, self.score_threshold,
-            center_point_box=self.center_point_box, trace=True)
-        replays = []
-        for i, (r, meta) in enumerate(zip(out.results, metas)):
-            order = np.argsort(-r.scores, kind="stable")  # read best first, as the harness does
-            res = NmsResult(to_original_pixels(r.boxes[order], meta), r.scores[order],
-                            r.labels[order], r.box_index[order], r.trace)
-            replays.append(Replayed(res, cands.boxes[i], cands.scores[i], self.settings))
-        return replays
-
-    def describe(self):
-        return {"kind": "onnx", "max_output_boxes_per_class": self.max_per_class,
-                "iou_threshold": self.iou_threshold, "score_threshold": self.score_threshold,
-                "center_point_box": self.center_point_box}
-
-
-class PluginPipeline(Pipeline):
-    """A TensorRT NMS plugin node (EfficientNMS_TRT, BatchedNMS(Dynamic)_TRT), replayed by the
-    harness's kernel from the node's own attributes on the node's input tensors."""
-
-    def __init__(self, node: Any):
-        from harness.nms.plugin_nodes import node_attributes
-
-        from harness.nms import EFFICIENT_NMS_CAP
-
-        self.node = node
-        self.name = node.op_type
-        self.attrs = a = node_attributes(node)
-        self.box_coding = 0
-        if node.op_type == "EfficientNMS_TRT":
-            self.per_class = not bool(a.get("class_agnostic", 0))
-            self.box_coding = int(a.get("box_coding", 0))
-            # EfficientNMS_TRT: >= tests, one fixed cap before NMS across classes (docs/nms-semantics.md)
-            self.settings = PipelineSettings(
-                score_threshold=float(a.get("score_threshold", 0.0)), score_inclusive=True,
-                iou_threshold=float(a.get("iou_threshold", 0.5)), iou_inclusive=True,
-                pre_topk=EFFICIENT_NMS_CAP, max_detections=int(a.get("max_output_boxes", 0)))
-        else:
-            top_k, keep = int(a.get("topK", 0)), int(a.get("keepTopK", 0))
-            self.settings = PipelineSettings(
-                score_threshold=float(a.get("scoreThreshold", 0.0)), score_inclusive=False,
-                iou_threshold=float(a.get("iouThreshold", 0.5)), iou_inclusive=False,
-                pre_topk=top_k, pre_topk_scope="class", max_detections=keep,
-                iou_formula="plain" if int(a.get("isNormalized", 1)) else "+1 px",
-                problem=f"keepTopK {keep} > topK {top_k} → no detections (the plugin's gather "
-                        "writes nothing)" if keep > top_k else None)
-        self.inputs = [n for n in node.input if n]
-
-    def candidates(self, outputs, backend, inputs):
-        values = backend.intermediates(inputs, self.inputs[:2])
-        boxes = np.asarray(values[self.inputs[0]], np.float32)
-        b, n = boxes.shape[:2]
-        if boxes.ndim == 4 and boxes.shape[2] != 1:
-            raise UserError(f"{self.name} node {self.node.name!r} has per-class boxes; the "
-                            "harness compares shared boxes only")
-        boxes = boxes.reshape(b, n, 4)
-        scores = np.asarray(values[self.inputs[1]], np.float32)
-        if self.box_coding == 1:  # centre-size in, corners compared
-            return Candidates(centre_size_to_corners(boxes), scores, nms_boxes=boxes)
-        return Candidates(boxes, scores)
-
-    def replay(self, cands, metas):
-        from harness.nms.plugin_nodes import PLUGIN_KERNELS
-        from harness.export.outputs import to_original_pixels
-        from harness.nms import NmsResult
-
-        kernel = PLUGIN_KERNELS[(self.node.domain, self.node.op_type)]
-        boxes = cands.boxes if cands.nms_boxes is None else cands.nms_boxes
-        if self.node.op_type != "EfficientNMS_TRT":
-            boxes = boxes[:, :, None]
-        _, full = kernel(self.node, [boxes, cands.scores], True)
-        replays = []
-        for i, (r, meta) in enumerate(zip(full.results, metas)):
-            res = NmsResult(to_original_pixels(r.boxes, meta), r.scores, r.labels,
-                            r.box_index, r.trace)
-            replays.append(Replayed(res, cands.boxes[i], cands.scores[i], self.settings,
-                                    self.per_class))
-        return replays
-
-    def describe(self):
-        return {"kind": self.name, **{k: v for k, v in self.attrs.items()
-                                      if isinstance(v, (int, float, str))}}
-
-
 def pipeline_for(model: ModelSource, onnx_model: Any) -> Pipeline:
-    """The pipeline a file's outputs go through: its NMS node if it has one, else the model
-    source's own."""
-    from onnx import numpy_helper
+    """The pipeline a file's outputs go through: the NMS its graph ends with, read by
+    harness.artifacts.layout (ONNX NonMaxSuppression with any pre-NMS TopK and keep cut, a
+    TensorRT or mmdeploy plugin node), else the model source's own. A layout the harness does
+    not know is a UserError naming it."""
+    from harness.align.file_pipelines import OnnxNmsPipeline, PluginPipeline
+    from harness.artifacts.layout import read_layout
+    from harness.export.metadata import read_metadata
 
-    for node in onnx_model.graph.node:
-        if node.op_type == "NonMaxSuppression":
-            constants = {i.name: numpy_helper.to_array(i) for i in onnx_model.graph.initializer}
-            for n in onnx_model.graph.node:
-                if n.op_type == "Constant" and n.attribute:
-                    constants[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-            return OnnxNmsPipeline(node, constants)
-        if node.domain == "TRT":
-            return PluginPipeline(node)
-    return SourcePipeline(model)
+    layout = read_layout(onnx_model, read_metadata(onnx_model),
+                         model.output_variant([o.name for o in onnx_model.graph.output]))
+    if layout.variant != "end2end":
+        return SourcePipeline(model)
+    node = next(n for n in onnx_model.graph.node if (n.name or n.op_type) == layout.nms_node)
+    if layout.nms_kind == "onnx":
+        return OnnxNmsPipeline(node, layout, model.num_classes)
+    return PluginPipeline(node, layout, model.num_classes)

@@ -156,6 +156,8 @@ class OnnxruntimeBackend(Backend):
         self.model_sha256 = file_sha256(self.path)
         self.precision = (self.metadata or {}).get("precision") or graph_precision(model)
         self._cut = cut_at_plugins(model)
+        self._model_proto = model  # the tail's initializers, when it has one
+        self._tail_session = None
         initializers = {i.name for i in model.graph.initializer}
         inputs = [i for i in model.graph.input if i.name not in initializers]
         if len(inputs) != 1:
@@ -269,7 +271,24 @@ class OnnxruntimeBackend(Backend):
             outs, full = kernel(node, [values[n] for n in node.input if n], self.plugin_trace)
             values.update(zip(node.output, outs))
             self.plugin_results[node.name or node.op_type] = full
+        if self._cut.tail:
+            values.update(self._run_tail(values))
         return {o.name: values[o.name] for o in self._cut.outputs}
+
+    def _run_tail(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The nodes after the plugins (another exporter's Cast / Reshape / Concat), in a
+        session of their own made on first use."""
+        if getattr(self, "_tail_session", None) is None:
+            from onnx import numpy_helper
+
+            inits = {i.name: numpy_helper.to_array(i)
+                     for i in self._model_proto.graph.initializer
+                     if i.name in set(self._cut.tail_inputs())}
+            self._tail_model = self._cut.tail_model(values, inits)
+            self._tail_session = self._make_session(self._tail_model)
+        feeds = {i.name: values[i.name] for i in self._tail_model.graph.input}
+        names = [o.name for o in self._tail_model.graph.output]
+        return dict(zip(names, self._run(self._tail_session, feeds, names)))
 
     # -- intermediates ----------------------------------------------------------------------
 

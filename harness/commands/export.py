@@ -19,7 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="end2end NMS: ONNX NonMaxSuppression, TRT::EfficientNMS_TRT or "
                         "TRT::BatchedNMSDynamic_TRT")
     p.add_argument("--pre-topk", type=int, default=None,
-                   help="BatchedNMS topK (default min(nms_pre, 4096)); onnx/efficient ignore it")
+                   help="BatchedNMS topK (default min(nms_pre, 4096)); with --nms onnx a "
+                        "pre-NMS TopK over each box's best score (none by default); "
+                        "efficient ignores it")
     p.add_argument("--keep-topk", type=int, default=None,
                    help="detections kept (default the config's max_per_img)")
     p.add_argument("--iou-threshold", type=float, default=None,

@@ -211,18 +211,6 @@ def known_values(model: Any) -> dict[str, Any]:
     return values
 
 
-def k_upper_bound(model: Any, name: str, values: Mapping[str, Any]) -> Optional[int]:
-    """For a K nothing resolves: the smallest constant of the Min that makes it, if any."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    node = producer.get(name)
-    while node is not None and node.op_type in _SAME_VALUES + ("Cast",):
-        node = producer.get(node.input[0])
-    consts = [int(values[n].min()) for n in (node.input if node is not None
-                                             and node.op_type == "Min" else [])
-              if hasattr(values.get(n), "min")]
-    return min(consts) if consts else None
-
-
 def topk_findings(model: Any, nodes: list[Any], ops: Mapping[str, Any],
                   named: Mapping[str, int]) -> list[Finding]:
     """TopK nodes whose K is over TensorRT's limit (K <= 3840, docs/nms-semantics.md "TopK"),
@@ -232,6 +220,7 @@ def topk_findings(model: Any, nodes: list[Any], ops: Mapping[str, Any],
     # the exporter's scope naming, owned by the layer map (align comes after export: imported
     # on use, until it moves next to the exporter)
     from harness.align.layers import module_path_of
+    from harness.artifacts.layout import k_upper_bound
 
     limit, values, out = int(ops["topk_max_k"]), known_values(model), []
     for node in (n for n in nodes if n.op_type == "TopK" and n.domain in DEFAULT_DOMAINS):
@@ -243,12 +232,15 @@ def topk_findings(model: Any, nodes: list[Any], ops: Mapping[str, Any],
         if isinstance(k, int) or isinstance(k, np.ndarray) and k.size == 1:
             k = int(np.asarray(k).reshape(-1)[0])
             cause = " / ".join(f"{name} = {v}" for name, v in named.items() if v == k)
+            if not cause and k > limit:  # K = min(setting, candidates), as exporters write it
+                cause = " / ".join(f"{name} = {v}" for name, v in named.items() if v > k)
+                cause += ", capped at the count of candidates it ranks" if cause else ""
             if k > limit:
                 out.append(Finding("error", "topk-k-over-limit", f"{label}: K = {k}"
                                    + (f" (from {cause})" if cause else "") + f" > {limit}, "
                                    "TensorRT's TopK limit: the build fails", **where))
         else:
-            bound = k_upper_bound(model, k_input, values) if k_input else None
+            bound = k_upper_bound(model, k_input) if k_input else None
             out.append(Finding(
                 "info" if bound is not None and bound <= limit else "warning",
                 "topk-k-data-dependent", f"{label}: K is computed at run time"

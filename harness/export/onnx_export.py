@@ -33,8 +33,9 @@ class ExportSettings:
     """What to export. None thresholds come from the model's test_cfg (NmsSettings).
 
     variant: raw | decoded | end2end. nms: onnx | efficient | batched (end2end only).
-    pre_topk: BatchedNMS topK (default min(nms_pre, 4096)); ignored by onnx and efficient, as
-    in easydeploy. keep_topk (default max_per_img), iou_threshold, score_threshold (default
+    pre_topk: BatchedNMS topK (default min(nms_pre, 4096)); for onnx a pre-NMS TopK over
+    each box's best score (mmdeploy's pre_top_k; none by default, as in easydeploy); ignored
+    by efficient (its own fixed cap). keep_topk (default max_per_img), iou_threshold, score_threshold (default
     the config's score_thr, at least 0). precision: fp32 | fp16 | int8 (int8 needs
     calibration). batch: None for a dynamic batch axis, else a fixed batch size.
     input_size: (h, w); None: the fixed size the model's preprocessing produces.
@@ -99,10 +100,13 @@ def resolve_nms(model: ModelSource, settings: ExportSettings) -> tuple[End2EndNm
         if keep > pre:
             notes.append(f"keep-topk {keep} > topK {pre}: TensorRT's BatchedNMS then returns "
                          "no detections at all (docs/nms-semantics.md)")
+    elif settings.pre_topk is not None and kind == "onnx":
+        pre = settings.pre_topk
+        if pre < 1:
+            raise UserError(f"--pre-topk must be at least 1, got {pre}")
     elif settings.pre_topk is not None:
-        cap = "its fixed 5000 cap (4096 before TensorRT 8.5.1)" if kind == "efficient" \
-            else "no cap"
-        notes.append(f"--pre-topk is ignored by --nms {kind} ({cap}), as in easydeploy")
+        notes.append(f"--pre-topk is ignored by --nms {kind} (its fixed 5000 cap, 4096 before "
+                     "TensorRT 8.5.1), as in easydeploy")
     return End2EndNms(kind=kind, keep_topk=int(keep), iou_threshold=float(iou),
                       score_threshold=float(score), pre_topk=pre), notes
 

@@ -10,6 +10,12 @@ import numpy as np
 
 from harness.errors import UserError
 from harness.export.variants import END2END_OUTPUTS
+
+# other exporters' end2end outputs (harness.artifacts.layout reads the rest of such files):
+# mmyolo easydeploy (num_dets (B, 1), boxes (B, K, 4), scores (B, K), labels (B, K)) and
+# mmdeploy (dets (B, K, 5) = box + score, labels (B, K); empty rows: label -1 or score 0)
+FOREIGN_OUTPUTS = {"easydeploy": ("num_dets", "boxes", "scores", "labels"),
+                   "mmdeploy": ("dets", "labels")}
 from harness.models.source import ModelSource
 
 
@@ -21,7 +27,7 @@ def variant_of(names: Sequence[str],
     (ModelSource.output_variant). Without a source, the mmyolo source's names are assumed.
     """
     have = set(names)
-    for kind, wanted in END2END_OUTPUTS.items():
+    for kind, wanted in {**END2END_OUTPUTS, **FOREIGN_OUTPUTS}.items():
         if set(wanted) <= have and (kind != "onnx" or "selected_indices" in have):
             return "end2end", kind
     if source is not None:
@@ -73,9 +79,18 @@ def _end2end_rows(outputs: dict[str, np.ndarray], kind: str,
         boxes = outputs["boxes"][image, rows[:, 2]]
         scores = outputs["scores"][image, rows[:, 2], rows[:, 1]]
         return boxes, scores, rows[:, 1].astype(np.int64), rows[:, 2].astype(np.int64)
-    names = END2END_OUTPUTS[kind]
+    if kind == "mmdeploy":
+        dets, classes = outputs["dets"][image], outputs["labels"][image]
+        valid = (classes >= 0) & (dets[:, 4] > 0)
+        return (dets[valid, :4], dets[valid, 4], classes[valid].astype(np.int64),
+                np.full(int(valid.sum()), -1, np.int64))
+    names = {**END2END_OUTPUTS, **FOREIGN_OUTPUTS}[kind]
     num, boxes, scores, classes = (outputs[n][image] for n in names)
-    if kind == "efficient":
+    if kind == "easydeploy":
+        # the first num_dets rows; the rest pad (label -1, score 0)
+        valid = (np.arange(boxes.shape[0]) < int(np.asarray(num).reshape(-1)[0])) & \
+            (classes >= 0)
+    elif kind == "efficient":
         n = int(num[0])
         valid = np.arange(boxes.shape[0]) < n
     else:

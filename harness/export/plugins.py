@@ -4,7 +4,7 @@ finishes with a reference kernel, and fp16 / int8 conversion works on the cut gr
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from harness.errors import UserError
@@ -45,6 +45,42 @@ class PluginCut:
     body: Any
     plugins: list[Any]
     outputs: list[Any]
+    # nodes that consume plugin outputs (another exporter's Cast / Reshape / Concat after the
+    # NMS): run after the plugins, on their outputs and the body's tensors (tail_model)
+    tail: list[Any] = field(default_factory=list)
+    opset_import: list[Any] = field(default_factory=list)
+
+    def tail_inputs(self) -> list[str]:
+        """The tensors the tail reads that it does not make itself."""
+        made = {t for n in self.tail for t in n.output}
+        seen: list[str] = []
+        for n in self.tail:
+            seen += [i for i in n.input if i and i not in made and i not in seen]
+        return seen
+
+    def tail_model(self, values: dict[str, Any], initializers: dict[str, Any]) -> Any:
+        """The tail as a model whose inputs are typed after `values` (numpy arrays of its
+        inputs, from the body and the plugins) and whose outputs are the graph outputs it
+        makes."""
+        import onnx
+        from onnx import helper, numpy_helper
+
+        made = {t for n in self.tail for t in n.output}
+        inputs, inits = [], []
+        for name in self.tail_inputs():
+            if name in initializers:
+                inits.append(numpy_helper.from_array(initializers[name], name))
+                continue
+            v = values[name]
+            inputs.append(helper.make_tensor_value_info(
+                name, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape)))
+        # untyped: onnxruntime infers them (a plugin's int32 where the graph declared int64)
+        outputs = [helper.make_empty_tensor_value_info(o.name) for o in self.outputs
+                   if o.name in made]
+        graph = helper.make_graph(self.tail, "tail", inputs, outputs, inits)
+        model = helper.make_model(graph, opset_imports=self.opset_import)
+        model.ir_version = onnx.IR_VERSION
+        return model
 
     def reattach(self, body: Any) -> Any:
         """`body` (this cut's body, possibly converted) with the plugin nodes and the original
@@ -57,6 +93,7 @@ class PluginCut:
         # Cast last), and onnx.checker refuses a graph that is not topologically sorted
         sort_topologically(model.graph)
         model.graph.node.extend(self.plugins)
+        model.graph.node.extend(self.tail)
         del model.graph.output[:]
         model.graph.output.extend(self.outputs)
         domains = {op.domain for op in model.opset_import}
@@ -66,11 +103,9 @@ class PluginCut:
 
 
 def cut_at_plugins(model: Any) -> PluginCut:
-    """Split `model` before its plugin nodes (a graph without any gives an unchanged body).
-
-    Plugin outputs must be graph outputs consumed by no other node (how every end2end export
-    ends); anything else raises UserError, since the emulation could not finish the graph.
-    """
+    """Split `model` before its plugin nodes (a graph without any gives an unchanged body):
+    the body (everything upstream), the plugins, and the tail (the nodes downstream of a
+    plugin's outputs, as other exporters write a Cast or Reshape after the NMS)."""
     import onnx
 
     plugins = [n for n in model.graph.node if is_plugin(n)]
@@ -79,18 +114,22 @@ def cut_at_plugins(model: Any) -> PluginCut:
     body.CopyFrom(model)
     if not plugins:
         return PluginCut(body=body, plugins=[], outputs=outputs)
-    made_by_plugin = {t for n in plugins for t in n.output}
-    for node in model.graph.node:
-        used = made_by_plugin.intersection(node.input)
-        if used and not is_plugin(node):
-            raise UserError(f"node {node.name or node.op_type} consumes {sorted(used)[0]}, an "
-                            "output of a TensorRT plugin node; the harness runs plugin nodes "
-                            "only at the end of a graph")
-    keep = [n for n in model.graph.node if not is_plugin(n)]
+    downstream = {t for n in plugins for t in n.output}
+    tail = []
+    for node in model.graph.node:  # graph order: producers come first
+        if not is_plugin(node) and downstream.intersection(node.input):
+            tail.append(node)
+            downstream.update(node.output)
+    tail_names = {id(n) for n in tail}
+    keep = [n for n in model.graph.node if not is_plugin(n) and id(n) not in tail_names]
     del body.graph.node[:]
     body.graph.node.extend(keep)
-    body_outputs = [o for o in outputs if o.name not in made_by_plugin]
-    wanted = [t for n in plugins for t in n.input if t]
+    body_outputs = [o for o in outputs if o.name not in downstream]
+    cut = PluginCut(body=body, plugins=plugins, outputs=outputs, tail=tail,
+                    opset_import=[op for op in model.opset_import])
+    made_in_body = {t for n in keep for t in n.output} | {i.name for i in model.graph.input}
+    wanted = [t for n in plugins for t in n.input if t] + \
+        [t for t in cut.tail_inputs() if t in made_in_body]
     known = {o.name for o in body_outputs}
     types = _value_types(body)
     for name in wanted:
@@ -100,12 +139,13 @@ def cut_at_plugins(model: Any) -> PluginCut:
         body_outputs.append(types.get(name) or onnx.helper.make_empty_tensor_value_info(name))
     del body.graph.output[:]
     body.graph.output.extend(body_outputs)
-    # the TRT opset import would make onnxruntime look for a domain it does not have
-    plugin_domains = {n.domain for n in plugins} - {n.domain for n in keep}
+    # the plugins' opset imports would make onnxruntime look for domains it does not have
+    plugin_domains = {n.domain for n in plugins} - {n.domain for n in keep + tail}
     kept_imports = [op for op in body.opset_import if op.domain not in plugin_domains]
     del body.opset_import[:]
     body.opset_import.extend(kept_imports)
-    return PluginCut(body=body, plugins=plugins, outputs=outputs)
+    cut.opset_import = kept_imports
+    return cut
 
 
 def _value_types(model: Any) -> dict[str, Any]:

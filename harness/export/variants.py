@@ -22,8 +22,8 @@ END2END_OUTPUTS = {
 class End2EndNms:
     """The NMS an end2end file ends with, with every number resolved.
 
-    kind: "onnx" | "efficient" | "batched". pre_topk: BatchedNMS's topK only (the other two
-    ignore it, as easydeploy does; EfficientNMS has its own fixed cap). keep_topk: ONNX
+    kind: "onnx" | "efficient" | "batched". pre_topk: BatchedNMS's topK; for onnx an optional
+    pre-NMS TopK node (mmdeploy's pre_top_k); EfficientNMS ignores it (its own fixed cap). keep_topk: ONNX
     max_output_boxes_per_class, EfficientNMS max_output_boxes, BatchedNMS keepTopK.
     """
 

@@ -58,9 +58,23 @@ class End2EndModule(nn.Module):
 
 
 def _onnx_head(nms: End2EndNms, boxes: torch.Tensor, scores: torch.Tensor, num_classes: int):
+    if nms.pre_topk is not None:
+        boxes, scores = pre_nms_topk(boxes, scores, nms.pre_topk)
     selected = OnnxNmsOp.apply(boxes, scores.transpose(1, 2), nms.keep_topk,
                                nms.iou_threshold, nms.score_threshold)
     return boxes, scores, selected
+
+
+def pre_nms_topk(boxes: torch.Tensor, scores: torch.Tensor, k: int):
+    """The `k` candidates with the best class score of each image, best first (mmdeploy's
+    pre_top_k): ReduceMax → TopK → Gather on the flattened batch. K is a constant,
+    min(k, candidates), as TensorRT needs it; the graph's candidates stay readable upstream."""
+    b, n = scores.shape[0], scores.shape[1]
+    k = min(int(k), int(n))
+    _, index = scores.amax(dim=2).topk(k, dim=1)
+    flat = (index + torch.arange(b, device=index.device).unsqueeze(1) * n).reshape(-1)
+    return (boxes.reshape(-1, 4)[flat].reshape(b, k, 4),
+            scores.reshape(-1, scores.shape[2])[flat].reshape(b, k, scores.shape[2]))
 
 
 def _efficient_head(nms: End2EndNms, boxes: torch.Tensor, scores: torch.Tensor,

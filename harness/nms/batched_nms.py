@@ -56,6 +56,7 @@ def batched_nms_trt(
     score_bits: int = 16,
     tie_order: TieOrder = "stable",
     trace: bool = False,
+    max_top_k: int = BATCHED_NMS_MAX_TOPK,
 ) -> BatchedNmsOutput:
     """BatchedNMS_TRT / BatchedNMSDynamic_TRT on fp32 inputs (attributes: topK, keepTopK,
     scoreThreshold, iouThreshold, shareLocation, backgroundLabelId, isNormalized, clipBoxes,
@@ -74,12 +75,13 @@ def batched_nms_trt(
     clip_boxes clamps output boxes to [0, 1] whatever is_normalized says (gatherNMSOutputs.cu;
     the README says only when normalized). tie_order "stable": lower box index first within a
     class, lower class first across classes (cub radix sorts are stable, so this is the
-    plugin's order); "reverse": the opposite, as a what-if. score_bits only changes fp16
+    plugin's order); "reverse": the opposite, as a what-if. max_top_k: the plugin's topK
+    limit (4096; mmdeploy's TRTBatchedNMS, a copy of this plugin, allows 5120). score_bits only changes fp16
     engines and is ignored.
     """
     check_tie_order(tie_order)
-    if top_k > BATCHED_NMS_MAX_TOPK:
-        raise ValueError(f"topK {top_k} exceeds the plugin's limit {BATCHED_NMS_MAX_TOPK}")
+    if top_k > max_top_k:
+        raise ValueError(f"topK {top_k} exceeds the plugin's limit {max_top_k}")
     if top_k <= 0 or keep_top_k <= 0:
         raise ValueError(f"topK and keepTopK must be > 0, got {top_k}, {keep_top_k}")
     del score_bits  # fp16 only

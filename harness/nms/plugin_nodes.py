@@ -98,10 +98,52 @@ def run_batched_nms(node: Any, inputs: list[np.ndarray], trace: bool = False) ->
     return [out.num_detections, out.nmsed_boxes, out.nmsed_scores, out.nmsed_classes], out
 
 
+# mmdeploy's TRTBatchedNMS (csrc/mmdeploy/backend_ops/tensorrt/batched_nms, v1.3.1): a copy
+# of TensorRT's BatchedNMS with snake-case attributes, dets (B, K, 5) = box + score and labels
+# (B, K) outputs (invalid rows: zeros, label -1), IoU without the +1 px whatever
+# is_normalized says (allClassNMS.cu: jaccardOverlap(..., offset 0)), topk clamped to the
+# box count and at most 5120 (allClassNMS_gpu: (top_k + 511) / 512 <= 10)
+MMDEPLOY_BATCHED_NMS_REQUIRED = ("num_classes", "topk", "keep_topk", "score_threshold",
+                                 "iou_threshold")
+MMDEPLOY_MAX_TOPK = 5120
+
+
+def run_mmdeploy_batched_nms(node: Any, inputs: list[np.ndarray],
+                             trace: bool = False) -> PluginRun:
+    """mmdeploy::TRTBatchedNMS: inputs boxes (B, N, 1, 4) corners, scores (B, N, C) →
+    dets (B, keep_topk, 5) float32, labels (B, keep_topk) int32."""
+    from harness.nms import batched_nms_trt
+
+    attrs = node_attributes(node)
+    _required(node, attrs, MMDEPLOY_BATCHED_NMS_REQUIRED)
+    boxes, scores = inputs[0], inputs[1]
+    if int(attrs["num_classes"]) != scores.shape[2]:
+        raise UserError(f"TRTBatchedNMS node {node.name!r} says num_classes "
+                        f"{attrs['num_classes']} but its scores have {scores.shape[2]} classes")
+    try:
+        out = batched_nms_trt(
+            boxes, scores, top_k=min(int(attrs["topk"]), scores.shape[1]),
+            keep_top_k=int(attrs["keep_topk"]),
+            score_threshold=float(attrs["score_threshold"]),
+            iou_threshold=float(attrs["iou_threshold"]),
+            share_location=boxes.ndim == 3 or boxes.shape[2] == 1,
+            background_label_id=int(attrs.get("background_label_id", -1)),
+            is_normalized=True,  # plain IoU: mmdeploy's kernel passes offset 0
+            clip_boxes=bool(attrs.get("clip_boxes", 0)), caffe_semantics=False,
+            max_top_k=MMDEPLOY_MAX_TOPK, trace=trace)
+    except ValueError as exc:
+        raise UserError(f"TRTBatchedNMS node {node.name!r}: {exc}") from None
+    dets = np.concatenate([out.nmsed_boxes, out.nmsed_scores[..., None]], axis=-1)
+    labels = out.nmsed_classes.astype(np.int32)
+    dets[labels < 0] = 0.0
+    return [dets.astype(np.float32), labels], out
+
+
 # (domain, op_type) → the function computing the node: the one table of plugin ops
 # (harness.export.plugins.PLUGIN_OPS is its key set)
 PLUGIN_KERNELS: dict[tuple[str, str], Callable[..., PluginRun]] = {
     ("TRT", "EfficientNMS_TRT"): run_efficient_nms,
     ("TRT", "BatchedNMSDynamic_TRT"): run_batched_nms,
     ("TRT", "BatchedNMS_TRT"): run_batched_nms,
+    ("mmdeploy", "TRTBatchedNMS"): run_mmdeploy_batched_nms,
 }

@@ -47,6 +47,7 @@ def render_compare(doc: CompareResult, plot: Optional[str] = None) -> str:
     out += _detections(doc)
     out += _candidates(doc)
     out += _topk_pressure(doc)
+    out += _preflight(doc)
     out += _examples(doc)
     out += [f"_{doc.created}, {doc.seconds} s._", ""]
     return "\n".join(out)
@@ -155,6 +156,8 @@ def _detections(doc: CompareResult) -> list[str]:
                   align="l" + "r" * (7 + len(CAUSES))), ""]
     for t in doc.targets:
         out += _settings(t)
+        if t.available:
+            out += _settings_sources(t)
     return out
 
 
@@ -186,6 +189,8 @@ def _candidates(doc: CompareResult) -> list[str]:
             continue
         born = {"none": "no difference", "in_nms": "in NMS (same candidates)",
                 "before_nms": "before NMS (candidates differ)"}.get(c.born, c.note or "—")
+        if c.box_coding:
+            born += f": {c.box_coding}"
         rows.append([t.name, c.box_max_abs, c.score_max_abs, c.score_rel_l2,
                      c.above_threshold_reference, c.above_threshold_target, born,
                      t.replay_disagrees])
@@ -235,6 +240,33 @@ def _examples(doc: CompareResult) -> list[str]:
     return out
 
 
+def _preflight(doc: CompareResult) -> list[str]:
+    """`harness check` of each target's ONNX: errors and warnings listed, infos counted."""
+    out: list[str] = []
+    for t in doc.targets:
+        c = t.tensorrt_check
+        if not c:
+            continue
+        if "error" in c:
+            out += [f"- {t.name}: not checked: {c['error']}"]
+            continue
+        shown = [f for f in c["findings"] if f["severity"] != "info"]
+        infos = len(c["findings"]) - len(shown)
+        verdict = "nothing found that stops a build" if c["builds"] else \
+            f"**{sum(f['severity'] == 'error' for f in shown)} finding(s) that fail a build**"
+        out += [f"**{t.name}** (TensorRT {c['trt_version']}): {verdict}"
+                + (f"; {infos} informational finding(s) in results.json" if infos else ""), ""]
+        if shown:
+            out += [table(["severity", "check", "node", "message"],
+                          [[f["severity"], f["code"], f["node"] or "—", f["message"]]
+                           for f in shown], align="llll"), ""]
+    if not out:
+        return []
+    return ["## TensorRT pre-flight (`harness check`)", "",
+            "What in each target's ONNX would stop or change a TensorRT build "
+            "(the same checks as `harness check FILE`).", ""] + out
+
+
 def _pipeline(p: Optional[dict[str, Any]]) -> str:
     if not p:
         return "—"
@@ -243,13 +275,33 @@ def _pipeline(p: Optional[dict[str, Any]]) -> str:
         return (f"mmyolo (score_thr {p['score_thr']:g}, nms_pre {p['nms_pre']}, IoU "
                 f"{p['iou_threshold']:g}, max_per_img {p['max_per_img']}, multi_label "
                 f"{p['multi_label']})")
-    if kind == "onnx":
-        return (f"ONNX NonMaxSuppression ({p['max_output_boxes_per_class']} per class, IoU "
-                f"{p['iou_threshold']:g}, score {p['score_threshold']})")
-    keys = {"EfficientNMS_TRT": ("max_output_boxes", "iou_threshold", "score_threshold"),
+    keys = {"onnx": ("max_output_boxes_per_class", "iou_threshold", "score_threshold"),
+            "EfficientNMS_TRT": ("max_output_boxes", "iou_threshold", "score_threshold"),
             "BatchedNMSDynamic_TRT": ("topK", "keepTopK", "iouThreshold", "scoreThreshold"),
-            "BatchedNMS_TRT": ("topK", "keepTopK", "iouThreshold", "scoreThreshold")}
-    return f"{kind} (" + ", ".join(f"{k} {fmt(p.get(k), 4)}" for k in keys.get(kind, ())) + ")"
+            "BatchedNMS_TRT": ("topK", "keepTopK", "iouThreshold", "scoreThreshold"),
+            "TRTBatchedNMS": ("topk", "keep_topk", "iou_threshold", "score_threshold")}
+    shown = list(keys.get(kind, ())) + [k for k in ("pre_topk", "keep_topk")
+                                        if k in p and k not in keys.get(kind, ())]
+    name = "ONNX NonMaxSuppression" if kind == "onnx" else kind
+    text = f"{name} (" + ", ".join(f"{k} {fmt(p.get(k), 4)}" for k in shown) + ")"
+    return text + (f", {p['convention']} layout" if p.get("convention") else "")
+
+
+def _settings_sources(t: TargetResult) -> list[str]:
+    """Where each NMS setting of a file was read: an attribute, a constant input, a constant
+    the graph computes, or assumed — the reader can check the ones the harness had to guess."""
+    p = t.pipeline or {}
+    settings = p.get("settings") or {}
+    if not settings:
+        return []
+    rows = [[k, fmt(v.get("value"), 4), v.get("source", "—")] for k, v in settings.items()]
+    for k, v in (p.get("k_read_when_run") or {}).items():
+        rows.append([f"K of {k}", v, "read when the file ran (last batch)"])
+    out = [f"**{t.name}: NMS settings read from the file** ({p.get('convention')} layout, "
+           f"{p.get('kind')} node {p.get('nms_node')}; candidates read from "
+           f"{', '.join(c for c in p.get('candidates') or [] if c)})", "",
+           table(["setting", "value", "read from"], rows, align="lrl"), ""]
+    return out + [f"- {n}" for n in p.get("notes") or []] + ([""] if p.get("notes") else [])
 
 
 def _nonfinite_cell(lay: LayerSummary) -> str:
@@ -266,6 +318,12 @@ def _layer_notes(lay: LayerSummary) -> str:
         notes.append(f"{len(lay.skipped)} skipped")
     if lay.unmapped:
         notes.append(f"{len(lay.unmapped)} without an ONNX node")
+    if lay.mapped:  # how the layers were found: every way, and how many were not
+        found = [f"{v} by {k}" for k, v in lay.mapped.items() if v and k != "not mapped"]
+        notes.append("mapped " + (", ".join(found) or "none") +
+                     f"; {lay.mapped.get('not mapped', 0)} not mapped")
+    if lay.mapping_note:
+        notes.append(lay.mapping_note)
     if lay.replaced:
         notes.append(f"{len(lay.replaced)} ConvModule parts compared as their ConvModule "
                      "(the exporter folds BatchNorm into the conv)")

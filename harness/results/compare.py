@@ -84,6 +84,11 @@ class LayerSummary(Schema):
     unmapped: list[str] = field(default_factory=list)
     # ConvModule parts asked for, compared as their ConvModule (the exporter fuses them)
     replaced: dict[str, str] = field(default_factory=dict)
+    # how modules were found in the file: by name, under a wrapper's prefix (easydeploy's
+    # /baseModel/), by their scope's tail, by graph position; and how many were not
+    mapped: dict[str, int] = field(default_factory=dict)
+    # why the modules no name found were not mapped by position (refused or not tried)
+    mapping_note: Optional[str] = None
     marking_changed_outputs_rel_l2: Optional[float] = None
     note: Optional[str] = None
 
@@ -102,6 +107,8 @@ class CandidateSummary(Schema):
     above_threshold_reference: Optional[int] = None
     above_threshold_target: Optional[int] = None
     note: Optional[str] = None
+    # the target's boxes are PyTorch's in the other coding (centre-size vs corners)
+    box_coding: Optional[str] = None
 
 
 @dataclass
@@ -180,6 +187,9 @@ class TargetResult(Schema):
     candidates: Optional[CandidateSummary] = None
     detections: Optional[DetectionSummary] = None
     replay_disagrees: Optional[int] = None
+    # `harness check` of the target's ONNX (harness.export.check.CheckResult.to_json()), or
+    # {"error": why it could not run}; None without an ONNX file
+    tensorrt_check: Optional[dict[str, Any]] = None
 
 
 @dataclass

@@ -77,6 +77,22 @@ def test_planted_pre_topk_cut_is_attributed_with_ranks(fixture_model, fixture_on
     assert differ["max_detections"]["reference"] == fixture_model.nms.max_per_img
 
 
+def test_planted_onnx_pre_topk_node_is_a_topk_cut_with_ranks(fixture_model, fixture_onnx,
+                                                              synth_images):
+    """`harness export --nms onnx --pre-topk 40` writes a real TopK before the NMS (mmdeploy's
+    pre_top_k); compare reads the candidates above it and attributes its cut."""
+    result = fixture_onnx(variant="end2end", nms="onnx", pre_topk=40)
+    t = compare(fixture_model, [result.path], synth_images)["targets"][0]
+    _consistent(t)
+    assert t["pipeline"]["pre_topk_node"] and t["pipeline"]["pre_topk"] == 40
+    det = t["detections"]
+    cuts = [e for e in det["examples"] if e["cause"] == "topk_cut"]
+    assert det["causes"]["topk_cut"] > 0 and cuts
+    assert all(e["limit"] == 40 and e["rank"] >= 40 for e in cuts)
+    differ = {d["setting"]: d for d in det["settings_differ"]}
+    assert differ["pre_topk"]["target"] == 40
+
+
 def test_settings_that_empty_the_output_are_said_once(fixture_model, fixture_onnx,
                                                       synth_images):
     """BatchedNMS with keepTopK 300 > topK 40 writes nothing: one settings cause, never

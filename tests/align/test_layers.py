@@ -38,7 +38,7 @@ def test_map_modules_takes_the_last_node_of_each_scope_in_graph_order():
         _node("/neck/reduce_layers.0/conv/Conv"),
         _node("/bbox_head/head_module/convs_pred.0/Conv"),
     ]
-    layers, unmapped = map_modules(nodes, ["bbox_head.head_module.convs_pred.0",
+    layers, unmapped, _ = map_modules(nodes, ["bbox_head.head_module.convs_pred.0",
                                            "backbone.stem", "neck.reduce_layers.0",
                                            "neck.missing"])
     assert [(lay.module, lay.tensor, lay.depth) for lay in layers] == [
@@ -145,8 +145,9 @@ def test_convmodule_parts_are_compared_as_their_convmodule(fixture_model, fixtur
 
     from harness.align.layers import layers_for
 
-    nodes = list(onnx.load(str(fixture_onnx(variant="raw").path)).graph.node)
-    layers, unmapped, replaced = layers_for(fixture_model, nodes, ["neck.reduce_layers.2*"])
+    graph = onnx.load(str(fixture_onnx(variant="raw").path)).graph
+    found = layers_for(fixture_model, graph, ["neck.reduce_layers.2*"])
+    layers, unmapped, replaced = found.layers, found.unmapped, found.replaced
     assert replaced == {"neck.reduce_layers.2.conv": "neck.reduce_layers.2",
                         "neck.reduce_layers.2.bn": "neck.reduce_layers.2",
                         "neck.reduce_layers.2.activate": "neck.reduce_layers.2"}

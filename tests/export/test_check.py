@@ -403,3 +403,18 @@ def test_build_goes_on_when_nothing_stops_it(fake_build, tmp_path):
     onnx.save(topk_model([], k_initializer(1000)), str(path))
     assert main(["build", str(path), "-o", str(tmp_path / "m.engine")]) == 0
     assert fake_build == [path]
+
+
+def test_an_end2end_export_with_pre_topk_30000_is_flagged_and_1000_passes(fixture_onnx):
+    """The TopK `--nms onnx --pre-topk` writes, at 640 (25200 YOLOv5 candidates): K =
+    min(30000, 25200) is over TensorRT's limit and named with the setting behind it."""
+    big = fixture_onnx(variant="end2end", nms="onnx", pre_topk=30000, input_size=(640, 640))
+    result = check_file(big.path)
+    finding = one(result.findings, "topk-k-over-limit")
+    assert "K = 25200" in finding.message and "--pre-topk = 30000" in finding.message
+    assert not result
+    small = fixture_onnx(variant="end2end", nms="onnx", pre_topk=1000, input_size=(640, 640))
+    assert check_file(small.path) and "topk-k-over-limit" not in codes(
+        check_file(small.path).findings)
+    for path in (big.path, small.path):
+        onnx.checker.check_model(str(path), full_check=True)
