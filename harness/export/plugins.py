@@ -7,7 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.errors import UserError
 from harness.nms.plugin_nodes import PLUGIN_KERNELS
 
 # (domain, op_type) of the plugin nodes the harness's exporter writes and its backends
