@@ -109,8 +109,11 @@ class Backend(ABC):
         """Build what inference needs; idempotent."""
 
     @abstractmethod
-    def infer(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
-        """inputs: (B, 3, H, W) float32 → output name → numpy array."""
+    def infer(self, inputs: np.ndarray, metas: Optional[Sequence[Any]] = None
+              ) -> dict[str, np.ndarray]:
+        """inputs: (B, 3, H, W) float32 → output name → numpy array. metas: the batch's
+        ImageMeta, for a model whose stages depend on each image's shape (a two-stage
+        detector clips its proposals to img_shape); None: every image fills the input."""
 
     @abstractmethod
     def intermediates(self, inputs: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:

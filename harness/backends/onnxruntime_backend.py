@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
@@ -256,7 +256,8 @@ class OnnxruntimeBackend(Backend):
             raise UserError(f"onnxruntime failed to run {self.path.name} on input {shape}: "
                             f"{first}") from exc
 
-    def infer(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
+    def infer(self, inputs: np.ndarray, metas: Optional[Sequence[Any]] = None
+              ) -> dict[str, np.ndarray]:
         """inputs (B, 3, H, W) float32 → every graph output by name, in graph order (plugin
         outputs computed by the reference kernels)."""
         from harness.nms.plugin_nodes import PLUGIN_KERNELS

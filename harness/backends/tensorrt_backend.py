@@ -347,7 +347,8 @@ class TensorRTBackend(Backend):
             raise UserError(f"TensorRT refused the buffer of {name} in {self.path.name} "
                             "(see its log above)")
 
-    def infer(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
+    def infer(self, inputs: np.ndarray, metas: Optional[Sequence[Any]] = None
+              ) -> dict[str, np.ndarray]:
         """inputs (B, 3, H, W) float32 → the ONNX's outputs by name (marked tensors left out)."""
         return self.run_marked(inputs, [])[0]
 

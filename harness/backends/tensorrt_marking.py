@@ -367,7 +367,8 @@ class ChunkedDebugEngines(Backend):
             found.update(self._run(index, inputs, digest, part))
         return {n: found[n] for n in names if n in found}
 
-    def infer(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
+    def infer(self, inputs: np.ndarray, metas: Optional[Sequence[Any]] = None
+              ) -> dict[str, np.ndarray]:
         """The debug engines' final outputs on `inputs`, per float output the value furthest
         (rel-L2) from the deployed engine's, running any debug engine not yet run on these
         inputs: so the largest rel-L2 of infer(x) against the deployed engine's outputs on x

@@ -94,7 +94,8 @@ class TorchBackend(Backend):
 
         return torch.from_numpy(check_images(inputs)).to(self.device, self._dtype)
 
-    def infer(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
+    def infer(self, inputs: np.ndarray, metas: Optional[Sequence[Any]] = None
+              ) -> dict[str, np.ndarray]:
         """inputs (B, 3, H, W) float32 → the source's `raw` outputs (mmyolo: `cls_scores.0`,
         ...) and/or its `decoded` ones (`boxes` (B, N, 4), `scores` (B, N, C), `objectness`
         (B, N)), as float32."""
@@ -104,7 +105,7 @@ class TorchBackend(Backend):
         x = self._tensor(inputs)
         out: dict[str, Any] = {}
         with torch.no_grad():
-            head = self._model.head_outputs(x)
+            head = self._model.head_outputs(x, metas)
             if self.outputs in ("raw", "all"):
                 out.update(head)
             if self.outputs in ("decoded", "all"):

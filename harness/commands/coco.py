@@ -105,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
 def print_rows(doc: Any) -> None:
     """One line per configuration: AP, ΔAP, latency, throughput, or why it did not run."""
     for r in doc.rows:
-        label = (f"{r.backend:<11} {r.device:<4} {r.precision:<4} b{r.batch} pre{r.nms_pre}"
+        label = (f"{r.backend:<11} {r.device:<4} {r.precision:<4} b{r.batch}"
+                 + (f" pre{r.nms_pre}" if r.nms_pre is not None else "")
                  + (" batch-shapes" if r.preprocess == "batch_shapes" else ""))
         if r.ok:
             delta = "—" if r.delta_AP is None else f"{r.delta_AP:+.4f}"

@@ -49,7 +49,7 @@ def run_coco(settings: CocoSettings, log: Callable[[str], None] = _say,
     from harness.eval.coco_scores import resolve_evaluator
     from harness.eval.coco_split import category_ids_for, open_split
     from harness.eval.latency import machine_info
-    from harness.models.mmyolo import load_mmyolo_model
+    from harness.models.config import load_model_source
 
     started = time.perf_counter()
     if not settings.configurations:
@@ -57,7 +57,7 @@ def run_coco(settings: CocoSettings, log: Callable[[str], None] = _say,
                         "asked for")
     split = open_split(settings.images_dir, settings.annotations, settings.count)
     evaluator = resolve_evaluator(settings.evaluator)
-    model = load_mmyolo_model(settings.config, settings.checkpoint).with_nms(**settings.test_cfg)
+    model = load_model_source(settings.config, settings.checkpoint).with_nms(**settings.test_cfg)
     category_ids = category_ids_for(split, model.class_names)
     names_by_cat = {c: n for c, n in zip(category_ids, model.class_names) if c >= 0}
     files = ModelFiles(model, settings.cache_dir, settings.onnx, settings.engines,
@@ -222,7 +222,7 @@ def _measure(images: Sequence[Any], batch: int, model: Any, backend: Any,
         batches = [readable] if readable else []
     return measure_latency(
         batches, lambda ims: prepare_batch(ims, model.preprocess),
-        lambda prepared: backend.infer(prepared.inputs),
+        lambda prepared: backend.infer(prepared.inputs, prepared.metas),
         lambda prepared, outputs: post(outputs, prepared.metas), latency,
         batch_size=len(batches[0]) if batches else batch, sync=sync)
 

@@ -111,7 +111,7 @@ def detections_from_outputs(model: ModelSource, outputs: dict[str, np.ndarray],
 
     variant, kind = variant_of(list(outputs), model)
     if variant != "end2end":
-        return model.detections(model.decode(outputs), metas)
+        return model.detections(model.decode(outputs, metas), metas)
     results = []
     for i, meta in enumerate(metas):
         boxes, scores, labels, index = _end2end_rows(outputs, kind, i)

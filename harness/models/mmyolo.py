@@ -109,16 +109,11 @@ def _import_mm() -> None:
 
 
 def read_config(cfg_path: Union[str, Path]) -> Any:
-    from mmengine.config import Config
+    """An mmyolo detector config; one line for anything else."""
+    from harness.models.config import read_config_file
 
     p = Path(cfg_path)
-    if not p.is_file():
-        raise UserError(f"config not found: {p}")
-    try:
-        cfg = Config.fromfile(str(p))
-    except Exception as exc:  # mmengine raises many types for a bad config
-        first = first_line(exc)
-        raise UserError(f"cannot read config {p}: {first}") from None
+    cfg = read_config_file(p)
     model = cfg.get("model")
     if not isinstance(model, dict) or "bbox_head" not in model:
         raise UserError(f"config {p} is not an mmyolo detector config (no model.bbox_head)")
@@ -203,7 +198,8 @@ class MmyoloModel:
 
     # -- ModelSource: torch side ---------------------------------------------------------
 
-    def head_outputs(self, images: Any) -> dict[str, Any]:
+    def head_outputs(self, images: Any, metas: Optional[Sequence[Any]] = None) -> dict[str, Any]:
+        """metas: unused (a one-stage head does not depend on the image shapes)."""
         return flat_head_outputs(self.raw_outputs(images))
 
     def decoded_outputs(self, head: Mapping[str, Any]) -> dict[str, Any]:
@@ -264,7 +260,8 @@ class MmyoloModel:
 
     # -- ModelSource: numpy side ---------------------------------------------------------
 
-    def decode(self, outputs: Mapping[str, Any]) -> DecodedCandidates:
+    def decode(self, outputs: Mapping[str, Any],
+               metas: Optional[Sequence[Any]] = None) -> DecodedCandidates:
         """Decoded candidates from named outputs (`boxes`, `scores`, `objectness` taken as
         they are when present, else decoded from `cls_scores.l`, ...) or from raw_outputs'
         {kind: [level maps]}."""

@@ -58,13 +58,17 @@ class NmsSettings:
 class DecodedCandidates:
     """Candidates before NMS, for a batch.
 
-    boxes: (B, N, 4) xyxy in network-input pixels; scores: (B, N, C) after sigmoid, not yet
-    multiplied by objectness; objectness: (B, N) after sigmoid, or None.
+    boxes: (B, N, 4) xyxy in network-input pixels, or (B, N, C, 4) a box per class (a
+    two-stage box head's per-class regression); scores: (B, N, C) after sigmoid (softmax
+    without background for a two-stage head), not yet multiplied by objectness; objectness:
+    (B, N) after sigmoid, or None; counts: (B,) the real rows per image when rows are padded
+    to a fixed N (two-stage proposals), else None (every row is real).
     """
 
     boxes: np.ndarray
     scores: np.ndarray
     objectness: Union[np.ndarray, None]
+    counts: Optional[np.ndarray] = None
 
 
 @runtime_checkable
@@ -110,11 +114,13 @@ class ModelSource(Protocol):
         ...
 
     # -- the stages, torch side (PyTorch backend, export) --------------------------------
-    def head_outputs(self, images: Any) -> dict[str, Any]:
+    def head_outputs(self, images: Any, metas: Optional[Sequence[Any]] = None) -> dict[str, Any]:
         """images (B, 3, H, W) (numpy or torch; run on `device` in the module's dtype) →
         the `raw` variant's named outputs as torch tensors, in graph order. For mmyolo:
         `cls_scores.l` (B, A*C, H_l, W_l), `bbox_preds.l` (B, A*4, H_l, W_l),
-        `objectnesses.l` (B, A, H_l, W_l) for heads with objectness, levels ascending."""
+        `objectnesses.l` (B, A, H_l, W_l) for heads with objectness, levels ascending.
+        metas: each image's ImageMeta where a stage depends on it (two-stage: proposals are
+        clipped to img_shape); None: every image fills the input."""
         ...
 
     def decoded_outputs(self, head: Mapping[str, Any]) -> dict[str, Any]:
@@ -138,9 +144,11 @@ class ModelSource(Protocol):
         ...
 
     # -- the stages, numpy side (every backend's outputs, the reference) -----------------
-    def decode(self, outputs: Mapping[str, Any]) -> DecodedCandidates:
+    def decode(self, outputs: Mapping[str, Any],
+               metas: Optional[Sequence[Any]] = None) -> DecodedCandidates:
         """NMS candidates of a batch from named outputs: the `decoded` ones as given when
-        present, else decoded from the `raw` ones exactly as the framework decodes."""
+        present, else decoded from the `raw` ones exactly as the framework decodes. metas:
+        where decoding clips to each image's img_shape (two-stage box heads)."""
         ...
 
     def detections(self, decoded: DecodedCandidates, metas: Sequence[Any],

@@ -24,6 +24,9 @@ SHIPPED_CONFIGS = {
 # an experiment names as harness:fixture/yolov5_n_synth_320.py / .pth.
 FIXTURE_CONFIG = resolve_path("harness:fixture/yolov5_n_synth_320.py")
 FIXTURE_CHECKPOINT = resolve_path("harness:fixture/yolov5_n_synth_320.pth")
+# The two-stage fixture: mmdet Faster R-CNN, half-width ResNet-18 + FPN, 320 px
+TWO_STAGE_FIXTURE_CONFIG = resolve_path("harness:fixture/faster_rcnn_r18_synth_320.py")
+TWO_STAGE_FIXTURE_CHECKPOINT = resolve_path("harness:fixture/faster_rcnn_r18_synth_320.pth")
 
 
 def mmyolo_config_root() -> Path:

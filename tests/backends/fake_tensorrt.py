@@ -395,7 +395,7 @@ class FakeDeployed:
         self.device_id = 0
         self.runs = 0
 
-    def infer(self, inputs):
+    def infer(self, inputs, metas=None):
         self.runs += 1
         return final_outputs(self.sidecar.outputs, inputs)
 

@@ -42,7 +42,7 @@ class Stages:
         self.shapes: list[tuple] = []
         self.infer_sleep, self.post_sleep, self.fail_at = infer_sleep, post_sleep, fail_at
 
-    def infer(self, x: np.ndarray) -> dict:
+    def infer(self, x: np.ndarray, metas=None) -> dict:
         self.shapes.append(x.shape)
         if self.fail_at and len(self.shapes) == self.fail_at:
             raise UserError("backend refused the batch")
@@ -162,7 +162,7 @@ def test_post_processing_overlaps_the_next_inference(synth_val, spec, tmp_path):
     stages = Stages()
     infer, post = stages.infer, stages.post
 
-    def infer_marking(x):
+    def infer_marking(x, metas=None):
         started[len(stages.shapes)].set()
         return infer(x)
 

@@ -1,0 +1,1 @@
+"""Numpy reference kernels of the non-NMS ops two-stage detectors deploy."""

@@ -1,0 +1,392 @@
+"""The mmdet two-stage model source: a Faster R-CNN-style detector (an RPN, an RoI head with a
+`StandardRoIHead` and one box head; Mask R-CNN's box branch too) as a ModelSource
+(harness.models.source), stage by stage:
+
+    images → backbone + neck → RPN maps (`rpn_cls.l`, `rpn_reg.l`, per FPN level)
+           → proposals (per-level TopK, per-level NMS, cap: the RPN's test_cfg)
+           → RoI features (RoIAlign on the FPN level each proposal maps to)
+           → box head (`roi_cls` (B, K, C + 1) logits, `roi_reg` (B, K, 4 C) deltas)
+           → per-class boxes decoded from the proposals, rescaled, multiclass NMS
+
+Proposals are padded to a fixed count per image (the RPN's max_per_img) with
+`num_proposals` saying how many rows are real, as exported files pad them; padding never
+becomes a proposal or a detection. The numpy references are harness/nms/rpn.py (proposals)
+and harness/nms/rcnn.py (the final NMS); `framework_detections` is mmdet's own code.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from harness.errors import UserError, first_line
+from harness.models.checkpoint import (
+    check_state_dict_fits, checkpoint_classes, load_checkpoint_file,
+)
+from harness.models.pipeline import PreprocessSpec, preprocess_spec_from_config
+from harness.models.source import DecodedCandidates, NmsSettings
+
+# mmdet detector type → the family name users know (the box branch is what is compared)
+TWO_STAGE = {"FasterRCNN": "faster_rcnn", "MaskRCNN": "mask_rcnn"}
+RPN_KINDS = ("rpn_cls", "rpn_reg")
+STAGE_OUTPUTS = ("proposals", "num_proposals", "roi_cls", "roi_reg")
+
+
+def is_two_stage(model_cfg: Any) -> bool:
+    """Whether an mmengine model config is a two-stage detector (an RPN and an RoI head)."""
+    return isinstance(model_cfg, dict) and "rpn_head" in model_cfg and "roi_head" in model_cfg
+
+
+def check_two_stage_config(cfg: Any, path: Union[str, Path]) -> None:
+    """One line for a two-stage config the source does not cover."""
+    model = cfg.get("model")
+    kind = str(model.get("type", "")).split(".")[-1]
+    if kind not in TWO_STAGE:
+        raise UserError(f"config {path} is a {kind or '?'} two-stage detector; harness "
+                        f"supports {', '.join(TWO_STAGE)}")
+    roi = model["roi_head"]
+    if str(roi.get("type", "")).split(".")[-1] != "StandardRoIHead":
+        raise UserError(f"config {path}: roi_head {roi.get('type')} is not supported (only "
+                        "StandardRoIHead, one box head)")
+
+
+def _numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):
+        return value.detach().float().cpu().numpy()
+    return np.asarray(value)
+
+
+class TwoStageModel:
+    """One mmdet two-stage detector as a ModelSource. `nms` is the box head's test_cfg
+    (`rcnn`; nms_pre is the RPN's per-level TopK, the two-stage detector's only one);
+    `rpn` the proposal settings (harness.nms.rpn.RpnSettings)."""
+
+    framework = "mmdet"
+
+    def __init__(self, cfg: Any, module: Any, cfg_path: str, ckpt_path: Optional[str],
+                 class_names: tuple[str, ...], device: str):
+        from harness.nms.rpn import RpnSettings
+
+        self.cfg = cfg
+        self.module = module
+        self.cfg_path = cfg_path
+        self.ckpt_path = ckpt_path
+        self.device = device
+        roi_head = module.roi_head
+        self.bbox_head = roi_head.bbox_head
+        self.family = TWO_STAGE.get(type(module).__name__, type(module).__name__)
+        self.head_type = f"{type(roi_head).__name__}/{type(self.bbox_head).__name__}"
+        self.num_classes = int(self.bbox_head.num_classes)
+        self.class_names = class_names
+        self.preprocess: PreprocessSpec = preprocess_spec_from_config(cfg)
+        self.rpn_test_cfg = module.rpn_head.test_cfg
+        self.rcnn_test_cfg = roi_head.test_cfg
+        self.rpn = RpnSettings.from_test_cfg(self.rpn_test_cfg)
+        rcnn = self.rcnn_test_cfg
+        self.nms = NmsSettings(
+            score_thr=float(rcnn.get("score_thr", 0.0)), nms_pre=self.rpn.nms_pre,
+            iou_threshold=float((rcnn.get("nms") or {}).get("iou_threshold", 0.5)),
+            max_per_img=int(rcnn.get("max_per_img", 100)), multi_label=True, yolox_style=False)
+        self.nms_config = self.nms
+
+    # -- copies ----------------------------------------------------------------------------
+
+    def with_nms(self, **changes: Any) -> "TwoStageModel":
+        """score_thr, iou_threshold, max_per_img change the box head's test_cfg; nms_pre the
+        RPN's per-level TopK."""
+        import copy
+        import dataclasses
+
+        fields = {"nms_pre", "score_thr", "iou_threshold", "max_per_img"}
+        unknown = set(changes) - fields
+        if unknown:
+            raise UserError(f"cannot change test_cfg {', '.join(sorted(unknown))}; the "
+                            f"settings that can be set are {', '.join(sorted(fields))}")
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if not changes:
+            return self
+        other = copy.copy(self)
+        other.nms = dataclasses.replace(self.nms, **changes)
+        rcnn = copy.deepcopy(self.rcnn_test_cfg)
+        for key in ("score_thr", "max_per_img"):
+            if key in changes:
+                rcnn[key] = changes[key]
+        if "iou_threshold" in changes:
+            rcnn["nms"] = {**dict(rcnn.get("nms") or {"type": "nms"}),
+                           "iou_threshold": changes["iou_threshold"]}
+        other.rcnn_test_cfg = rcnn
+        if "nms_pre" in changes:
+            rpn = copy.deepcopy(self.rpn_test_cfg)
+            rpn["nms_pre"] = changes["nms_pre"]
+            other.rpn_test_cfg = rpn
+            other.rpn = dataclasses.replace(self.rpn, nms_pre=int(changes["nms_pre"]))
+        return other
+
+    def copy_to(self, device: str, dtype: Any) -> "TwoStageModel":
+        import copy
+
+        other = copy.copy(self)
+        other.module = copy.deepcopy(self.module).to(device=device, dtype=dtype)
+        other.bbox_head = other.module.roi_head.bbox_head
+        other.device = device
+        return other
+
+    # -- the stages, torch side ------------------------------------------------------------
+
+    def _img_metas(self, metas: Optional[Sequence[Any]], batch: int, hw: Sequence[int]):
+        """mmdet's img metas from the harness's ImageMeta; without metas, every image is the
+        whole network input (what a file with no image-shape input clips to)."""
+        if metas is None:
+            return [{"img_shape": tuple(hw), "ori_shape": tuple(hw), "scale_factor": (1.0, 1.0)}
+                    for _ in range(batch)]
+        return [{"img_shape": tuple(m.img_shape), "ori_shape": tuple(m.ori_shape),
+                 "scale_factor": tuple(m.scale_factor)} for m in metas]
+
+    def head_outputs(self, images: Any, metas: Optional[Sequence[Any]] = None) -> dict[str, Any]:
+        """images (B, 3, H, W) → the named outputs of every stage, as torch tensors:
+        `rpn_cls.l` (B, A, H_l, W_l), `rpn_reg.l` (B, 4 A, H_l, W_l), `proposals` (B, K, 5)
+        [x1, y1, x2, y2, score] in input pixels (mmdet's RPN; rows past `num_proposals` (B,)
+        are zeros), `roi_cls` (B, K, C + 1), `roi_reg` (B, K, 4 C)."""
+        import torch
+
+        from mmdet.structures.bbox import bbox2roi
+
+        m = self.module
+        x = torch.as_tensor(images, device=self.device)
+        b = x.shape[0]
+        img_metas = self._img_metas(metas, b, x.shape[2:])
+        with torch.no_grad():
+            feats = m.extract_feat(x)
+            rpn_cls, rpn_reg = m.rpn_head(feats)
+            found = m.rpn_head.predict_by_feat(rpn_cls, rpn_reg, batch_img_metas=img_metas,
+                                               cfg=self.rpn_test_cfg, rescale=False)
+            k = int(self.rpn.max_per_img)
+            proposals = x.new_zeros((b, k, 5))
+            counts = torch.zeros(b, dtype=torch.int64)
+            for i, inst in enumerate(found):
+                n = min(len(inst.bboxes), k)
+                proposals[i, :n, :4] = inst.bboxes[:n]
+                proposals[i, :n, 4] = inst.scores[:n]
+                counts[i] = n
+            cls, reg = self.roi_forward(feats, [proposals[i, :counts[i], :4] for i in range(b)],
+                                        bbox2roi)
+        out = {f"{kind}.{level}": t for kind, maps in zip(RPN_KINDS, (rpn_cls, rpn_reg))
+               for level, t in enumerate(maps)}
+        roi_cls = x.new_zeros((b, k, cls.shape[-1]))
+        roi_reg = x.new_zeros((b, k, reg.shape[-1]))
+        start = 0
+        for i in range(b):
+            n = int(counts[i])
+            roi_cls[i, :n], roi_reg[i, :n] = cls[start:start + n], reg[start:start + n]
+            start += n
+        out.update(proposals=proposals, num_proposals=counts, roi_cls=roi_cls, roi_reg=roi_reg)
+        return out
+
+    def roi_forward(self, feats: Sequence[Any], boxes: Sequence[Any], bbox2roi: Any):
+        """The RoI head on per-image proposal boxes: (cls logits, box deltas) for all RoIs
+        in image order (StandardRoIHead._bbox_forward)."""
+        head = self.module.roi_head
+        rois = bbox2roi(list(boxes))
+        roi_feats = head.bbox_roi_extractor(feats[:head.bbox_roi_extractor.num_inputs], rois)
+        if head.with_shared_head:
+            roi_feats = head.shared_head(roi_feats)
+        return head.bbox_head(roi_feats)
+
+    def decoded_outputs(self, head: Mapping[str, Any]) -> dict[str, Any]:
+        raise UserError("a two-stage detector has no `decoded` variant yet: its candidates "
+                        "are per proposal and class (use the raw outputs)")
+
+    def export_module(self, variant: str) -> Any:
+        raise UserError(f"exporting a two-stage detector ({self.family}) to ONNX is not "
+                        "built yet; compare and coco run its PyTorch rows")
+
+    def output_variant(self, names: Sequence[str]) -> Optional[str]:
+        """"raw" for the source's stage outputs (proposals, RoI head outputs), else None."""
+        return "raw" if set(STAGE_OUTPUTS) <= set(names) else None
+
+    # -- numpy side --------------------------------------------------------------------------
+
+    def decode(self, outputs: Mapping[str, Any],
+               metas: Optional[Sequence[Any]] = None) -> DecodedCandidates:
+        """Per RoI and class: boxes (B, K, C, 4) decoded from the outputs' own proposals with
+        the box coder's means / stds and clipped to each image's img_shape (network-input
+        pixels), scores (B, K, C) softmax without the background column; `counts` (B,) the
+        real rows."""
+        from harness.nms.rcnn import softmax
+        from harness.nms.rpn import delta_xywh_decode
+
+        missing = [n for n in STAGE_OUTPUTS if n not in outputs]
+        if missing:
+            raise UserError(f"outputs {', '.join(sorted(outputs))} lack the two-stage "
+                            f"outputs {', '.join(missing)}")
+        props = _numpy(outputs["proposals"]).astype(np.float32)
+        counts = _numpy(outputs["num_proposals"]).astype(np.int64).reshape(-1)
+        logits = _numpy(outputs["roi_cls"]).astype(np.float32)
+        deltas = _numpy(outputs["roi_reg"]).astype(np.float32)
+        b, k = props.shape[:2]
+        c = self.num_classes
+        coder = self.bbox_head.bbox_coder
+        boxes = np.zeros((b, k, c, 4), np.float32)
+        for i in range(b):
+            hw = None if metas is None else tuple(metas[i].img_shape)
+            n = int(counts[i])
+            # per-class deltas (n, 4 C) each against its RoI; class-agnostic (n, 4) shared
+            decoded = delta_xywh_decode(props[i, :n, :4], deltas[i, :n], coder.means,
+                                        coder.stds, max_shape=hw,
+                                        clip_border=coder.clip_border).reshape(n, -1, 4)
+            boxes[i, :n] = np.broadcast_to(decoded, (n, c, 4))
+        scores = softmax(logits)[..., :c]
+        return DecodedCandidates(boxes=boxes, scores=scores, objectness=None, counts=counts)
+
+    def detections(self, decoded: DecodedCandidates, metas: Sequence[Any],
+                   trace: bool = False) -> list[Any]:
+        """mmdet's multiclass NMS per image (harness.nms.rcnn) on boxes rescaled to the
+        original image; box_index is the proposal row."""
+        from harness.nms.rcnn import rcnn_nms, rescale_to_original
+
+        out = []
+        for i, meta in enumerate(metas):
+            n = int(decoded.counts[i]) if decoded.counts is not None else decoded.boxes.shape[1]
+            boxes = rescale_to_original(decoded.boxes[i, :n], meta.scale_factor)
+            out.append(rcnn_nms(boxes, decoded.scores[i, :n], score_thr=self.nms.score_thr,
+                                iou_threshold=self.nms.iou_threshold,
+                                max_per_img=self.nms.max_per_img, trace=trace))
+        return out
+
+    def proposals(self, outputs: Mapping[str, Any],
+                  metas: Sequence[Any]) -> Optional[list[np.ndarray]]:
+        """The outputs' own proposals per image, (K, 5) [x1, y1, x2, y2, score], padding
+        dropped."""
+        props = _numpy(outputs["proposals"]).astype(np.float32)
+        counts = _numpy(outputs["num_proposals"]).astype(np.int64).reshape(-1)
+        return [props[i, :int(counts[i])] for i in range(props.shape[0])]
+
+    def reference_proposals(self, outputs: Mapping[str, Any], metas: Sequence[Any],
+                            trace: bool = False) -> list[Any]:
+        """The numpy replay of the RPN (harness.nms.rpn) on the outputs' RPN maps, per
+        image, with every anchor's fate when `trace`."""
+        import torch
+
+        from harness.nms.rpn import flatten_rpn_level, rpn_proposals
+
+        levels = len([n for n in outputs if n.startswith("rpn_cls.")])
+        cls = [_numpy(outputs[f"rpn_cls.{level}"]) for level in range(levels)]
+        reg = [_numpy(outputs[f"rpn_reg.{level}"]) for level in range(levels)]
+        gen = self.module.rpn_head.prior_generator
+        anchors = [a.cpu().numpy() for a in gen.grid_priors(
+            [c.shape[2:] for c in cls], dtype=torch.float32, device="cpu")]
+        coder = self.module.rpn_head.bbox_coder
+        out = []
+        for i, meta in enumerate(metas):
+            flat = [flatten_rpn_level(c[i], r[i]) for c, r in zip(cls, reg)]
+            logits, deltas = [f[0] for f in flat], [f[1] for f in flat]
+            out.append(rpn_proposals(logits, deltas, anchors, tuple(meta.img_shape), self.rpn,
+                                     coder.means, coder.stds, trace=trace))
+        return out
+
+    def framework_detections(self, outputs: Mapping[str, Any],
+                             metas: Sequence[Any]) -> list[Any]:
+        """mmdet's own box head post-processing (`bbox_head.predict_by_feat`, what
+        `model.test_step` runs) on the outputs' proposals and head outputs."""
+        import torch
+
+        from harness.nms import NmsResult
+
+        props = self.proposals(outputs, metas)
+        counts = [len(p) for p in props]
+        logits = _numpy(outputs["roi_cls"])
+        deltas = _numpy(outputs["roi_reg"])
+        rois = [torch.from_numpy(np.concatenate(
+            [np.full((n, 1), i, np.float32), p[:, :4]], axis=1)) for i, (n, p) in
+            enumerate(zip(counts, props))]
+        img_metas = self._img_metas(metas, len(metas), (0, 0))
+        with torch.no_grad():
+            found = self.bbox_head.predict_by_feat(
+                rois=tuple(rois),
+                cls_scores=tuple(torch.from_numpy(logits[i, :n]) for i, n in enumerate(counts)),
+                bbox_preds=tuple(torch.from_numpy(deltas[i, :n]) for i, n in enumerate(counts)),
+                batch_img_metas=img_metas, rcnn_test_cfg=self.rcnn_test_cfg, rescale=True)
+        results = []
+        for inst in found:
+            n = len(inst.scores)
+            results.append(NmsResult(
+                boxes=inst.bboxes.float().cpu().numpy().reshape(n, 4),
+                scores=inst.scores.float().cpu().numpy(),
+                labels=inst.labels.cpu().numpy().astype(np.int64),
+                box_index=np.full(n, -1, np.int64)))
+        return results
+
+    def predict(self, batch: Any, trace: bool = False) -> list[Any]:
+        """Preprocessed Batch → final detections per image (the numpy reference after the
+        torch stages)."""
+        outputs = self.head_outputs(batch.inputs, batch.metas)
+        return self.detections(self.decode(outputs, batch.metas), batch.metas, trace)
+
+    def default_layers(self) -> list[str]:
+        """Backbone and neck ConvModules / convs, the RPN's convs, the RoI head's fcs."""
+        from torch import nn
+
+        from harness.models.mmyolo import conv_units
+
+        units = conv_units(self.module)
+        fcs = [name for name, m in self.module.roi_head.bbox_head.named_modules()
+               if isinstance(m, nn.Linear)]
+        return units + [f"roi_head.bbox_head.{n}" for n in fcs]
+
+    def describe(self) -> dict[str, Any]:
+        import torch
+
+        return {
+            "config": self.cfg_path, "checkpoint": self.ckpt_path, "family": self.family,
+            "head": self.head_type, "num_classes": self.num_classes,
+            "class_names": list(self.class_names), "nms": asdict(self.nms),
+            "rpn": asdict(self.rpn),
+            "nms_changed": {k: [v, getattr(self.nms, k)]
+                            for k, v in asdict(self.nms_config).items()
+                            if getattr(self.nms, k) != v},
+            "preprocess": self.preprocess.describe(), "torch": torch.__version__,
+            "device": self.device,
+        }
+
+
+def load_twostage_model(cfg: Any, cfg_path: Union[str, Path],
+                        ckpt_path: Union[str, Path, None] = None, device: str = "cpu",
+                        seed: int = 0) -> TwoStageModel:
+    """Build the two-stage detector of an already-read config and load `ckpt_path` (mmdet's
+    seeded random initialisation without one)."""
+    import torch
+
+    from harness.models.mmyolo import _class_names, _drop_pretrained_init
+
+    check_two_stage_config(cfg, cfg_path)
+    try:
+        from mmdet.registry import MODELS
+        from mmdet.utils import register_all_modules
+    except ImportError as exc:
+        raise UserError(f"the mm stack is not installed ({exc}); install harness[mm] and run "
+                        "tools/build_mmcv.py") from None
+    register_all_modules(init_default_scope=True)
+    torch.manual_seed(seed)
+    try:
+        module = MODELS.build(cfg.model)
+    except Exception as exc:
+        raise UserError(f"config {cfg_path} does not build an mmdet model: "
+                        f"{first_line(exc)}") from None
+    num_classes = int(module.roi_head.bbox_head.num_classes)
+    meta: dict = {}
+    if ckpt_path is None:
+        _drop_pretrained_init(module)
+        module.init_weights()
+    else:
+        ckpt = load_checkpoint_file(ckpt_path)
+        meta = ckpt["meta"]
+        check_state_dict_fits(module, ckpt["state_dict"], ckpt_path, cfg_path, num_classes,
+                              checkpoint_classes(meta))
+        module.load_state_dict(ckpt["state_dict"], strict=True)
+    module.cfg = cfg
+    module.to(device).eval()
+    names = _class_names(cfg, meta, num_classes)
+    return TwoStageModel(cfg, module, str(cfg_path), None if ckpt_path is None else str(ckpt_path),
+                         names, device)
