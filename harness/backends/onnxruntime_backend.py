@@ -12,6 +12,7 @@ import numpy as np
 
 from harness.backends.base import Backend, check_images
 from harness.errors import UserError, first_line
+from harness.export.variants import IMG_SHAPE_INPUT, img_shape_rows
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
@@ -160,10 +161,13 @@ class OnnxruntimeBackend(Backend):
         self._tail_session = None
         initializers = {i.name for i in model.graph.initializer}
         inputs = [i for i in model.graph.input if i.name not in initializers]
+        # an image batch, and the images' shapes where the graph takes them (two-stage)
+        self.takes_img_shape = any(i.name == IMG_SHAPE_INPUT for i in inputs)
+        inputs = [i for i in inputs if i.name != IMG_SHAPE_INPUT]
         if len(inputs) != 1:
             raise UserError(f"{self.path} has {len(inputs)} inputs "
                             f"({', '.join(i.name for i in inputs)}); the harness feeds one "
-                            "image batch")
+                            f"image batch (and {IMG_SHAPE_INPUT}, the images' shapes)")
         self.input_name = inputs[0].name
         self.input_dims = _dims(inputs[0])
         self._input_elem_type = inputs[0].type.tensor_type.elem_type
@@ -234,7 +238,8 @@ class OnnxruntimeBackend(Backend):
                                 f"(axis {axis} must be {want}): preprocess for this file's "
                                 "input size")
 
-    def _feed(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
+    def _feed(self, inputs: np.ndarray,
+              metas: Optional[Sequence[Any]] = None) -> dict[str, np.ndarray]:
         from onnx import TensorProto
 
         x = check_images(inputs)
@@ -244,7 +249,10 @@ class OnnxruntimeBackend(Backend):
         elif self._input_elem_type != TensorProto.FLOAT:
             raise UserError(f"{self.path.name} takes {self.input_name} of ONNX type "
                             f"{TensorProto.DataType.Name(self._input_elem_type)}, not float")
-        return {self.input_name: x}
+        feeds = {self.input_name: x}
+        if self.takes_img_shape:
+            feeds[IMG_SHAPE_INPUT] = img_shape_rows(metas, x.shape[0], x.shape[2:])
+        return feeds
 
     def _run(self, session: Any, feeds: dict[str, np.ndarray],
              names: Union[list[str], None] = None) -> list[np.ndarray]:
@@ -263,7 +271,7 @@ class OnnxruntimeBackend(Backend):
         from harness.nms.plugin_nodes import PLUGIN_KERNELS
 
         self.load()
-        feeds = self._feed(inputs)
+        feeds = self._feed(inputs, metas)
         names = [o.name for o in self._cut.body.graph.output]
         values = dict(zip(names, self._run(self._session, feeds)))
         self.plugin_results = {}

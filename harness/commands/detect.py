@@ -26,11 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from harness.data.preprocess import preprocess_files
     from harness.errors import UserError
-    from harness.models.mmyolo import load_mmyolo_model
+    from harness.models.config import load_model_source
 
     if args.batch < 1:
         raise UserError(f"--batch must be at least 1, got {args.batch}")
-    model = load_mmyolo_model(args.config, args.checkpoint, device=args.device)
+    model = load_model_source(args.config, args.checkpoint, device=args.device)
     print(f"{model.family} ({model.head_type}), {model.num_classes} classes, "
           f"NMS: {model.nms}")
     backend = None

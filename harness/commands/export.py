@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from harness.errors import UserError
     from harness.export.calibration import CalibrationSettings
     from harness.export.onnx_export import ExportSettings, check_options, export_onnx
-    from harness.models.mmyolo import load_mmyolo_model
+    from harness.models.config import load_model_source
 
     if args.checkpoint is None and not args.random_init:
         raise UserError("give a checkpoint, or --random-init to export untrained weights")
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         cache = args.calib_cache or Path.home() / ".cache" / "harness" / "calibration"
         calibration = CalibrationSettings(images=args.calib, count=args.calib_count,
                                           method=args.calib_method, cache_dir=cache)
-    model = load_mmyolo_model(args.config, args.checkpoint, device=args.device)
+    model = load_model_source(args.config, args.checkpoint, device=args.device)
     result = export_onnx(model, args.output, settings, calibration)
     meta = result.metadata
     for note in result.notes:

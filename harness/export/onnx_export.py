@@ -209,18 +209,25 @@ def export_onnx(model: ModelSource, output: Union[str, Path], settings: ExportSe
     batch = settings.batch or 2  # trace with 2 so nothing specialises to a batch of 1
     gen = torch.Generator().manual_seed(0)
     dummy = torch.rand(batch, 3, h, w, generator=gen).to(model.device)
+    # a graph that takes more than the images (two-stage: each image's img_shape)
+    extra = module.extra_inputs(batch, h, w, dummy.device) \
+        if hasattr(module, "extra_inputs") else {}
+    if extra and settings.precision == "int8":
+        raise UserError("int8 export of a graph with inputs besides the images "
+                        f"({', '.join(extra)}) is not supported")
     with torch.no_grad():
-        names = list(module.forward_named(dummy))
+        names = list(module.forward_named(dummy, *extra.values()))
     axes = None
     if settings.batch is None:
-        axes = {INPUT_NAME: {0: "batch"}}
+        axes = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in extra}}
         for name in names:
             axes[name] = {0: "num_selected" if name == "selected_indices" else "batch"}
     buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings on shape arithmetic are expected
-        torch.onnx.export(module, (dummy,), buffer, dynamo=False, opset_version=settings.opset,
-                          input_names=[INPUT_NAME], output_names=names, dynamic_axes=axes,
+        torch.onnx.export(module, (dummy, *extra.values()), buffer, dynamo=False,
+                          opset_version=settings.opset,
+                          input_names=[INPUT_NAME, *extra], output_names=names, dynamic_axes=axes,
                           do_constant_folding=True)
     proto = onnx.load_from_string(buffer.getvalue())
     if not any(n.name.startswith("/backbone/") for n in proto.graph.node):

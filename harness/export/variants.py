@@ -4,7 +4,7 @@ what they hold. Light on purpose (no torch), so readers of exported files can im
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 VARIANTS = ("raw", "decoded", "end2end")
 NMS_CHOICES = ("onnx", "efficient", "batched")
@@ -16,6 +16,21 @@ END2END_OUTPUTS = {
     "efficient": ("num_detections", "detection_boxes", "detection_scores", "detection_classes"),
     "batched": ("num_detections", "nmsed_boxes", "nmsed_scores", "nmsed_classes"),
 }
+
+
+# the second graph input of files whose stages depend on each image's shape (two-stage
+# detectors clip proposals to it): (B, 2) float32 rows (h, w) of the resized image before pad
+IMG_SHAPE_INPUT = "img_shape"
+
+
+def img_shape_rows(metas: Any, batch: int, hw: Any) -> Any:
+    """The IMG_SHAPE_INPUT array for a batch: each ImageMeta's img_shape, or without metas
+    the whole input (h, w) for every image."""
+    import numpy as np
+
+    if metas is None:
+        return np.tile(np.asarray(hw, np.float32)[None], (batch, 1))
+    return np.asarray([tuple(m.img_shape)[:2] for m in metas], np.float32)
 
 
 @dataclass(frozen=True)

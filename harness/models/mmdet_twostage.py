@@ -199,8 +199,14 @@ class TwoStageModel:
                         "are per proposal and class (use the raw outputs)")
 
     def export_module(self, variant: str) -> Any:
-        raise UserError(f"exporting a two-stage detector ({self.family}) to ONNX is not "
-                        "built yet; compare and coco run its PyTorch rows")
+        """`raw`: the whole detector in one graph with the same outputs as head_outputs
+        (harness.models.mmdet_twostage_modules), inputs `images` and `img_shape`."""
+        from harness.models.mmdet_twostage_modules import TwoStageExportModule
+
+        if variant != "raw":
+            raise UserError(f"a two-stage detector exports --variant raw (every stage, the "
+                            f"proposal NMS in the graph), not {variant}")
+        return TwoStageExportModule(self)
 
     def output_variant(self, names: Sequence[str]) -> Optional[str]:
         """"raw" for the source's stage outputs (proposals, RoI head outputs), else None."""

@@ -115,6 +115,11 @@ def read_config(cfg_path: Union[str, Path]) -> Any:
     p = Path(cfg_path)
     cfg = read_config_file(p)
     model = cfg.get("model")
+    from harness.models.mmdet_twostage import is_two_stage
+
+    if is_two_stage(model):
+        raise UserError(f"config {p} is a two-stage detector ({model.get('type')}): harness "
+                        "export, detect and coco take it; compare does not yet")
     if not isinstance(model, dict) or "bbox_head" not in model:
         raise UserError(f"config {p} is not an mmyolo detector config (no model.bbox_head)")
     head_type = str(model["bbox_head"].get("type", "")).split(".")[-1]

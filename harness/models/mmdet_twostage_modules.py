@@ -1,0 +1,174 @@
+"""The two-stage source's export module: the whole detector as one ONNX graph with the same
+named outputs as `TwoStageModel.head_outputs` (RPN maps, padded proposals, `num_proposals`,
+RoI head outputs), written as a deployment writes it:
+
+- proposals in the graph: per FPN level a TopK of `nms_pre` over the objectness (mmdet sorts;
+  the same set but for ties), the deltas decoded and clipped to each image's `img_shape` (a
+  second graph input, (B, 2) float32 h, w: what mmdet clips to, not the padded input), boxes
+  the clip flattened dropped by score (mmdet's `min_bbox_size` filter), one ONNX
+  NonMaxSuppression with the level as the class (mmdet's per-level `batched_nms`), the best
+  `max_per_img` of each image by a TopK, padded with zero rows;
+- RoI features by ONNX RoiAlign (opset 16, `half_pixel` for mmcv's `aligned=True`), each RoI
+  read from the FPN level mmdet's `map_roi_levels` gives it;
+- the box head as it is.
+
+Imports torch and mmcv: load it lazily (TwoStageModel.export_module).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness.export.nms_ops import OnnxNmsOp
+from harness.export.variants import IMG_SHAPE_INPUT
+
+
+
+class RoiAlignOp(torch.autograd.Function):
+    """mmcv's roi_align (avg) in torch; ONNX RoiAlign (opset >= 16) in the graph."""
+
+    @staticmethod
+    def forward(ctx: Any, feats: torch.Tensor, boxes: torch.Tensor, batch_index: torch.Tensor,
+                out_h: int, out_w: int, spatial_scale: float, sampling_ratio: int,
+                aligned: bool) -> torch.Tensor:
+        from mmcv.ops import roi_align
+
+        rois = torch.cat([batch_index[:, None].to(boxes.dtype), boxes], dim=1)
+        return roi_align(feats, rois, (out_h, out_w), spatial_scale, sampling_ratio, "avg",
+                         aligned)
+
+    @staticmethod
+    def symbolic(g: Any, feats: Any, boxes: Any, batch_index: Any, out_h: int, out_w: int,
+                 spatial_scale: float, sampling_ratio: int, aligned: bool) -> Any:
+        return g.op("RoiAlign", feats, boxes, batch_index, output_height_i=out_h,
+                    output_width_i=out_w, spatial_scale_f=spatial_scale,
+                    sampling_ratio_i=sampling_ratio, mode_s="avg",
+                    coordinate_transformation_mode_s="half_pixel" if aligned
+                    else "output_half_pixel")
+
+
+def delta_decode(anchors: torch.Tensor, deltas: torch.Tensor, means, stds,
+                 wh_ratio_clip: float = 16 / 1000) -> torch.Tensor:
+    """mmdet delta2bbox without the clip (the caller clips per image)."""
+    import math
+
+    d = deltas * deltas.new_tensor(stds) + deltas.new_tensor(means)
+    pxy = (anchors[..., :2] + anchors[..., 2:]) * 0.5
+    pwh = anchors[..., 2:] - anchors[..., :2]
+    max_ratio = abs(math.log(wh_ratio_clip))
+    dwh = d[..., 2:].clamp(min=-max_ratio, max=max_ratio)
+    gxy = pxy + pwh * d[..., :2]
+    gwh = pwh * dwh.exp()
+    return torch.cat([gxy - gwh * 0.5, gxy + gwh * 0.5], dim=-1)
+
+
+class TwoStageExportModule(nn.Module):
+    """(images (B, 3, H, W), img_shape (B, 2)) → TwoStageModel.head_outputs' named outputs,
+    every stage in the graph. H, W are fixed at export (the anchors are constants)."""
+
+    def __init__(self, source: Any):
+        super().__init__()
+        detector = source.module
+        self.backbone = detector.backbone
+        self.neck = detector.neck
+        self.rpn_head = detector.rpn_head
+        self.roi_head = detector.roi_head
+        self._source = [source]
+
+    @property
+    def source(self) -> Any:
+        return self._source[0]
+
+    def extra_inputs(self, batch: int, h: int, w: int, device: Any) -> dict[str, torch.Tensor]:
+        """The graph's inputs besides `images`, for tracing: each image's img_shape."""
+        return {IMG_SHAPE_INPUT: torch.tensor([[h, w]] * batch, dtype=torch.float32,
+                                              device=device)}
+
+    def forward_named(self, images: torch.Tensor,
+                      img_shape: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.neck(self.backbone(images))
+        rpn_cls, rpn_reg = self.rpn_head(feats)
+        out = {f"rpn_cls.{i}": t for i, t in enumerate(rpn_cls)}
+        out.update({f"rpn_reg.{i}": t for i, t in enumerate(rpn_reg)})
+        boxes, scores, count = self._proposals(rpn_cls, rpn_reg, img_shape)
+        b, k = boxes.shape[:2]
+        roi_cls, roi_reg = self._box_head(feats, boxes)
+        out.update(proposals=torch.cat([boxes, scores[..., None]], dim=-1),
+                   num_proposals=count,
+                   roi_cls=roi_cls.reshape(b, k, -1), roi_reg=roi_reg.reshape(b, k, -1))
+        return out
+
+    def forward(self, images: torch.Tensor, img_shape: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.forward_named(images, img_shape).values())
+
+    def _proposals(self, rpn_cls, rpn_reg, img_shape):
+        src = self.source
+        rpn = src.rpn
+        head = self.rpn_head
+        coder = head.bbox_coder
+        b = rpn_cls[0].shape[0]
+        sizes = [tuple(c.shape[2:]) for c in rpn_cls]
+        anchors = head.prior_generator.grid_priors(sizes, dtype=torch.float32,
+                                                   device=rpn_cls[0].device)
+        all_boxes, all_scores, levels = [], [], []
+        for level, (c, r, a) in enumerate(zip(rpn_cls, rpn_reg, anchors)):
+            s = c.permute(0, 2, 3, 1).reshape(b, -1).sigmoid()
+            d = r.permute(0, 2, 3, 1).reshape(b, -1, 4)
+            n = s.shape[1]
+            if 0 < rpn.nms_pre < n:
+                s, index = s.topk(rpn.nms_pre, dim=1)
+                d = torch.gather(d, 1, index[..., None].expand(-1, -1, 4))
+                a = a[index]
+            else:
+                a = a[None].expand(b, -1, -1)
+            all_boxes.append(delta_decode(a, d, coder.means, coder.stds))
+            all_scores.append(s)
+            levels.append(torch.full((s.shape[1],), level, dtype=torch.int64))
+        boxes = torch.cat(all_boxes, dim=1)
+        scores = torch.cat(all_scores, dim=1)
+        level = torch.cat(levels)
+        h, w = img_shape[:, 0:1], img_shape[:, 1:2]
+        zero = torch.zeros_like(boxes[..., 0])
+        x1 = torch.min(torch.max(boxes[..., 0], zero), w)
+        y1 = torch.min(torch.max(boxes[..., 1], zero), h)
+        x2 = torch.min(torch.max(boxes[..., 2], zero), w)
+        y2 = torch.min(torch.max(boxes[..., 3], zero), h)
+        boxes = torch.stack([x1, y1, x2, y2], dim=-1)
+        if rpn.min_bbox_size >= 0:
+            big = ((x2 - x1) > rpn.min_bbox_size) & ((y2 - y1) > rpn.min_bbox_size)
+            scores = torch.where(big, scores, torch.full_like(scores, -1.0))
+        # one NMS, the level as the class: (B, levels, N) scores, -1 off the box's level
+        per_level = torch.stack([torch.where(level == i, scores, torch.full_like(scores, -1.0))
+                                 for i in range(len(rpn_cls))], dim=1)
+        selected = OnnxNmsOp.apply(boxes, per_level, int(rpn.max_per_img),
+                                   float(rpn.iou_threshold), 0.0)
+        kept = torch.full_like(scores, -1.0)
+        kept[selected[:, 0], selected[:, 2]] = scores[selected[:, 0], selected[:, 2]]
+        k = min(int(rpn.max_per_img), int(scores.shape[1]))
+        best, index = kept.topk(k, dim=1)
+        real = best >= 0
+        boxes = torch.gather(boxes, 1, index[..., None].expand(-1, -1, 4))
+        boxes = torch.where(real[..., None], boxes, torch.zeros_like(boxes))
+        best = torch.where(real, best, torch.zeros_like(best))
+        return boxes, best, real.sum(dim=1)
+
+    def _box_head(self, feats, boxes):
+        extractor = self.roi_head.bbox_roi_extractor
+        b, k = boxes.shape[:2]
+        flat = boxes.reshape(-1, 4)
+        batch_index = torch.arange(b, device=boxes.device).repeat_interleave(k)
+        # SingleRoIExtractor.map_roi_levels: scale = sqrt(w h), floor(log2(scale / 56 + 1e-6))
+        scale = torch.sqrt((flat[:, 2] - flat[:, 0]) * (flat[:, 3] - flat[:, 1]))
+        levels = torch.floor(torch.log2(scale / extractor.finest_scale + 1e-6))
+        levels = levels.clamp(min=0, max=extractor.num_inputs - 1)
+        out = None
+        for i, layer in enumerate(extractor.roi_layers):
+            part = RoiAlignOp.apply(feats[i], flat, batch_index, int(layer.output_size[0]),
+                                    int(layer.output_size[1]), float(layer.spatial_scale),
+                                    int(layer.sampling_ratio), bool(layer.aligned))
+            mask = (levels == i)[:, None, None, None]
+            out = torch.where(mask, part, torch.zeros_like(part)) if out is None \
+                else torch.where(mask, part, out)
+        return self.roi_head.bbox_head(out)

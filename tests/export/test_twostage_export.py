@@ -1,0 +1,107 @@
+"""The two-stage export (harness/models/mmdet_twostage_modules.py): every stage in one graph
+(proposal TopK / NMS / cap, RoiAlign opset 16 half_pixel, the box head), inputs `images` and
+`img_shape`; on onnxruntime it gives PyTorch's numbers — the fixture on synthetic images and
+mmdet's own Faster R-CNN (random init) on a real photograph at full size."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from harness.backends.onnxruntime_backend import OnnxruntimeBackend
+from harness.data.preprocess import read_image, transform_image
+from harness.export.onnx_export import ExportSettings, export_onnx
+from harness.export.variants import IMG_SHAPE_INPUT
+from harness.models.config import load_model_source
+from harness.models.zoo import TWO_STAGE_FIXTURE_CHECKPOINT, TWO_STAGE_FIXTURE_CONFIG
+from tests.models.test_detections_match_mmyolo import sort_detections
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def synth_images(tmp_path_factory):
+    from harness.synth import generate_synthetic_coco
+
+    root = tmp_path_factory.mktemp("two_stage_synth")
+    generate_synthetic_coco(root, images=8, seed=3, val_fraction=0.5)
+    return sorted((root / "val2017").glob("*.jpg"))
+
+
+def padded_batch(model, paths, hw):
+    """The source's preprocessing, each image padded bottom-right to the file's size."""
+    xs, metas = zip(*[transform_image(read_image(p), model.preprocess, str(p)) for p in paths])
+    batch = np.full((len(xs), 3, *hw), model.preprocess.pad_value, np.float32)
+    for i, x in enumerate(xs):
+        batch[i, :, :x.shape[1], :x.shape[2]] = x
+    return batch, list(metas)
+
+
+def rel_l2(a, b):
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+
+def assert_onnxruntime_matches_pytorch(model, path, images, metas):
+    ort = OnnxruntimeBackend(path).infer(images, metas)
+    torch_out = {k: v.numpy() for k, v in model.head_outputs(images, metas).items()}
+    assert list(ort) == list(torch_out)  # the same names in the same order
+    for name in (n for n in ort if n.startswith("rpn_")):
+        assert rel_l2(ort[name], torch_out[name]) < 1e-4, name
+    for i in range(len(images)):
+        n, m = int(torch_out["num_proposals"][i]), int(ort["num_proposals"][i])
+        assert n == m
+        ours = {tuple(np.round(r[:4], 2)) for r in ort["proposals"][i, :m]}
+        theirs = {tuple(np.round(r[:4], 2)) for r in torch_out["proposals"][i, :n]}
+        # the last rows of the cap may swap on scores 1e-6 apart
+        assert len(ours & theirs) >= 0.97 * n, (i, len(ours & theirs), n)
+        assert not ort["proposals"][i, m:].any()  # padding rows are zeros
+    found = [model.detections(model.decode(out, metas), metas) for out in (ort, torch_out)]
+    total = 0
+    for a, b in zip(*found):
+        assert len(a.scores) == len(b.scores)
+        ab, as_, al = sort_detections(a.boxes, a.scores, a.labels)
+        bb, bs, bl = sort_detections(b.boxes, b.scores, b.labels)
+        np.testing.assert_array_equal(al, bl)
+        np.testing.assert_allclose(as_, bs, atol=1e-4)
+        np.testing.assert_allclose(ab, bb, atol=1e-2)
+        total += len(a.scores)
+    return total
+
+
+def test_fixture_exports_and_runs_like_pytorch(tmp_path, synth_images):
+    model = load_model_source(TWO_STAGE_FIXTURE_CONFIG, TWO_STAGE_FIXTURE_CHECKPOINT)
+    result = export_onnx(model, tmp_path / "frcnn.onnx", ExportSettings(input_size=(320, 320)))
+    proto = onnx.load(str(result.path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert [i.name for i in proto.graph.input] == ["images", IMG_SHAPE_INPUT]
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"RoiAlign", "NonMaxSuppression", "TopK"} <= ops
+    align = next(n for n in proto.graph.node if n.op_type == "RoiAlign")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in align.attribute}
+    assert attrs["coordinate_transformation_mode"] == b"half_pixel"  # mmcv's aligned=True
+    images, metas = padded_batch(model, synth_images, (320, 320))
+    assert assert_onnxruntime_matches_pytorch(model, result.path, images, metas) >= 10
+
+
+def test_mmdet_faster_rcnn_at_full_size(tmp_path, real_photos):
+    """mmdet's shipped faster-rcnn_r50_fpn_1x_coco at random init on a 600x400 photograph
+    (1200x800 after mmdet's Resize, padded to 1216x800)."""
+    from tests.models.test_twostage_source import CONFIGS, mmdet_config, spread_box_head
+
+    model = load_model_source(mmdet_config(CONFIGS["faster_rcnn"]))
+    spread_box_head(model)
+    images, metas = padded_batch(model, real_photos[:1], (800, 1216))
+    assert tuple(metas[0].img_shape) == (800, 1200)
+    result = export_onnx(model, tmp_path / "r50.onnx", ExportSettings(input_size=(800, 1216)))
+    assert assert_onnxruntime_matches_pytorch(model, result.path, images, metas) >= 20
+
+
+def test_two_stage_refuses_what_it_cannot_export(tmp_path):
+    from harness.errors import UserError
+
+    model = load_model_source(TWO_STAGE_FIXTURE_CONFIG, TWO_STAGE_FIXTURE_CHECKPOINT)
+    with pytest.raises(UserError, match="exports --variant raw"):
+        export_onnx(model, tmp_path / "x.onnx", ExportSettings(variant="decoded",
+                                                               input_size=(320, 320)))
+    with pytest.raises(UserError, match="needs an input size|varying size"):
+        export_onnx(model, tmp_path / "x.onnx", ExportSettings())
