@@ -216,6 +216,11 @@ def stack_inputs(inputs: Sequence[np.ndarray], spec: PreprocessSpec) -> np.ndarr
     div = max(spec.pad_size_divisor, 1)
     max_h = math.ceil(max(x.shape[1] for x in inputs) / div) * div
     max_w = math.ceil(max(x.shape[2] for x in inputs) / div) * div
+    if spec.pad_to is not None:
+        if max_h > spec.pad_to[0] or max_w > spec.pad_to[1]:
+            raise UserError(f"an image of {max_w}x{max_h} after preprocessing does not fit the "
+                            f"file's fixed input {spec.pad_to[1]}x{spec.pad_to[0]}")
+        max_h, max_w = spec.pad_to
     out = np.full((len(inputs), 3, max_h, max_w), spec.pad_value, dtype=np.float32)
     for i, x in enumerate(inputs):
         out[i, :, : x.shape[1], : x.shape[2]] = x

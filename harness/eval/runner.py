@@ -141,14 +141,15 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
         return detections_from_outputs(model, outputs, metas)
 
     try:
+        spec = spec_for(model, backend)
         run.pass_times = run_pass(
-            images, batch, model.preprocess, backend.infer, post, category_ids,
+            images, batch, spec, backend.infer, post, category_ids,
             store, sync=target.sync, desc=config.key, progress=settings.progress,
             on_batch=None if on_batch is None else (lambda n: on_batch(config, n)),
             warn=log)
         stored = store.latency or {}
         if (stored.get("warmup"), stored.get("runs")) != (timing.warmup, timing.runs):
-            store.append_latency(_measure(images, batch, model, backend, post, target.sync,
+            store.append_latency(_measure(images, batch, spec, backend, post, target.sync,
                                           timing).to_json())
     except UserError as exc:  # a backend that loads but cannot run these inputs
         log(f"{config.key}: failed: {exc}")
@@ -173,6 +174,23 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
         f"ms/batch  {latency.images_per_s:.1f} img/s"
         + ("" if latency.stability else f"  ⚠ unstable latency: {latency.stability.reason}"))
     return row, run
+
+
+def spec_for(model: Any, backend: Any) -> Any:
+    """The row's preprocessing: the model's, with every batch padded to the file's fixed
+    input size where the model's images vary in size (keep-ratio models, two-stage)."""
+    import dataclasses
+
+    from harness.export.onnx_export import network_input_size
+
+    spec = model.preprocess
+    if network_input_size(spec) is not None:
+        return spec
+    backend.load()  # a file's input dims are known once it is loaded
+    dims = getattr(backend, "input_dims", None)
+    if not dims or len(dims) != 4 or not all(isinstance(d, int) for d in dims[2:]):
+        return spec
+    return dataclasses.replace(spec, pad_to=(int(dims[2]), int(dims[3])))
 
 
 def images_for(config: Configuration, split: Any, model: Any) -> tuple[list[Any], int]:
@@ -201,7 +219,7 @@ def images_for(config: Configuration, split: Any, model: Any) -> tuple[list[Any]
              for i, shape in zip(order, shapes)], policy.batch_size)
 
 
-def _measure(images: Sequence[Any], batch: int, model: Any, backend: Any,
+def _measure(images: Sequence[Any], batch: int, spec: Any, backend: Any,
              post: Callable[..., Any], sync: Optional[Callable[[], None]],
              latency: Any) -> Any:
     """Latency on the first readable images of the row's evaluation order, cycled in its
@@ -221,7 +239,7 @@ def _measure(images: Sequence[Any], batch: int, model: Any, backend: Any,
     if not batches:
         batches = [readable] if readable else []
     return measure_latency(
-        batches, lambda ims: prepare_batch(ims, model.preprocess),
+        batches, lambda ims: prepare_batch(ims, spec),
         lambda prepared: backend.infer(prepared.inputs, prepared.metas),
         lambda prepared, outputs: post(outputs, prepared.metas), latency,
         batch_size=len(batches[0]) if batches else batch, sync=sync)

@@ -158,7 +158,8 @@ def check_options(settings: ExportSettings) -> None:
 def check_settings(model: ModelSource, settings: ExportSettings) -> ExportSettings:
     """Validate `settings` and fill input_size; UserError names the option at fault."""
     check_options(settings)
-    size = settings.input_size or network_input_size(model.preprocess)
+    size = settings.input_size or network_input_size(model.preprocess) \
+        or model.preprocess.largest_input()
     if size is None:
         raise UserError("the model's preprocessing gives images of varying size; pass "
                         "--input-size H W")

@@ -160,10 +160,13 @@ class TwoStageModel:
         with torch.no_grad():
             feats = m.extract_feat(x)
             rpn_cls, rpn_reg = m.rpn_head(feats)
-            found = m.rpn_head.predict_by_feat(rpn_cls, rpn_reg, batch_img_metas=img_metas,
-                                               cfg=self.rpn_test_cfg, rescale=False)
+            # the proposal NMS in float32 (mmcv's CPU kernel takes nothing else; deployments
+            # run it in fp32 too)
+            found = m.rpn_head.predict_by_feat(
+                [c.float() for c in rpn_cls], [r.float() for r in rpn_reg],
+                batch_img_metas=img_metas, cfg=self.rpn_test_cfg, rescale=False)
             k = int(self.rpn.max_per_img)
-            proposals = x.new_zeros((b, k, 5))
+            proposals = x.new_zeros((b, k, 5), dtype=torch.float32)
             counts = torch.zeros(b, dtype=torch.int64)
             for i, inst in enumerate(found):
                 n = min(len(inst.bboxes), k)
@@ -174,8 +177,8 @@ class TwoStageModel:
                                         bbox2roi)
         out = {f"{kind}.{level}": t for kind, maps in zip(RPN_KINDS, (rpn_cls, rpn_reg))
                for level, t in enumerate(maps)}
-        roi_cls = x.new_zeros((b, k, cls.shape[-1]))
-        roi_reg = x.new_zeros((b, k, reg.shape[-1]))
+        roi_cls = cls.new_zeros((b, k, cls.shape[-1]))
+        roi_reg = reg.new_zeros((b, k, reg.shape[-1]))
         start = 0
         for i in range(b):
             n = int(counts[i])
@@ -189,7 +192,14 @@ class TwoStageModel:
         in image order (StandardRoIHead._bbox_forward)."""
         head = self.module.roi_head
         rois = bbox2roi(list(boxes))
-        roi_feats = head.bbox_roi_extractor(feats[:head.bbox_roi_extractor.num_inputs], rois)
+        levels = feats[:head.bbox_roi_extractor.num_inputs]
+        dtype = levels[0].dtype
+        if levels[0].device.type == "cpu" and dtype != rois.dtype:
+            # mmcv's CPU RoIAlign takes float32 only: pool in float32, go on in the module's
+            # dtype
+            roi_feats = head.bbox_roi_extractor([f.float() for f in levels], rois).to(dtype)
+        else:
+            roi_feats = head.bbox_roi_extractor(levels, rois.to(dtype))
         if head.with_shared_head:
             roi_feats = head.shared_head(roi_feats)
         return head.bbox_head(roi_feats)

@@ -79,6 +79,9 @@ class PreprocessSpec:
     skipped: tuple[str, ...] = field(default=())
     # the config's batch_shapes_cfg (mmyolo's rectangular per-batch shapes), or None
     batch_shapes: Optional["BatchShapePolicy"] = None
+    # (h, w) every batch is padded to (bottom / right, pad_value), for a file with a fixed
+    # input size fed by a keep-ratio model (two-stage); None: the batch's largest image
+    pad_to: Optional[tuple[int, int]] = None
 
     def describe(self) -> dict[str, Any]:
         """Plain-data summary for reports and results.json."""
@@ -88,7 +91,21 @@ class PreprocessSpec:
             "bgr_to_rgb": self.bgr_to_rgb, "pad_size_divisor": self.pad_size_divisor,
             "pad_value": self.pad_value,
             "batch_shapes": None if self.batch_shapes is None else self.batch_shapes.__dict__,
+            **({"pad_to": list(self.pad_to)} if self.pad_to is not None else {}),
         }
+
+    def largest_input(self) -> Optional[tuple[int, int]]:
+        """(h, w) that holds every image this preprocessing can give, for a file with a fixed
+        input: mmdet's keep-ratio Resize keeps the long side within max(scale) in either
+        orientation, so a square of that side rounded up to the pad divisor. None when the
+        steps are not a lone keep-ratio Resize (their size is fixed or unbounded)."""
+        import math
+
+        if len(self.steps) != 1 or not isinstance(self.steps[0], Rescale):
+            return None
+        div = max(self.pad_size_divisor, 1)
+        side = math.ceil(max(self.steps[0].scale) / div) * div
+        return (side, side)
 
 
 @dataclass(frozen=True)

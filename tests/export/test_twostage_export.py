@@ -103,5 +103,18 @@ def test_two_stage_refuses_what_it_cannot_export(tmp_path):
     with pytest.raises(UserError, match="exports --variant raw"):
         export_onnx(model, tmp_path / "x.onnx", ExportSettings(variant="decoded",
                                                                input_size=(320, 320)))
-    with pytest.raises(UserError, match="needs an input size|varying size"):
-        export_onnx(model, tmp_path / "x.onnx", ExportSettings())
+    with pytest.raises(UserError, match="int8 export of a graph with inputs besides"):
+        export_onnx(model, tmp_path / "x.onnx", ExportSettings(precision="int8",
+                                                               input_size=(320, 320)),
+                    calibration=object())
+
+
+def test_without_an_input_size_the_largest_resized_image_fits(tmp_path):
+    """mmdet's keep-ratio Resize to (320, 320) keeps the long side within 320 in either
+    orientation: the default fixed input is 320x320 (a multiple of the pad divisor)."""
+    model = load_model_source(TWO_STAGE_FIXTURE_CONFIG, TWO_STAGE_FIXTURE_CHECKPOINT)
+    assert model.preprocess.largest_input() == (320, 320)
+    result = export_onnx(model, tmp_path / "x.onnx", ExportSettings())
+    proto = onnx.load(str(result.path))
+    dims = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert dims[2:] == [320, 320]
