@@ -26,7 +26,9 @@ from harness.models.checkpoint import (
     check_state_dict_fits, checkpoint_classes, load_checkpoint_file,
 )
 from harness.models.pipeline import PreprocessSpec, preprocess_spec_from_config
-from harness.models.source import DecodedCandidates, NmsSettings
+from harness.models.source import (
+    DecodedCandidates, NmsSettings, framework_results, nms_changes,
+)
 
 # mmdet detector type → the family name users know (the box branch is what is compared)
 TWO_STAGE = {"FasterRCNN": "faster_rcnn", "MaskRCNN": "mask_rcnn"}
@@ -99,12 +101,7 @@ class TwoStageModel:
         import copy
         import dataclasses
 
-        fields = {"nms_pre", "score_thr", "iou_threshold", "max_per_img"}
-        unknown = set(changes) - fields
-        if unknown:
-            raise UserError(f"cannot change test_cfg {', '.join(sorted(unknown))}; the "
-                            f"settings that can be set are {', '.join(sorted(fields))}")
-        changes = {k: v for k, v in changes.items() if v is not None}
+        changes = nms_changes(changes)
         if not changes:
             return self
         other = copy.copy(self)
@@ -308,8 +305,6 @@ class TwoStageModel:
         `model.test_step` runs) on the outputs' proposals and head outputs."""
         import torch
 
-        from harness.nms import NmsResult
-
         props = self.proposals(outputs, metas)
         counts = [len(p) for p in props]
         logits = _numpy(outputs["roi_cls"])
@@ -324,15 +319,7 @@ class TwoStageModel:
                 cls_scores=tuple(torch.from_numpy(logits[i, :n]) for i, n in enumerate(counts)),
                 bbox_preds=tuple(torch.from_numpy(deltas[i, :n]) for i, n in enumerate(counts)),
                 batch_img_metas=img_metas, rcnn_test_cfg=self.rcnn_test_cfg, rescale=True)
-        results = []
-        for inst in found:
-            n = len(inst.scores)
-            results.append(NmsResult(
-                boxes=inst.bboxes.float().cpu().numpy().reshape(n, 4),
-                scores=inst.scores.float().cpu().numpy(),
-                labels=inst.labels.cpu().numpy().astype(np.int64),
-                box_index=np.full(n, -1, np.int64)))
-        return results
+        return framework_results(found)
 
     def predict(self, batch: Any, trace: bool = False) -> list[Any]:
         """Preprocessed Batch → final detections per image (the numpy reference after the

@@ -19,7 +19,9 @@ from harness.models.checkpoint import (
     check_state_dict_fits, checkpoint_classes, load_checkpoint_file,
 )
 from harness.models.pipeline import PreprocessSpec, preprocess_spec_from_config
-from harness.models.source import SOURCE_VARIANTS, DecodedCandidates, NmsSettings
+from harness.models.source import (
+    SOURCE_VARIANTS, DecodedCandidates, NmsSettings, framework_results, nms_changes,
+)
 
 __all__ = ["FAMILIES", "RAW_KINDS", "DecodedCandidates", "MmyoloModel", "NmsSettings",
            "load_mmyolo_model", "read_config"]
@@ -173,12 +175,7 @@ class MmyoloModel:
         import copy
         import dataclasses
 
-        fields = {"nms_pre", "score_thr", "iou_threshold", "max_per_img"}
-        unknown = set(changes) - fields
-        if unknown:
-            raise UserError(f"cannot change test_cfg {', '.join(sorted(unknown))}; the "
-                            f"settings that can be set are {', '.join(sorted(fields))}")
-        changes = {k: v for k, v in changes.items() if v is not None}
+        changes = nms_changes(changes)
         if not changes:
             return self
         other = copy.copy(self)
@@ -316,8 +313,6 @@ class MmyoloModel:
         (box_index -1): its order of tied scores is torch's, which no replay promises."""
         import torch
 
-        from harness.nms import NmsResult
-
         head = self.module.bbox_head
         img_metas = [{"ori_shape": tuple(m.ori_shape), "img_shape": tuple(m.img_shape),
                       "scale_factor": tuple(m.scale_factor),
@@ -330,15 +325,7 @@ class MmyoloModel:
             found = head.predict_by_feat(
                 maps["cls_scores"], maps["bbox_preds"], maps.get("objectnesses"),
                 batch_img_metas=img_metas, cfg=self.test_cfg, rescale=True, with_nms=True)
-        results = []
-        for inst in found:
-            n = len(inst.scores)
-            results.append(NmsResult(
-                boxes=inst.bboxes.float().cpu().numpy().reshape(n, 4),
-                scores=inst.scores.float().cpu().numpy(),
-                labels=inst.labels.cpu().numpy().astype(np.int64),
-                box_index=np.full(n, -1, np.int64)))
-        return results
+        return framework_results(found)
 
     def predict(self, batch: Any, trace: bool = False) -> list[Any]:
         """Preprocessed Batch → final detections per image."""

@@ -54,6 +54,35 @@ class NmsSettings:
         )
 
 
+# the test_cfg settings a user may change on a source (ModelSource.with_nms)
+NMS_CHANGEABLE = ("nms_pre", "score_thr", "iou_threshold", "max_per_img")
+
+
+def nms_changes(changes: Mapping[str, Any]) -> dict[str, Any]:
+    """The changes with_nms was given that are set (not None); one line for an unknown one."""
+    unknown = set(changes) - set(NMS_CHANGEABLE)
+    if unknown:
+        raise UserError(f"cannot change test_cfg {', '.join(sorted(unknown))}; the settings "
+                        f"that can be set are {', '.join(sorted(NMS_CHANGEABLE))}")
+    return {k: v for k, v in changes.items() if v is not None}
+
+
+def framework_results(found: Sequence[Any]) -> list["NmsResult"]:
+    """A framework's own per-image detections (mmengine InstanceData: bboxes, scores, labels
+    as torch tensors) as NmsResults without candidate rows (box_index -1)."""
+    from harness.nms import NmsResult
+
+    results = []
+    for inst in found:
+        n = len(inst.scores)
+        results.append(NmsResult(
+            boxes=inst.bboxes.float().cpu().numpy().reshape(n, 4),
+            scores=inst.scores.float().cpu().numpy(),
+            labels=inst.labels.cpu().numpy().astype(np.int64),
+            box_index=np.full(n, -1, np.int64)))
+    return results
+
+
 @dataclass
 class DecodedCandidates:
     """Candidates before NMS, for a batch.

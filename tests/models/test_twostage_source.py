@@ -12,7 +12,7 @@ import pytest
 
 from harness.data.preprocess import preprocess_files
 from harness.models.config import load_model_source
-from tests.models.test_detections_match_mmyolo import sort_detections
+from tests.models.test_detections_match_mmyolo import assert_same_detections as assert_same
 
 pytestmark = pytest.mark.slow
 
@@ -68,16 +68,6 @@ def mmdet_test_step(model, paths):
         out = model.module.test_step(dict(inputs=[d["inputs"] for d in items],
                                           data_samples=[d["data_samples"] for d in items]))
     return [o.pred_instances for o in out]
-
-
-def assert_same(ours, theirs, where: str) -> None:
-    tb, ts, tl = (theirs.bboxes.numpy(), theirs.scores.numpy(), theirs.labels.numpy())
-    assert len(ours.scores) == len(ts), f"{where}: {len(ours.scores)} vs {len(ts)} detections"
-    ob, os_, ol = sort_detections(ours.boxes, ours.scores, ours.labels)
-    tb, ts, tl = sort_detections(tb, ts, tl)
-    np.testing.assert_array_equal(ol, tl, err_msg=where)
-    np.testing.assert_allclose(os_, ts, atol=1e-5, rtol=0, err_msg=where)
-    np.testing.assert_allclose(ob, tb, atol=1e-3, rtol=0, err_msg=where)
 
 
 @pytest.mark.parametrize("which", [[0], [1], [0, 1]], ids=["landscape", "portrait", "batch2"])
