@@ -92,6 +92,9 @@ class TwoStageModel:
             iou_threshold=float((rcnn.get("nms") or {}).get("iou_threshold", 0.5)),
             max_per_img=int(rcnn.get("max_per_img", 100)), multi_label=True, yolox_style=False)
         self.nms_config = self.nms
+        # how the export writes what mmdet does its own way (TwoStageExportModule's options,
+        # e.g. roi_align_form="opset10"): the forms deployments use, for planted cases
+        self.export_options: dict[str, Any] = {}
 
     # -- copies ----------------------------------------------------------------------------
 
@@ -213,7 +216,7 @@ class TwoStageModel:
         if variant != "raw":
             raise UserError(f"a two-stage detector exports --variant raw (every stage, the "
                             f"proposal NMS in the graph), not {variant}")
-        return TwoStageExportModule(self)
+        return TwoStageExportModule(self, **self.export_options)
 
     def output_variant(self, names: Sequence[str]) -> Optional[str]:
         """"raw" for the source's stage outputs (proposals, RoI head outputs), else None."""

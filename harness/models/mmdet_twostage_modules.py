@@ -32,7 +32,7 @@ class RoiAlignOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, feats: torch.Tensor, boxes: torch.Tensor, batch_index: torch.Tensor,
                 out_h: int, out_w: int, spatial_scale: float, sampling_ratio: int,
-                aligned: bool) -> torch.Tensor:
+                aligned: bool, opset10_form: bool = False) -> torch.Tensor:
         from mmcv.ops import roi_align
 
         rois = torch.cat([batch_index[:, None].to(boxes.dtype), boxes], dim=1)
@@ -41,11 +41,14 @@ class RoiAlignOp(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g: Any, feats: Any, boxes: Any, batch_index: Any, out_h: int, out_w: int,
-                 spatial_scale: float, sampling_ratio: int, aligned: bool) -> Any:
+                 spatial_scale: float, sampling_ratio: int, aligned: bool,
+                 opset10_form: bool = False) -> Any:
+        # opset10_form: the op as opset 10 has it (no half-pixel offset) whatever `aligned`
+        half = aligned and not opset10_form
         return g.op("RoiAlign", feats, boxes, batch_index, output_height_i=out_h,
                     output_width_i=out_w, spatial_scale_f=spatial_scale,
                     sampling_ratio_i=sampling_ratio, mode_s="avg",
-                    coordinate_transformation_mode_s="half_pixel" if aligned
+                    coordinate_transformation_mode_s="half_pixel" if half
                     else "output_half_pixel")
 
 
@@ -66,9 +69,15 @@ def delta_decode(anchors: torch.Tensor, deltas: torch.Tensor, means, stds,
 
 class TwoStageExportModule(nn.Module):
     """(images (B, 3, H, W), img_shape (B, 2)) → TwoStageModel.head_outputs' named outputs,
-    every stage in the graph. H, W are fixed at export (the anchors are constants)."""
+    every stage in the graph. H, W are fixed at export (the anchors are constants).
 
-    def __init__(self, source: Any):
+    The proposal settings are the source's (`source.rpn`: nms_pre, max_per_img, IoU, and the
+    forms deployments use instead of mmdet's — `scope` "all": one NMS over every level;
+    `topk_scope` "all": one TopK over every level). roi_align_form: "half_pixel" (opset 16,
+    mmcv's aligned=True) or "opset10" (RoiAlign without the half-pixel offset, what an
+    opset-10 export of an aligned model writes)."""
+
+    def __init__(self, source: Any, roi_align_form: str = "half_pixel"):
         super().__init__()
         detector = source.module
         self.backbone = detector.backbone
@@ -76,6 +85,9 @@ class TwoStageExportModule(nn.Module):
         self.rpn_head = detector.rpn_head
         self.roi_head = detector.roi_head
         self._source = [source]
+        if roi_align_form not in ("half_pixel", "opset10"):
+            raise ValueError(f"roi_align_form half_pixel | opset10, not {roi_align_form}")
+        self.roi_align_form = roi_align_form
 
     @property
     def source(self) -> Any:
@@ -112,23 +124,28 @@ class TwoStageExportModule(nn.Module):
         sizes = [tuple(c.shape[2:]) for c in rpn_cls]
         anchors = head.prior_generator.grid_priors(sizes, dtype=torch.float32,
                                                    device=rpn_cls[0].device)
+        flat = [(c.permute(0, 2, 3, 1).reshape(b, -1).sigmoid(),
+                 r.permute(0, 2, 3, 1).reshape(b, -1, 4), a,
+                 torch.full((a.shape[0],), level, dtype=torch.int64))
+                for level, (c, r, a) in enumerate(zip(rpn_cls, rpn_reg, anchors))]
+        if rpn.topk_scope == "all":  # one TopK over every level
+            flat = [tuple(torch.cat(parts, dim=1 if i < 2 else 0)
+                          for i, parts in enumerate(zip(*flat)))]
         all_boxes, all_scores, levels = [], [], []
-        for level, (c, r, a) in enumerate(zip(rpn_cls, rpn_reg, anchors)):
-            s = c.permute(0, 2, 3, 1).reshape(b, -1).sigmoid()
-            d = r.permute(0, 2, 3, 1).reshape(b, -1, 4)
+        for s, d, a, lv in flat:
             n = s.shape[1]
             if 0 < rpn.nms_pre < n:
                 s, index = s.topk(rpn.nms_pre, dim=1)
                 d = torch.gather(d, 1, index[..., None].expand(-1, -1, 4))
-                a = a[index]
+                a, lv = a[index], lv[index]
             else:
-                a = a[None].expand(b, -1, -1)
+                a, lv = a[None].expand(b, -1, -1), lv[None].expand(b, -1)
             all_boxes.append(delta_decode(a, d, coder.means, coder.stds))
             all_scores.append(s)
-            levels.append(torch.full((s.shape[1],), level, dtype=torch.int64))
+            levels.append(lv)
         boxes = torch.cat(all_boxes, dim=1)
         scores = torch.cat(all_scores, dim=1)
-        level = torch.cat(levels)
+        level = torch.cat(levels, dim=1)  # (B, N): a TopK over all levels mixes them
         h, w = img_shape[:, 0:1], img_shape[:, 1:2]
         zero = torch.zeros_like(boxes[..., 0])
         x1 = torch.min(torch.max(boxes[..., 0], zero), w)
@@ -139,9 +156,14 @@ class TwoStageExportModule(nn.Module):
         if rpn.min_bbox_size >= 0:
             big = ((x2 - x1) > rpn.min_bbox_size) & ((y2 - y1) > rpn.min_bbox_size)
             scores = torch.where(big, scores, torch.full_like(scores, -1.0))
-        # one NMS, the level as the class: (B, levels, N) scores, -1 off the box's level
-        per_level = torch.stack([torch.where(level == i, scores, torch.full_like(scores, -1.0))
-                                 for i in range(len(rpn_cls))], dim=1)
+        # one NMS, the level as the class: (B, levels, N) scores, -1 off the box's level;
+        # scope "all": the levels as one class
+        if rpn.scope == "all":
+            per_level = scores[:, None]
+        else:
+            per_level = torch.stack([torch.where(level == i, scores,
+                                                 torch.full_like(scores, -1.0))
+                                     for i in range(len(rpn_cls))], dim=1)
         selected = OnnxNmsOp.apply(boxes, per_level, int(rpn.max_per_img),
                                    float(rpn.iou_threshold), 0.0)
         kept = torch.full_like(scores, -1.0)
@@ -167,7 +189,8 @@ class TwoStageExportModule(nn.Module):
         for i, layer in enumerate(extractor.roi_layers):
             part = RoiAlignOp.apply(feats[i], flat, batch_index, int(layer.output_size[0]),
                                     int(layer.output_size[1]), float(layer.spatial_scale),
-                                    int(layer.sampling_ratio), bool(layer.aligned))
+                                    int(layer.sampling_ratio), bool(layer.aligned),
+                                    self.roi_align_form == "opset10")
             mask = (levels == i)[:, None, None, None]
             out = torch.where(mask, part, torch.zeros_like(part)) if out is None \
                 else torch.where(mask, part, out)
