@@ -114,3 +114,24 @@ def test_detect_prints_detections(capsys, image, tmp_path):
     printed = capsys.readouterr().out
     assert code == 0
     assert "detections" in printed and out.is_file()
+
+
+def test_compare_says_in_one_line_it_does_not_take_two_stage_yet(capsys, tmp_path, image):
+    from harness.models.zoo import TWO_STAGE_FIXTURE_CHECKPOINT, TWO_STAGE_FIXTURE_CONFIG
+
+    code, err = run_cli(capsys, "compare", TWO_STAGE_FIXTURE_CONFIG,
+                        TWO_STAGE_FIXTURE_CHECKPOINT, "--images", image.parent, "--out",
+                        tmp_path / "out")
+    assert_one_line_error(code, err, "two-stage detector (FasterRCNN)", "compare does not yet")
+
+
+def test_a_two_stage_checkpoint_of_another_class_count_is_one_line(capsys, tmp_path, image):
+    """The two-stage source checks a checkpoint against its config as the one-stage does."""
+    from harness.models.zoo import TWO_STAGE_FIXTURE_CHECKPOINT
+
+    cfg = Path(__file__).parent.parent / "harness" / "fixture" / "faster_rcnn_r18_synth_320.py"
+    other = tmp_path / "frcnn_7.py"
+    other.write_text(cfg.read_text().replace("num_classes = len(class_names)",
+                                             "num_classes = 7"))
+    code, err = run_cli(capsys, "detect", other, TWO_STAGE_FIXTURE_CHECKPOINT, image)
+    assert_one_line_error(code, err, "class count mismatch", "num_classes=7")
