@@ -454,3 +454,26 @@ def test_given_onnx_that_is_missing(capsys, synth_val, tmp_path):
     exp = experiment_with_onnx(tmp_path, synth_val, 'onnx = { fp32 = "nowhere.onnx" }')
     code, _, err = run_cli(capsys, "coco", "--experiment", exp, "--out", tmp_path / "out")
     assert_one_line_error(code, err, "nowhere.onnx not found", "model.onnx.fp32")
+
+
+@pytest.mark.slow
+def test_two_stage_fixture_across_backends_and_batches(synth_val, tmp_path, capsys):
+    """The two-stage fixture (mmdet Faster R-CNN) in a coco matrix: PyTorch and onnxruntime
+    (the whole detector in one graph, fed img_shape, batches padded to its 320x320 input) at
+    batch 1 and 4 all run, and agree on AP (PyTorch pads a batch of 4 to its largest image,
+    the file to 320x320: that is the only difference)."""
+    from harness.models.zoo import TWO_STAGE_FIXTURE_CHECKPOINT, TWO_STAGE_FIXTURE_CONFIG
+
+    code, out, err = run_cli(
+        capsys, "coco", synth_val, "--cfg", TWO_STAGE_FIXTURE_CONFIG,
+        "--ckpt", TWO_STAGE_FIXTURE_CHECKPOINT, "--backends", "torch",
+        "onnxruntime", "--precisions", "fp32", "--batches", "1", "4", "--count", "8",
+        "--warmup", "0", "--runs", "1", "--out", tmp_path / "report", "--no-progress")
+    assert code == 0, out + err
+    rows = json.loads((tmp_path / "report" / "results.json").read_text())["coco"]["rows"]
+    assert {key(r) for r in rows} == {f"{b}_cpu_fp32_b{n}" for b in ("torch", "onnxruntime")
+                                      for n in (1, 4)}
+    aps = {key(r): r["AP"] for r in rows}
+    assert all(r["status"] == "ok" and r["images"] == 8 for r in rows)
+    assert aps["torch_cpu_fp32_b1"] > 0.3  # the fixture detects the shapes
+    assert max(aps.values()) - min(aps.values()) < 0.01, aps
