@@ -193,3 +193,17 @@ def test_bad_toml(tmp_path):
     with pytest.raises(UserError, match="is not valid TOML") as info:
         load_experiment(write(tmp_path, 'name = "x\n[model]\n'))
     assert "\n" not in str(info.value)
+
+
+def test_packaged_paths_work_on_the_command_line(capsys, varied_images):
+    """`harness:fixture/...` names the shipped fixtures on the command line too, not only in
+    experiment files; a packaged name that does not exist is one line."""
+    from harness.cli import main
+
+    assert main(["detect", "harness:fixture/faster_rcnn_r18_synth_320.py",
+                 "harness:fixture/faster_rcnn_r18_synth_320.pth", str(varied_images[0])]) == 0
+    capsys.readouterr()
+    assert main(["detect", "harness:fixture/nope.py", "harness:fixture/yolov5_n_synth_320.pth",
+                 str(varied_images[0])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not found in the harness package" in err and len(err.splitlines()) == 1

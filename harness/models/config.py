@@ -25,10 +25,14 @@ def read_config_file(cfg_path: Union[str, Path]) -> Any:
 def load_model_source(cfg_path: Union[str, Path], ckpt_path: Union[str, Path, None] = None,
                       device: str = "cpu", seed: int = 0) -> Any:
     """The ModelSource for a config: mmdet's two-stage source for a detector with an RPN and
-    an RoI head, else the mmyolo source (which says in one line what it does not support)."""
+    an RoI head, else the mmyolo source (which says in one line what it does not support).
+    Either path may name a file shipped in the package (`harness:fixture/...`)."""
+    from harness.experiment import resolve_path
     from harness.models.mmdet_twostage import is_two_stage, load_twostage_model
     from harness.models.mmyolo import load_mmyolo_model
 
+    cfg_path = resolve_path(cfg_path)
+    ckpt_path = None if ckpt_path is None else resolve_path(ckpt_path)
     cfg = read_config_file(cfg_path)
     if is_two_stage(cfg.get("model")):
         return load_twostage_model(cfg, cfg_path, ckpt_path, device, seed)

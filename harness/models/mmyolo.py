@@ -367,10 +367,15 @@ def load_mmyolo_model(cfg_path: Union[str, Path], ckpt_path: Union[str, Path, No
                       device: str = "cpu", seed: int = 0) -> MmyoloModel:
     """Build the detector of `cfg_path` and load `ckpt_path` into it.
 
-    Without a checkpoint the weights are mmyolo's own random initialisation (seeded).
+    Without a checkpoint the weights are mmyolo's own random initialisation (seeded). Either
+    path may name a file shipped in the package (`harness:fixture/...`).
     """
     import torch
 
+    from harness.experiment import resolve_path
+
+    cfg_path = resolve_path(cfg_path)
+    ckpt_path = None if ckpt_path is None else resolve_path(ckpt_path)
     cfg = read_config(cfg_path)
     _import_mm()
     from mmyolo.registry import MODELS
