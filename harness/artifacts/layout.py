@@ -25,7 +25,7 @@ NMS_OPS = {("", "NonMaxSuppression"): "onnx", ("TRT", "EfficientNMS_TRT"): "effi
            ("TRT", "BatchedNMSDynamic_TRT"): "batched", ("TRT", "BatchedNMS_TRT"): "batched",
            ("mmdeploy", "TRTBatchedNMS"): "mmdeploy_batched"}
 # ops a candidate tensor passes through on its way into the NMS without changing what it
-# holds (layout only), and the gather of a pre-NMS TopK
+# holds (layout only); the Gather of a pre-NMS TopK is recognised on its own (_walk_back)
 _LAYOUT_OPS = {"Reshape", "Transpose", "Flatten", "Unsqueeze", "Squeeze"}
 # ops a constant passes through with its value unchanged
 _SAME_VALUES = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Flatten")

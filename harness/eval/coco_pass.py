@@ -123,14 +123,16 @@ def _get(q: "queue.Queue[Any]", stop: threading.Event) -> Any:
 
 
 def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
-             infer: Callable[[np.ndarray, Sequence[Any]], Any], post: Callable[[Any, Sequence[Any]], list],
+             infer: Callable[[np.ndarray, Sequence[Any]], Any],
+             post: Callable[[Any, Sequence[Any]], list],
              category_ids: Sequence[int], store: Any, *,
              sync: Optional[Callable[[], None]] = None, desc: Optional[str] = None,
              progress: bool = True, on_batch: Optional[Callable[[int], None]] = None,
              warn: Optional[Callable[[str], None]] = None) -> PassTimes:
     """Run every batch of `images` (SplitImage) not yet in `store` (RunStore).
 
-    infer(inputs (B,3,H,W) float32, metas) → outputs; post(outputs, metas) → per image NmsResult;
+    infer(inputs (B,3,H,W) float32, metas) → outputs; post(outputs, metas) → per image
+    NmsResult;
     sync: device synchronisation around inference (GPU). on_batch(batches stored so far) is
     called after each batch is safely on disk (tests use it to interrupt a run).
     """

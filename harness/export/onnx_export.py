@@ -35,8 +35,8 @@ class ExportSettings:
     variant: raw | decoded | end2end. nms: onnx | efficient | batched (end2end only).
     pre_topk: BatchedNMS topK (default min(nms_pre, 4096)); for onnx a pre-NMS TopK over
     each box's best score (mmdeploy's pre_top_k; none by default, as in easydeploy); ignored
-    by efficient (its own fixed cap). keep_topk (default max_per_img), iou_threshold, score_threshold (default
-    the config's score_thr, at least 0). precision: fp32 | fp16 | int8 (int8 needs
+    by efficient (its own fixed cap). keep_topk (default max_per_img), iou_threshold,
+    score_threshold (default the config's score_thr, at least 0). precision: fp32 | fp16 | int8 (int8 needs
     calibration). batch: None for a dynamic batch axis, else a fixed batch size.
     input_size: (h, w); None: the fixed size the model's preprocessing produces.
     """

@@ -38,8 +38,9 @@ class End2EndNms:
     """The NMS an end2end file ends with, with every number resolved.
 
     kind: "onnx" | "efficient" | "batched". pre_topk: BatchedNMS's topK; for onnx an optional
-    pre-NMS TopK node (mmdeploy's pre_top_k); EfficientNMS ignores it (its own fixed cap). keep_topk: ONNX
-    max_output_boxes_per_class, EfficientNMS max_output_boxes, BatchedNMS keepTopK.
+    pre-NMS TopK node (mmdeploy's pre_top_k); EfficientNMS ignores it (its own fixed cap).
+    keep_topk: ONNX max_output_boxes_per_class, EfficientNMS max_output_boxes, BatchedNMS
+    keepTopK.
     """
 
     kind: str

@@ -1,4 +1,5 @@
-"""Loading mmengine checkpoints without blind unpickling, and checking they fit a model.
+"""Loading mmengine checkpoints without blind unpickling, checking they fit a model, and
+building a detector from its config with them (`build_detector`, every model source).
 
 `torch.load(weights_only=True)` refuses every class not on an allow-list; ours names only
 what mmengine writes into checkpoints (numpy arrays and scalars inside its message hub,
@@ -10,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any, Union
 
-from harness.errors import UserError
+from harness.errors import UserError, first_line
 
 
 def _allowed_globals() -> list[Any]:
@@ -101,3 +102,56 @@ def check_state_dict_fits(model: Any, state: dict[str, Any], ckpt_path: Union[st
             f"tensor(s) differ in shape, first {k}: {got} in checkpoint vs {want} in model "
             f"(the config has num_classes={num_classes}; a different class count or model "
             "size would do this)")
+
+
+def class_names_of(cfg: Any, meta: dict, num_classes: int) -> tuple[str, ...]:
+    """Class names from the config's metainfo, else the checkpoint's, else COCO's for 80
+    classes, else `class_<i>`."""
+    for where in (cfg.get("metainfo"),
+                  cfg.get("test_dataloader", {}).get("dataset", {}).get("metainfo"),
+                  cfg.get("train_dataloader", {}).get("dataset", {}).get("metainfo")):
+        if where and where.get("classes"):
+            return tuple(where["classes"])
+    from_ckpt = checkpoint_classes(meta)
+    if from_ckpt:
+        return from_ckpt
+    if num_classes == 80:
+        from mmdet.datasets import CocoDataset
+
+        return tuple(CocoDataset.METAINFO["classes"])
+    return tuple(f"class_{i}" for i in range(num_classes))
+
+
+def build_detector(registry: Any, cfg: Any, cfg_path: Union[str, Path],
+                   ckpt_path: Union[str, Path, None], device: str, seed: int,
+                   framework: str, num_classes_of: Any) -> tuple[Any, tuple[str, ...]]:
+    """Build `cfg.model` with a framework's registry and load `ckpt_path` into it (checked
+    against the config first), or, without one, the framework's own random initialisation
+    (seeded; `Pretrained` init_cfgs dropped, so nothing is downloaded). Returns the module in
+    eval mode on `device` and the class names. num_classes_of(module) → the class count."""
+    import torch
+
+    torch.manual_seed(seed)
+    try:
+        module = registry.build(cfg.model)
+    except Exception as exc:
+        raise UserError(f"config {cfg_path} does not build an {framework} model: "
+                        f"{first_line(exc)}") from None
+    num_classes = int(num_classes_of(module))
+    meta: dict = {}
+    if ckpt_path is None:
+        # RTMDet's configs name an ImageNet checkpoint in init_cfg
+        for sub in module.modules():
+            init_cfg = getattr(sub, "init_cfg", None)
+            if isinstance(init_cfg, dict) and init_cfg.get("type") == "Pretrained":
+                sub.init_cfg = None
+        module.init_weights()
+    else:
+        ckpt = load_checkpoint_file(ckpt_path)
+        meta = ckpt["meta"]
+        check_state_dict_fits(module, ckpt["state_dict"], ckpt_path, cfg_path, num_classes,
+                              checkpoint_classes(meta))
+        module.load_state_dict(ckpt["state_dict"], strict=True)
+    module.cfg = cfg  # mmdet.apis.inference_detector reads model.cfg
+    module.to(device).eval()
+    return module, class_names_of(cfg, meta, num_classes)

@@ -21,10 +21,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from harness.errors import UserError, first_line
-from harness.models.checkpoint import (
-    check_state_dict_fits, checkpoint_classes, load_checkpoint_file,
-)
+from harness.errors import UserError
+from harness.models.checkpoint import build_detector
 from harness.models.pipeline import PreprocessSpec, preprocess_spec_from_config
 from harness.models.source import (
     DecodedCandidates, NmsSettings, framework_results, nms_changes,
@@ -362,10 +360,6 @@ def load_twostage_model(cfg: Any, cfg_path: Union[str, Path],
                         seed: int = 0) -> TwoStageModel:
     """Build the two-stage detector of an already-read config and load `ckpt_path` (mmdet's
     seeded random initialisation without one)."""
-    import torch
-
-    from harness.models.mmyolo import _class_names, _drop_pretrained_init
-
     check_two_stage_config(cfg, cfg_path)
     try:
         from mmdet.registry import MODELS
@@ -374,25 +368,7 @@ def load_twostage_model(cfg: Any, cfg_path: Union[str, Path],
         raise UserError(f"the mm stack is not installed ({exc}); install harness[mm] and run "
                         "tools/build_mmcv.py") from None
     register_all_modules(init_default_scope=True)
-    torch.manual_seed(seed)
-    try:
-        module = MODELS.build(cfg.model)
-    except Exception as exc:
-        raise UserError(f"config {cfg_path} does not build an mmdet model: "
-                        f"{first_line(exc)}") from None
-    num_classes = int(module.roi_head.bbox_head.num_classes)
-    meta: dict = {}
-    if ckpt_path is None:
-        _drop_pretrained_init(module)
-        module.init_weights()
-    else:
-        ckpt = load_checkpoint_file(ckpt_path)
-        meta = ckpt["meta"]
-        check_state_dict_fits(module, ckpt["state_dict"], ckpt_path, cfg_path, num_classes,
-                              checkpoint_classes(meta))
-        module.load_state_dict(ckpt["state_dict"], strict=True)
-    module.cfg = cfg
-    module.to(device).eval()
-    names = _class_names(cfg, meta, num_classes)
+    module, names = build_detector(MODELS, cfg, cfg_path, ckpt_path, device, seed, "mmdet",
+                                   lambda m: m.roi_head.bbox_head.num_classes)
     return TwoStageModel(cfg, module, str(cfg_path), None if ckpt_path is None else str(ckpt_path),
                          names, device)

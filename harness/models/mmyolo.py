@@ -14,10 +14,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from harness.errors import UserError, first_line
-from harness.models.checkpoint import (
-    check_state_dict_fits, checkpoint_classes, load_checkpoint_file,
-)
+from harness.errors import UserError
+from harness.models.checkpoint import build_detector
 from harness.models.pipeline import PreprocessSpec, preprocess_spec_from_config
 from harness.models.source import (
     SOURCE_VARIANTS, DecodedCandidates, NmsSettings, framework_results, nms_changes,
@@ -129,22 +127,6 @@ def read_config(cfg_path: Union[str, Path]) -> Any:
         raise UserError(f"config {p} has head {head_type or '?'}; harness supports the mmyolo "
                         f"heads {', '.join(FAMILIES)}")
     return cfg
-
-
-def _class_names(cfg: Any, meta: dict, num_classes: int) -> tuple[str, ...]:
-    for where in (cfg.get("metainfo"),
-                  cfg.get("test_dataloader", {}).get("dataset", {}).get("metainfo"),
-                  cfg.get("train_dataloader", {}).get("dataset", {}).get("metainfo")):
-        if where and where.get("classes"):
-            return tuple(where["classes"])
-    from_ckpt = checkpoint_classes(meta)
-    if from_ckpt:
-        return from_ckpt
-    if num_classes == 80:
-        from mmdet.datasets import CocoDataset
-
-        return tuple(CocoDataset.METAINFO["classes"])
-    return tuple(f"class_{i}" for i in range(num_classes))
 
 
 class MmyoloModel:
@@ -354,15 +336,6 @@ class MmyoloModel:
         }
 
 
-def _drop_pretrained_init(module: Any) -> None:
-    """Random init must not download backbone weights (RTMDet's configs name an ImageNet
-    checkpoint in init_cfg): forget every `Pretrained` init_cfg."""
-    for sub in module.modules():
-        init_cfg = getattr(sub, "init_cfg", None)
-        if isinstance(init_cfg, dict) and init_cfg.get("type") == "Pretrained":
-            sub.init_cfg = None
-
-
 def load_mmyolo_model(cfg_path: Union[str, Path], ckpt_path: Union[str, Path, None] = None,
                       device: str = "cpu", seed: int = 0) -> MmyoloModel:
     """Build the detector of `cfg_path` and load `ckpt_path` into it.
@@ -370,8 +343,6 @@ def load_mmyolo_model(cfg_path: Union[str, Path], ckpt_path: Union[str, Path, No
     Without a checkpoint the weights are mmyolo's own random initialisation (seeded). Either
     path may name a file shipped in the package (`harness:fixture/...`).
     """
-    import torch
-
     from harness.experiment import resolve_path
 
     cfg_path = resolve_path(cfg_path)
@@ -380,25 +351,7 @@ def load_mmyolo_model(cfg_path: Union[str, Path], ckpt_path: Union[str, Path, No
     _import_mm()
     from mmyolo.registry import MODELS
 
-    torch.manual_seed(seed)
-    try:
-        module = MODELS.build(cfg.model)
-    except Exception as exc:
-        raise UserError(f"config {cfg_path} does not build an mmyolo model: "
-                        f"{first_line(exc)}") from None
-    meta: dict = {}
-    if ckpt_path is None:
-        _drop_pretrained_init(module)
-        module.init_weights()
-    else:
-        ckpt = load_checkpoint_file(ckpt_path)
-        meta = ckpt["meta"]
-        num_classes = int(module.bbox_head.num_classes)
-        check_state_dict_fits(module, ckpt["state_dict"], ckpt_path, cfg_path, num_classes,
-                              checkpoint_classes(meta))
-        module.load_state_dict(ckpt["state_dict"], strict=True)
-    module.cfg = cfg  # mmdet.apis.inference_detector reads model.cfg
-    module.to(device).eval()
-    names = _class_names(cfg, meta, int(module.bbox_head.num_classes))
+    module, names = build_detector(MODELS, cfg, cfg_path, ckpt_path, device, seed, "mmyolo",
+                                   lambda m: m.bbox_head.num_classes)
     return MmyoloModel(cfg, module, str(cfg_path), None if ckpt_path is None else str(ckpt_path),
                        names, device)

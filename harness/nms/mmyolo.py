@@ -13,7 +13,7 @@ import numpy as np
 from harness.nms.greedy import (
     Suppression, TieOrder, check_tie_order, descending_order, greedy_suppress,
 )
-from harness.nms.trace import FateKind, NmsResult, Trace
+from harness.nms.trace import FateKind, NmsResult, Trace, finished
 
 # mmcv.ops.batched_nms: one NMS over offset boxes below this many boxes, per class from it
 MMCV_SPLIT_THR = 10000
@@ -86,7 +86,7 @@ def mmyolo_nms(
     else:
         scores_alive = scores[alive]
     if alive.size == 0:
-        return _finish(NmsResult.empty(tr), tr)
+        return finished(NmsResult.empty(tr))
 
     # step 3: mmdet filter_scores_and_topk (valid = score > score_thr, torch.nonzero order,
     # descending sort, first nms_pre)
@@ -146,7 +146,7 @@ def mmyolo_nms(
         cand_xyxy = cand_xyxy[big]
 
     if cand_box.size == 0:
-        return _finish(NmsResult.empty(tr), tr)
+        return finished(NmsResult.empty(tr))
     # candidates are now positions in the tie order chosen above; the later sorts (nms_cpu,
     # the split branch's re-sort) keep that one total order, so they break ties by position
     keep, sup = mmcv_batched_nms(cand_xyxy, cand_score, cand_cls, iou_threshold,
@@ -176,13 +176,7 @@ def mmyolo_nms(
     result = NmsResult(boxes=out, scores=cand_score[final].copy(),
                        labels=cand_cls[final].astype(np.int64),
                        box_index=cand_box[final].astype(np.int64), trace=tr)
-    return _finish(result, tr)
-
-
-def _finish(result: NmsResult, tr: Optional[Trace]) -> NmsResult:
-    if tr is not None:
-        tr.check_complete()
-    return result
+    return finished(result)
 
 
 def mmcv_batched_nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,

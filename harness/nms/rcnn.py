@@ -16,8 +16,8 @@ from typing import Sequence
 import numpy as np
 
 from harness.nms.greedy import TieOrder, check_tie_order
-from harness.nms.mmyolo import MMCV_SPLIT_THR, _finish, mmcv_batched_nms
-from harness.nms.trace import FateKind, NmsResult, Trace
+from harness.nms.mmyolo import MMCV_SPLIT_THR, mmcv_batched_nms
+from harness.nms.trace import FateKind, NmsResult, Trace, finished
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -64,7 +64,7 @@ def rcnn_nms(boxes: np.ndarray, scores: np.ndarray, *, score_thr: float,
         tr.record(brow, bcls, FateKind.BELOW_SCORE_THRESHOLD, score=scores[brow, bcls],
                   threshold=thr, inclusive=False)
     if rows.size == 0:
-        return _finish(NmsResult.empty(tr), tr)
+        return finished(NmsResult.empty(tr))
     cand_xyxy, cand_score = boxes[rows, cls], scores[rows, cls]
     if tie_order == "reverse":  # the later sorts break ties by position: reverse positions
         flip = np.arange(rows.size)[::-1]
@@ -88,5 +88,5 @@ def rcnn_nms(boxes: np.ndarray, scores: np.ndarray, *, score_thr: float,
     result = NmsResult(boxes=cand_xyxy[final].copy(), scores=cand_score[final].copy(),
                        labels=cls[final].astype(np.int64), box_index=rows[final].astype(np.int64),
                        trace=tr)
-    return _finish(result, tr)
+    return finished(result)
 

@@ -37,7 +37,7 @@ import numpy as np
 
 from harness.nms.greedy import TieOrder, check_tie_order, descending_order
 from harness.nms.mmyolo import MMCV_SPLIT_THR, mmcv_batched_nms
-from harness.nms.trace import FateKind, NmsResult, Trace
+from harness.nms.trace import FateKind, NmsResult, Trace, finished
 
 Scope = Literal["level", "all"]
 SCOPES = ("level", "all")
@@ -248,9 +248,9 @@ def rpn_proposals(objectness_logits: Sequence[np.ndarray], deltas: Sequence[np.n
         cand, boxes, cand_score = cand[big], boxes[big], cand_score[big]
 
     if cand.size == 0:
-        return _finish(RpnResult(np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
-                                 np.zeros(0, np.int64), np.zeros(0, np.int64), tr,
-                                 levels=np.zeros(0, np.int64), anchor_level=anchor_level))
+        return finished(RpnResult(np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
+                                  np.zeros(0, np.int64), np.zeros(0, np.int64), tr,
+                                  levels=np.zeros(0, np.int64), anchor_level=anchor_level))
 
     # step 4: mmcv batched_nms with the level ids as classes ("level") or one class ("all"),
     # then results[:cfg.max_per_img]
@@ -272,12 +272,6 @@ def rpn_proposals(objectness_logits: Sequence[np.ndarray], deltas: Sequence[np.n
                   score=cand_score[final])
 
     idx = cand[final]
-    return _finish(RpnResult(boxes=boxes[final].copy(), scores=cand_score[final].copy(),
-                             labels=np.zeros(final.size, np.int64), box_index=idx.astype(np.int64),
-                             trace=tr, levels=anchor_level[idx], anchor_level=anchor_level))
-
-
-def _finish(result: RpnResult) -> RpnResult:
-    if result.trace is not None:
-        result.trace.check_complete()
-    return result
+    return finished(RpnResult(boxes=boxes[final].copy(), scores=cand_score[final].copy(),
+                              labels=np.zeros(final.size, np.int64), box_index=idx.astype(np.int64),
+                              trace=tr, levels=anchor_level[idx], anchor_level=anchor_level))

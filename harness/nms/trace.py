@@ -217,3 +217,11 @@ class NmsResult:
     def empty(cls, trace: Optional[Trace] = None) -> "NmsResult":
         return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
                    np.zeros(0, np.int64), np.zeros(0, np.int64), trace)
+
+
+def finished(result: "NmsResult") -> "NmsResult":
+    """`result` after checking its trace (when it has one) gives every candidate a fate:
+    how every kernel returns."""
+    if result.trace is not None:
+        result.trace.check_complete()
+    return result
