@@ -19,7 +19,9 @@ from harness.align.file_pipelines import FilePipeline
 from harness.align.pipelines import Candidates, SourcePipeline, pipeline_for
 from harness.align.reference import ReplayCheck, adopt_mmyolo_output
 from harness.align.targets import Target, layer_backend
-from harness.align.tensor_diff import DiffAccumulator
+from harness.align.layers import DIVERGENCE, TOLERANCES
+from harness.align.tensor_diff import DiffAccumulator, relative_l2 as rel_l2
+from harness.align.twostage import ROI_FEATURES, TwoStagePipeline, is_two_stage
 from harness.errors import UserError
 from harness.models.source import ModelSource
 from harness.results import (
@@ -97,8 +99,23 @@ class TargetRun:
         self.model = model
         proto = onnx.load(str(target.onnx_path), load_external_data=False) \
             if target.onnx_path else None
-        self.pipeline = pipeline_for(model, proto) if proto is not None \
-            else SourcePipeline(model)
+        self.two_stage = is_two_stage(model)
+        if self.two_stage:
+            from harness.align.proposals import ProposalDiff
+            from harness.align.twostage import TwoStagePipeline, settings_from_file
+            from harness.export.metadata import read_metadata
+
+            record = read_metadata(proto) if proto is not None else None
+            self.pipeline: Any = TwoStagePipeline(model, *settings_from_file(model, record))
+            self.proposals: Any = ProposalDiff()
+            self.proposal_replay_misses = 0
+            # per image whose RPN outputs agree: their worst rel-L2 and the rows whose
+            # proposal is the same on both sides
+            self.upstream_same: dict[str, tuple[float, set]] = {}
+            self.rpn_outputs: dict[str, float] = {}  # worst rel-L2 of each RPN output
+        else:
+            self.pipeline = pipeline_for(model, proto) if proto is not None \
+                else SourcePipeline(model)
         self.detections = DetectionDiff(tol)
         self.candidates = CandidateDiff(model.nms.score_thr)
         self.replay_disagrees = 0
@@ -140,7 +157,10 @@ class TargetRun:
         from harness.export.outputs import detections_from_outputs
 
         backend = self.target.backend
-        outputs = backend.infer(batch.inputs)
+        outputs = backend.infer(batch.inputs, batch.metas)
+        if self.two_stage:
+            self._add_two_stage(reference, ref_out, ref_replays, outputs, batch)
+            return
         if isinstance(self.pipeline, SourcePipeline):  # raw / decoded: the source's names
             check_outputs_fit(outputs, ref_out)
         if self.candidate_backend is None:
@@ -166,12 +186,66 @@ class TargetRun:
         if self.layers is not None:
             self.layers.add_batch(reference, self.layer_backend, batch.inputs)
 
+    def _add_two_stage(self, reference: Any, ref_out: dict[str, np.ndarray],
+                       ref_replays: list[Any],
+                       outputs: dict[str, np.ndarray], batch: Any) -> None:
+        """One batch of a two-stage detector: proposals matched by anchor, both sides'
+        second-stage candidates on shared rows, then the post-NMS diff."""
+        from harness.align.twostage import VARIABLE_OUTPUTS, proposal_replay_misses, unite
+
+        check_outputs_fit({k: v for k, v in outputs.items() if k not in VARIABLE_OUTPUTS},
+                          ref_out)
+        if np.shape(outputs["roi_cls"])[-1] != np.shape(ref_out["roi_cls"])[-1]:
+            raise UserError(f"its roi_cls has {np.shape(outputs['roi_cls'])[-1]} columns but "
+                            f"PyTorch's has {np.shape(ref_out['roi_cls'])[-1]}: is it exported "
+                            "from a model of another class count?")
+        cands = self.pipeline.candidates(outputs, self.target.backend, batch.inputs)
+        replays = self.pipeline.replay(cands, batch.metas)
+        pairs = []
+        for i, (meta, ref, tgt) in enumerate(zip(batch.metas, ref_replays, replays)):
+            image = Path(meta.path).name
+            self.proposal_replay_misses += proposal_replay_misses(tgt)
+            ref_u, tgt_u = unite(image, ref, tgt, self.proposals)
+            pairs.append(self.proposals.last_pairs)
+            self.detections.add_image(image, ref_u, tgt_u)
+            rpn = {k: rel_l2(outputs[k][i], ref_out[k][i]) for k in ref_out
+                   if k.startswith("rpn_")}
+            for k, v in rpn.items():
+                self.rpn_outputs[k] = max(self.rpn_outputs.get(k, 0.0), v)
+            worst = max(rpn.values())
+            if worst <= DIVERGENCE:
+                self.upstream_same[image] = (worst, self.proposals.last_same_rows)
+        if self.layers is not None:
+            self.layers.add_batch(reference, self.layer_backend, batch.inputs, batch.metas,
+                                  rows=lambda module, r, t: same_rows(module, r, t, pairs))
+
+    def _born_in_roi_align(self, layers: LayerSummary) -> None:
+        """Two-stage: relabel the numeric mismatches (drift, score / IoU edges) of images
+        whose RPN outputs and proposals agree as `roi_align` when the RoI features are the
+        first layer past the target's tolerance: the difference was born in RoIAlign."""
+        rows = {r.module: r for r in layers.rows}
+        roi = rows.get(ROI_FEATURES)
+        tol = TOLERANCES.get(self.target.precision, DIVERGENCE)
+        if roi is None or not roi.rel_l2 > tol or \
+                any(r.rel_l2 > tol for r in layers.rows if r.depth < roi.depth):
+            return
+        for m in self.detections.mismatches:
+            rpn, same = self.upstream_same.get(m.image, (None, ()))
+            if m.box in same and m.cause in ("drift", "score_edge", "iou_edge"):
+                m.detail = (f"born in RoIAlign: the RPN outputs agree (rel-L2 {rpn:.2g}) and "
+                            "its proposal is the same on both sides, the RoI features do not "
+                            f"(rel-L2 {roi.rel_l2:.2g} > {tol:g}); shows as "
+                            f"{m.cause.replace('_', ' ')}: {m.detail}")
+                m.cause = "roi_align"
+
     def result(self, class_names: Sequence[str]) -> dict[str, Any]:
         """The TargetResult fields this run measured."""
         # debug engines measure how far marking moved the final outputs, over every batch
         # and every chunk engine (harness.backends.tensorrt_marking)
         self.marking = getattr(self.layer_backend, "marking_changed_outputs_rel_l2",
                                self.marking)
+        if self.two_stage and self.layers is not None:
+            self._born_in_roi_align(self.layers.result(self.target.precision))
         det = self.detections.summary(class_names)
         if self.layers is not None:
             layers = self.layers.result(self.target.precision)
@@ -182,6 +256,12 @@ class TargetRun:
             layers.marking_changed_outputs_rel_l2 = self.marking
         else:
             layers = LayerSummary(rows=[], note=self.layer_note)
+        if self.two_stage:
+            return {"pipeline": self.pipeline.describe(), "detections": det, "layers": layers,
+                    "proposals": {**self.proposals.summary(),
+                                  "not_replayed": self.proposal_replay_misses,
+                                  "rpn_outputs_rel_l2": self.rpn_outputs},
+                    "tensorrt_check": self.preflight()}
         return {"pipeline": self.pipeline.describe(), "detections": det,
                 "candidates": self.candidates.result(det.mismatches), "layers": layers,
                 "replay_disagrees": self.replay_disagrees, "tensorrt_check": self.preflight()}
@@ -216,12 +296,27 @@ class _LastChunk:
     def new_batch(self) -> None:
         self._key, self._values = None, {}
 
-    def intermediates(self, inputs: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+    def intermediates(self, inputs: np.ndarray, names: Sequence[str],
+                      **metas: Any) -> dict[str, np.ndarray]:
         if tuple(names) != self._key:
             self._values = {}  # free the previous chunk before computing the next
-            self._values = self.backend.intermediates(inputs, names)
+            self._values = self.backend.intermediates(inputs, names, **metas)
             self._key = tuple(names)
         return self._values
+
+
+def same_rows(module: str, ref: np.ndarray, tgt: np.ndarray,
+              pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """A two-stage RoI-stage layer (B * K rows, one per proposal slot) on both sides, on
+    the rows of the proposals both have, in the same order (pairs: per image the matched
+    (reference rows, target rows)); other layers as they are."""
+    if not module.startswith("roi_head."):
+        return ref, tgt
+    b = len(pairs)
+    r = ref.reshape(b, -1, *ref.shape[1:])
+    t = tgt.reshape(b, -1, *tgt.shape[1:])
+    return (np.concatenate([r[i, p[0]] for i, p in enumerate(pairs)]),
+            np.concatenate([t[i, p[1]] for i, p in enumerate(pairs)]))
 
 
 def check_outputs_fit(outputs: dict[str, np.ndarray], ref_out: dict[str, np.ndarray]) -> None:
@@ -277,10 +372,13 @@ def run_compare(model: ModelSource, targets: Sequence[Target], images: Sequence[
     from harness.backends.torch_backend import TorchBackend
 
     started = time.perf_counter()
-    reference = TorchBackend(model, device=str(model.device), outputs="all")
+    two_stage = is_two_stage(model)  # its outputs are every stage's, there is no decoded
+    reference = TorchBackend(model, device=str(model.device),
+                             outputs="raw" if two_stage else "all")
     reference.load()
     ref_layers = _LastChunk(reference)
-    ref_pipeline = SourcePipeline(model)
+    ref_pipeline: Any = TwoStagePipeline(model) if two_stage else SourcePipeline(model)
+    not_replayed = 0  # two-stage: PyTorch's proposals its RPN replay does not keep
     failed: dict[int, str] = {}
     runs: dict[int, TargetRun] = {}
     for t in targets:
@@ -298,9 +396,13 @@ def run_compare(model: ModelSource, targets: Sequence[Target], images: Sequence[
     for data in tqdm(_batches(images, model.preprocess, batch, unreadable), total=total,
                      desc="compare", unit="batch", disable=not progress):
         digests.append(data.sha256)
-        ref_out = reference.infer(data.inputs)
+        ref_out = reference.infer(data.inputs, data.metas)
         ref_cands = ref_pipeline.candidates(ref_out, reference, data.inputs)
         ref_replays = ref_pipeline.replay(ref_cands, data.metas)
+        if two_stage:
+            from harness.align.twostage import proposal_replay_misses
+
+            not_replayed += sum(proposal_replay_misses(r) for r in ref_replays)
         found = model.framework_detections(ref_out, data.metas)
         adopt_mmyolo_output(ref_replays, found, data.metas, check)
         ranked += [{"image": Path(meta.path).name, "candidates": ranked_candidates(rep)}
@@ -333,11 +435,16 @@ def run_compare(model: ModelSource, targets: Sequence[Target], images: Sequence[
                              requested=len(images), unreadable=skipped, sha256=digests,
                              preprocess=model.preprocess.describe()),
         reference={**reference.describe(), "pipeline": ref_pipeline.describe(),
-                   "detections": "mmyolo predict_by_feat (what model.test_step outputs)",
+                   "detections": f"{model.framework} {FRAMEWORK_OUTPUT.get(model.framework)} "
+                                 "(what model.test_step outputs)",
+                   **({"proposals_not_replayed": not_replayed} if two_stage else {}),
                    "replay_check": check.to_json(),
                    "candidates_before_topk": topk_pressure(ranked, model.nms.nms_pre)},
         targets=results, verdict=verdict(results, check.to_json(), skipped))
 
+
+# the framework code whose detections are the PyTorch column
+FRAMEWORK_OUTPUT = {"mmyolo": "predict_by_feat", "mmdet": "bbox_head.predict_by_feat"}
 
 # TensorRT's TopK layer takes K <= 3840 (docs/nms-semantics.md "TopK"): the limit a deployed
 # pre-NMS TopK cannot exceed

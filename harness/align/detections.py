@@ -19,6 +19,10 @@ matched pair whose score or box moved beyond tolerance. Causes:
 - max_det_cut: the other side cut it by its max detections / keep-topk.
 - nms_mode: class-agnostic vs per-class suppression, best class vs multi-label.
 - nonfinite: its score or box is inf / NaN on one side (fp16 overflow).
+- proposal_missing (two-stage): the other side has no proposal for its RoI; the proposal
+  diff's reason (harness.align.proposals: TopK cut per level, NMS scope, cap, ...) follows.
+- roi_align (two-stage): born in RoIAlign — both sides have the same proposal and agree up to
+  the RPN, their RoI features do not (harness.align.compare relabels the numeric causes).
 - drift: the same candidate kept by both, but its box or score moved (beyond tolerance, or so
   far that the match failed).
 - unexplained: the fates do not decide (shown, never hidden).
@@ -122,8 +126,8 @@ class Explainer:
                 continue
             if not np.isfinite(side.scores[box, cls]):
                 found.append(f"{name} score {side.scores[box, cls]}")
-            if not np.isfinite(side.boxes[box]).all():
-                found.append(f"{name} box {np.round(side.boxes[box], 2).tolist()}")
+            if not np.isfinite(side.box(box, cls)).all():
+                found.append(f"{name} box {np.round(side.box(box, cls), 2).tolist()}")
             elif side.nonfinite is not None and side.nonfinite[box, cls]:
                 found.append(f"{name} decoded it from inf / NaN head values (score "
                              f"{side.scores[box, cls]:.6g})")
@@ -145,6 +149,12 @@ class Explainer:
         fate = b.result.trace.fate(box, cls)
         kind = fate.kind
         where = f"{absent}: {fate}"
+        if kind == FateKind.PROPOSAL_MISSING:
+            why = (b.missing_proposals or {}).get(box)
+            if why is None:
+                return Why("unexplained", f"{absent} has no proposal for it", fate)
+            return Why("proposal_missing", f"{absent} has no such proposal ({why.cause.replace('_', ' ')}: "
+                                           f"{why.detail})", fate, why.setting)
         if kind == FateKind.KEPT:
             if not b.outputs_pair(box, cls):
                 # the replay keeps it; the side's own output (mmyolo: torch's unstable sort)
@@ -192,7 +202,8 @@ class Explainer:
                    fate, "score_threshold")
 
     @staticmethod
-    def _formula_decides(a: Any, b: Any, box: int, j: int) -> Optional[str]:
+    def _formula_decides(a: Any, b: Any, box: int, j: int, cls: int,
+                         cj: int) -> Optional[str]:
         """When the two NMS compute IoU by different formulas: whether, on the present side's
         own boxes, the absent side's formula crosses its threshold where the present side's
         does not — the formula, not the boxes, decided. Says so with both values."""
@@ -201,7 +212,7 @@ class Explainer:
         fa, fb = a.settings.iou_formula, b.settings.iou_formula
         if iou_family(fa) == iou_family(fb):
             return None
-        pair = a.boxes[box].astype(np.float64), a.boxes[j].astype(np.float64)
+        pair = a.box(box, cls).astype(np.float64), a.box(j, cj).astype(np.float64)
         iou_fa, iou_fb = iou_by_formula(*pair, fa), iou_by_formula(*pair, fb)
         t_a, t_b = a.settings.iou_threshold, b.settings.iou_threshold
         over_b = iou_fb >= t_b if b.settings.iou_inclusive else iou_fb > t_b
@@ -222,10 +233,10 @@ class Explainer:
             return Why("tie_order", f"{where}; both score {b.scores[box, cls]:.6g}", fate)
         if a.outputs_pair(j, cj):
             # both kept the suppressor; only this side's IoU comparison removed the box
-            iou_a = float(box_iou(a.boxes[box], a.boxes[j])[0, 0])
+            iou_a = float(box_iou(a.box(box, cls), a.box(j, cj))[0, 0])
             t_a, t_b = a.settings.iou_threshold, b.settings.iou_threshold
             said = f"{where}; {present} IoU {iou_a:.4f} vs threshold {t_a:g}"
-            formula = self._formula_decides(a, b, box, j)
+            formula = self._formula_decides(a, b, box, j, cls, cj)
             if formula:
                 return Why("nms_settings", f"{where}; {formula}", fate, "iou_formula")
             if abs(fate.iou - t_b) <= self.tol.iou_band:
@@ -234,8 +245,8 @@ class Explainer:
                     min(t_a, t_b) - self.tol.iou_band <= iou_a <= max(t_a, t_b):
                 return Why("nms_settings", f"IoU threshold {t_b:g} ({absent}) vs {t_a:g} "
                                            f"({present}): {where}", fate, "iou_threshold")
-            pair = [box, j]
-            moved = float(np.max(np.abs(a.boxes[pair] - b.boxes[pair])))
+            moved = max(float(np.max(np.abs(a.box(box, cls) - b.box(box, cls)))),
+                        float(np.max(np.abs(a.box(j, cj) - b.box(j, cj)))))
             if moved <= 1e-3:
                 fa, fb = a.settings.iou_formula, b.settings.iou_formula
                 if fa != fb:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -186,16 +186,27 @@ class LayerDiff:
     shapes: dict[str, list[int]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
 
-    def add_batch(self, reference: Any, target: Any, inputs: np.ndarray) -> None:
+    def add_batch(self, reference: Any, target: Any, inputs: np.ndarray,
+                  metas: Optional[Sequence[Any]] = None,
+                  rows: Optional[Callable[[str, np.ndarray, np.ndarray],
+                                          tuple[np.ndarray, np.ndarray]]] = None) -> None:
         """reference: a backend whose intermediates take module paths (torch); target: one
-        whose intermediates take tensor names (onnxruntime, a marked TensorRT engine)."""
+        whose intermediates take tensor names (onnxruntime, a marked TensorRT engine).
+        metas: the batch's image metas, for a model whose later stages depend on them
+        (a two-stage detector clips its proposals to each image). rows: (module, reference
+        value, target value) → the two values on the same rows (a two-stage detector's RoI
+        stage: the rows of the proposals both sides have, in the same order)."""
         live = [lay for lay in self.layers if lay.module not in self.skipped]
+        extra = {} if metas is None else {"metas": metas}
         for start in range(0, len(live), self.chunk):
             part = live[start:start + self.chunk]
-            ref = reference.intermediates(inputs, [lay.module for lay in part])
-            tgt = target.intermediates(inputs, [lay.tensor for lay in part])
+            ref = reference.intermediates(inputs, [lay.module for lay in part], **extra)
+            tgt = target.intermediates(inputs, [lay.tensor for lay in part], **extra)
             for lay in part:
-                self._add(lay, ref.get(lay.module), tgt.get(lay.tensor))
+                r, t = ref.get(lay.module), tgt.get(lay.tensor)
+                if rows is not None and r is not None and t is not None:
+                    r, t = rows(lay.module, r, t)
+                self._add(lay, r, t)
             del ref, tgt
 
     def _add(self, layer: Layer, ref: Optional[np.ndarray], tgt: Optional[np.ndarray]) -> None:

@@ -34,6 +34,8 @@ class Candidates:
     # (B, N, C) bool: the candidate was decoded from an inf / NaN head value (a saturated
     # sigmoid hides it in the score); None when the head maps are not outputs
     nonfinite: Optional[np.ndarray] = None
+    # two-stage: the side's stage outputs (proposals, RoI head outputs), decoded in replay
+    stages: Optional[dict] = None
 
 
 @dataclass(frozen=True)
@@ -62,11 +64,21 @@ class PipelineSettings:
     # semantics: +1 on widths, heights and the intersection), "+1 px areas" (unnormalised,
     # caffeSemantics 0: +1 on the areas only)
     iou_formula: str = "plain"
+    # two-stage detectors' proposal step (harness.nms.rpn.RpnSettings; pre_topk is its
+    # nms_pre): NMS and TopK scope ("level" / "all"), cap and IoU threshold; None elsewhere
+    proposal_nms_scope: Optional[str] = None
+    proposal_topk_scope: Optional[str] = None
+    proposal_cap: Optional[int] = None
+    proposal_iou_threshold: Optional[float] = None
 
     # the settings two pipelines can differ in, with the words a report uses for them
     COMPARED = {"score_threshold": "score threshold", "iou_threshold": "IoU threshold",
                 "pre_topk": "pre-NMS top-k", "max_detections": "max detections",
-                "max_per_class": "max per class", "iou_formula": "IoU formula"}
+                "max_per_class": "max per class", "iou_formula": "IoU formula",
+                "proposal_nms_scope": "proposal NMS scope",
+                "proposal_topk_scope": "proposal top-k scope",
+                "proposal_cap": "proposal cap (RPN max_per_img)",
+                "proposal_iou_threshold": "proposal NMS IoU threshold"}
 
     def differences(self, other: "PipelineSettings") -> dict[str, tuple[Any, Any]]:
         """setting → (this value, other value) for every compared setting that differs."""
@@ -117,6 +129,16 @@ class Replayed:
     output_pairs: Optional[set] = field(default=None, repr=False)
     # (N, C) bool: candidates decoded from inf / NaN head values (Candidates.nonfinite)
     nonfinite: Optional[np.ndarray] = field(default=None, repr=False)
+    # two-stage: the side's proposals (harness.align.proposals.SideProposals) and, once on
+    # the rows shared with the other side (harness.align.twostage.unite), why it lacks the
+    # rows it lacks (row → ProposalReason)
+    proposals: Any = field(default=None, repr=False)
+    missing_proposals: Optional[dict] = field(default=None, repr=False)
+
+    def box(self, row: Any, cls: Any) -> np.ndarray:
+        """The box of candidate(s) (row, cls): boxes are (N, 4), one per row, or (N, C, 4)
+        per row and class (a two-stage box head's per-class regression)."""
+        return self.boxes[row, cls] if self.boxes.ndim == 3 else self.boxes[row]
 
     @property
     def iou_threshold(self) -> float:

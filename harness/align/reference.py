@@ -15,6 +15,8 @@ from harness.align.ties import tie_dependent
 # an mmyolo detection and a candidate are the same when their score is bit-equal and the
 # candidate's box, rescaled and clamped as mmyolo does, is within this many pixels
 SAME_BOX_PX = 1e-3
+# relative score difference within which two softmax scores are the same (a few float32 ulp)
+SAME_SOFTMAX = 1e-6
 
 
 def candidate_rows(found: Any, side: Any, meta: Any) -> np.ndarray:
@@ -27,6 +29,8 @@ def candidate_rows(found: Any, side: Any, meta: Any) -> np.ndarray:
     rows = np.full(len(found), -1, np.int64)
     if not len(found):
         return rows
+    if side.boxes.ndim == 3:
+        return _per_class_rows(found, side)
     # the same float32 arithmetic as mmyolo's rescale and clamp: equal boxes are bit-equal
     original = to_original_pixels(side.boxes, meta)
     by_box: dict[bytes, list[int]] = {}
@@ -48,6 +52,31 @@ def candidate_rows(found: Any, side: Any, meta: Any) -> np.ndarray:
         if not cands.size:
             continue
         dist = np.max(np.abs(original[cands] - boxes[i]), axis=1)
+        for k in np.argsort(dist, kind="stable"):
+            if dist[k] > SAME_BOX_PX:
+                break
+            if (int(cands[k]), c) not in taken:
+                rows[i] = int(cands[k])
+                taken.add((rows[i], c))
+                break
+    return rows
+
+
+def _per_class_rows(found: Any, side: Any) -> np.ndarray:
+    """candidate_rows for a box head with a box per class (side.boxes (N, C, 4), already in
+    original pixels, as the two-stage NMS sees them): the row of the same class whose score
+    is within SAME_SOFTMAX of it (torch's softmax and the replay's numpy one differ in the
+    last bit) and whose box is within SAME_BOX_PX, nearest first."""
+    rows = np.full(len(found), -1, np.int64)
+    taken: set[tuple[int, int]] = set()
+    boxes = np.asarray(found.boxes, np.float32)
+    for i in range(len(found)):
+        c, s = int(found.labels[i]), np.float32(found.scores[i])
+        cands = np.flatnonzero(np.abs(side.scores[:, c] - s) <= SAME_SOFTMAX * max(s, 1e-30))
+        if not cands.size:
+            continue
+        dist = np.max(np.abs(side.boxes[cands, c] - boxes[i]), axis=1) + \
+            np.abs(side.scores[cands, c] - s)
         for k in np.argsort(dist, kind="stable"):
             if dist[k] > SAME_BOX_PX:
                 break

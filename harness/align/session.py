@@ -38,14 +38,14 @@ def compare_with_settings(settings: Any, say: Callable[[str], None] = print) -> 
     from harness.align.detections import Tolerances
     from harness.align.targets import target_kind
     from harness.data.preprocess import list_images
-    from harness.models.mmyolo import load_mmyolo_model
+    from harness.models.config import load_model_source
 
     for t in settings.targets:
         kind = target_kind(t)  # refuse an unknown file type before the slow parts
         if not t.is_file():
             raise UserError(f"{kind} file not found: {t}")
     images = list_images(settings.images, settings.count)
-    model = load_mmyolo_model(settings.config, settings.checkpoint, device=settings.device)
+    model = load_model_source(settings.config, settings.checkpoint, device=settings.device)
     model = model.with_nms(**settings.test_cfg)  # the reference as the user aligned it
     paths = list(settings.targets) or [default_target(model, settings.out)]
     targets = [open_or_say_why(p, settings.provider, settings.engine_onnx.get(p))

@@ -44,7 +44,7 @@ class TieIndex:
         self.cuts_before = np.concatenate(
             [[0], np.cumsum(np.isin(code[self.box, self.cls], CUT))])
         self.scores = side.scores
-        self.boxes = np.asarray(side.boxes, np.float64)
+        self.boxes = np.asarray(side.boxes, np.float64)  # (N, 4) or per class (N, C, 4)
         self.iou_threshold = float(side.settings.iou_threshold)
         self.per_class = bool(side.per_class)
 
@@ -82,7 +82,10 @@ class TieIndex:
             step = max(1, _BLOCK // mates.size)
             for k in range(0, mine.size, step):
                 part = mine[k:k + step]
-                iou = _iou(self.boxes[box[part]], self.boxes[mates])
+                if self.boxes.ndim == 3:  # per-class boxes: the group's class
+                    iou = _iou(self.boxes[box[part], cls[part]], self.boxes[mates, c])
+                else:
+                    iou = _iou(self.boxes[box[part]], self.boxes[mates])
                 iou[box[part][:, None] == mates[None, :]] = 0.0  # not with itself
                 out[part[(iou >= self.iou_threshold).any(axis=1)]] = True
 

@@ -307,9 +307,11 @@ class OnnxruntimeBackend(Backend):
         self.load()
         return [t for n in self._cut.body.graph.node for t in n.output if t]
 
-    def intermediates(self, inputs: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
-        """The tensors `names` for `inputs`, by making them outputs of a copy of the graph
-        (one session per set of names, kept). Float tensors come back as float32."""
+    def intermediates(self, inputs: np.ndarray, names: Sequence[str],
+                      metas: Optional[Sequence[Any]] = None) -> dict[str, np.ndarray]:
+        """The tensors `names` for `inputs` (metas: fed as the img_shape input of a graph
+        that takes one), by making them outputs of a copy of the graph (one session per set
+        of names, kept). Float tensors come back as float32."""
         import onnx
 
         self.load()
@@ -329,7 +331,7 @@ class OnnxruntimeBackend(Backend):
                                       if n not in existing)
             session = self._make_session(model)
             self._intermediate_sessions[key] = session
-        values = self._run(session, self._feed(inputs), list(key))
+        values = self._run(session, self._feed(inputs, metas), list(key))
         return {n: (v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v)
                 for n, v in zip(key, values)}
 

@@ -117,9 +117,11 @@ class TorchBackend(Backend):
         self.load()
         return [name for name, _ in self._model.module.named_modules() if name]
 
-    def intermediates(self, inputs: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
-        """Outputs of the modules at `names` (module paths) for `inputs`. A module returning a
-        tuple or list gives `name.0`, `name.1`, ...; its tensors are returned as float32."""
+    def intermediates(self, inputs: np.ndarray, names: Sequence[str],
+                      metas: Optional[Sequence[Any]] = None) -> dict[str, np.ndarray]:
+        """Outputs of the modules at `names` (module paths) for `inputs` (metas: the images'
+        metas, for a source whose later stages use them). A module returning a tuple or list
+        gives `name.0`, `name.1`, ...; its tensors are returned as float32."""
         import torch
 
         self.load()
@@ -137,7 +139,7 @@ class TorchBackend(Backend):
                    for name, m in modules.items()]
         try:
             with torch.no_grad():
-                self._model.head_outputs(self._tensor(inputs))
+                self._model.head_outputs(self._tensor(inputs), metas)
         finally:
             for h in handles:
                 h.remove()

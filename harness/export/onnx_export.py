@@ -322,7 +322,18 @@ def _metadata(model: ModelSource, settings: ExportSettings, nms: Union[End2EndNm
         "preprocess": model.preprocess.describe(),
         "calibration": calibration,
         "export_key": export_key(model, settings, calibration_settings),
+        **_stage_settings(model),
     }
+
+
+def _stage_settings(model: ModelSource) -> dict[str, Any]:
+    """What a two-stage graph holds besides the weights: its proposal settings (written into
+    the graph) and the forms the export wrote instead of the framework's (RoIAlign's); empty
+    for a one-stage source."""
+    rpn = getattr(model, "rpn", None)
+    if rpn is None:
+        return {}
+    return {"rpn": asdict(rpn), "export_options": dict(getattr(model, "export_options", {}))}
 
 
 def _save(proto: Any, output: Path) -> None:
@@ -363,6 +374,7 @@ def export_key(model: ModelSource, settings: ExportSettings,
             "images": str(Path(calibration.images).resolve()), "count": calibration.count,
             "method": calibration.method},
         "versions": [harness.__version__, torch.__version__, onnx.__version__],
+        **_stage_settings(model),
     }
     text = json.dumps(doc, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()

@@ -171,17 +171,13 @@ class TwoStageModel:
                 proposals[i, :n, :4] = inst.bboxes[:n]
                 proposals[i, :n, 4] = inst.scores[:n]
                 counts[i] = n
-            cls, reg = self.roi_forward(feats, [proposals[i, :counts[i], :4] for i in range(b)],
+            # every row, padding too (zero boxes), as the exported graph computes them: the
+            # RoI features and box head layers then have the file's (B * K, ...) shapes
+            cls, reg = self.roi_forward(feats, [proposals[i, :, :4] for i in range(b)],
                                         bbox2roi)
         out = {f"{kind}.{level}": t for kind, maps in zip(RPN_KINDS, (rpn_cls, rpn_reg))
                for level, t in enumerate(maps)}
-        roi_cls = cls.new_zeros((b, k, cls.shape[-1]))
-        roi_reg = reg.new_zeros((b, k, reg.shape[-1]))
-        start = 0
-        for i in range(b):
-            n = int(counts[i])
-            roi_cls[i, :n], roi_reg[i, :n] = cls[start:start + n], reg[start:start + n]
-            start += n
+        roi_cls, roi_reg = cls.reshape(b, k, -1), reg.reshape(b, k, -1)
         out.update(proposals=proposals, num_proposals=counts, roi_cls=roi_cls, roi_reg=roi_reg)
         return out
 
@@ -278,12 +274,38 @@ class TwoStageModel:
         return [props[i, :int(counts[i])] for i in range(props.shape[0])]
 
     def reference_proposals(self, outputs: Mapping[str, Any], metas: Sequence[Any],
-                            trace: bool = False) -> list[Any]:
+                            trace: bool = False, settings: Any = None) -> list[Any]:
         """The numpy replay of the RPN (harness.nms.rpn) on the outputs' RPN maps, per
-        image, with every anchor's fate when `trace`."""
+        image, with every anchor's fate when `trace`; `settings` (RpnSettings) replaces the
+        source's own (a file exported with other proposal settings)."""
+        from harness.nms.rpn import rpn_proposals
+
+        coder = self.module.rpn_head.bbox_coder
+        logits, deltas, anchors = self._rpn_maps(outputs)
+        return [rpn_proposals(lg, dl, anchors, tuple(meta.img_shape), settings or self.rpn,
+                              coder.means, coder.stds, trace=trace)
+                for lg, dl, meta in zip(logits, deltas, metas)]
+
+    def rpn_boxes(self, outputs: Mapping[str, Any],
+                  metas: Sequence[Any]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per image, every anchor decoded and clipped to img_shape as the RPN does, (N, 4),
+        with its objectness (N,), in the order of the RPN trace: what a proposal is linked
+        to its anchor by."""
+        from harness.nms.rpn import delta_xywh_decode, sigmoid_f32
+
+        coder = self.module.rpn_head.bbox_coder
+        logits, deltas, anchors = self._rpn_maps(outputs)
+        flat_anchors = np.concatenate(anchors)
+        return [(delta_xywh_decode(flat_anchors, np.concatenate(dl), coder.means, coder.stds,
+                                   max_shape=tuple(meta.img_shape)),
+                 sigmoid_f32(np.concatenate(lg)))
+                for lg, dl, meta in zip(logits, deltas, metas)]
+
+    def _rpn_maps(self, outputs: Mapping[str, Any]):
+        """Per image the per-level flattened logits and deltas, and the per-level anchors."""
         import torch
 
-        from harness.nms.rpn import flatten_rpn_level, rpn_proposals
+        from harness.nms.rpn import flatten_rpn_level
 
         levels = len([n for n in outputs if n.startswith("rpn_cls.")])
         cls = [_numpy(outputs[f"rpn_cls.{level}"]) for level in range(levels)]
@@ -291,14 +313,12 @@ class TwoStageModel:
         gen = self.module.rpn_head.prior_generator
         anchors = [a.cpu().numpy() for a in gen.grid_priors(
             [c.shape[2:] for c in cls], dtype=torch.float32, device="cpu")]
-        coder = self.module.rpn_head.bbox_coder
-        out = []
-        for i, meta in enumerate(metas):
+        logits, deltas = [], []
+        for i in range(cls[0].shape[0]):
             flat = [flatten_rpn_level(c[i], r[i]) for c, r in zip(cls, reg)]
-            logits, deltas = [f[0] for f in flat], [f[1] for f in flat]
-            out.append(rpn_proposals(logits, deltas, anchors, tuple(meta.img_shape), self.rpn,
-                                     coder.means, coder.stds, trace=trace))
-        return out
+            logits.append([f[0] for f in flat])
+            deltas.append([f[1] for f in flat])
+        return logits, deltas, anchors
 
     def framework_detections(self, outputs: Mapping[str, Any],
                              metas: Sequence[Any]) -> list[Any]:
@@ -329,15 +349,32 @@ class TwoStageModel:
         return self.detections(self.decode(outputs, batch.metas), batch.metas, trace)
 
     def default_layers(self) -> list[str]:
-        """Backbone and neck ConvModules / convs, the RPN's convs, the RoI head's fcs."""
+        """Backbone and neck ConvModules / convs, the RoI features and the box head's fcs. A conv whose BatchNorm sits beside it (ResNet's `conv1` / `bn1`,
+        `downsample.0` / `.1`) has no tensor of its own in an exported graph (the exporter
+        folds the norm into it), so its block is compared instead (the stem's conv: not at
+        all, the first block covers it)."""
         from torch import nn
 
         from harness.models.mmyolo import conv_units
 
-        units = conv_units(self.module)
-        fcs = [name for name, m in self.module.roi_head.bbox_head.named_modules()
-               if isinstance(m, nn.Linear)]
-        return units + [f"roi_head.bbox_head.{n}" for n in fcs]
+        modules = dict(self.module.named_modules())
+        out: list[str] = []
+        for path in conv_units(self.module):
+            parent, _, leaf = path.rpartition(".")
+            names = [n for n, _ in modules[parent].named_children()]
+            after = names[names.index(leaf) + 1] if names.index(leaf) + 1 < len(names) else None
+            if after is not None and isinstance(getattr(modules[parent], after),
+                                                nn.modules.batchnorm._BatchNorm):
+                path = parent if parent.count(".") >= 1 else ""
+            if path and path not in out:
+                out.append(path)
+        fcs = [name for name, m in self.bbox_head.named_modules() if isinstance(m, nn.Linear)]
+        from harness.align.twostage import ROI_FEATURES
+
+        # the RPN head runs once per level: a hook sees its last call only, so its modules
+        # are left out here; its outputs (rpn_cls.l, rpn_reg.l) are compared per level
+        out = [p for p in out if not p.startswith("rpn_head.")]
+        return out + [ROI_FEATURES] + [f"roi_head.bbox_head.{n}" for n in fcs]
 
     def describe(self) -> dict[str, Any]:
         import torch

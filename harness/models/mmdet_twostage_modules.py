@@ -16,14 +16,13 @@ Imports torch and mmcv: load it lazily (TwoStageModel.export_module).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from harness.export.nms_ops import OnnxNmsOp
 from harness.export.variants import IMG_SHAPE_INPUT
-
 
 
 class RoiAlignOp(torch.autograd.Function):
@@ -75,19 +74,23 @@ class TwoStageExportModule(nn.Module):
     forms deployments use instead of mmdet's — `scope` "all": one NMS over every level;
     `topk_scope` "all": one TopK over every level). roi_align_form: "half_pixel" (opset 16,
     mmcv's aligned=True) or "opset10" (RoiAlign without the half-pixel offset, what an
-    opset-10 export of an aligned model writes)."""
+    opset-10 export of an aligned model writes); sampling_ratio: a fixed count of sampling
+    points written instead of the config's (mmdet: 0, adaptive), as some deployments do.
+    The RoI features are the output of the scope `/roi_head/bbox_roi_extractor/`, the box
+    head's nodes are under `/roi_head/bbox_head/`: the PyTorch module paths, so the layer diff
+    maps both."""
 
-    def __init__(self, source: Any, roi_align_form: str = "half_pixel"):
+    def __init__(self, source: Any, roi_align_form: str = "half_pixel",
+                 sampling_ratio: Optional[int] = None):
         super().__init__()
         detector = source.module
         self.backbone = detector.backbone
         self.neck = detector.neck
         self.rpn_head = detector.rpn_head
-        self.roi_head = detector.roi_head
-        self._source = [source]
         if roi_align_form not in ("half_pixel", "opset10"):
             raise ValueError(f"roi_align_form half_pixel | opset10, not {roi_align_form}")
-        self.roi_align_form = roi_align_form
+        self.roi_head = _RoiHead(detector.roi_head, roi_align_form, sampling_ratio)
+        self._source = [source]
 
     @property
     def source(self) -> Any:
@@ -177,21 +180,48 @@ class TwoStageExportModule(nn.Module):
         return boxes, best, real.sum(dim=1)
 
     def _box_head(self, feats, boxes):
-        extractor = self.roi_head.bbox_roi_extractor
         b, k = boxes.shape[:2]
         flat = boxes.reshape(-1, 4)
         batch_index = torch.arange(b, device=boxes.device).repeat_interleave(k)
-        # SingleRoIExtractor.map_roi_levels: scale = sqrt(w h), floor(log2(scale / 56 + 1e-6))
+        return self.roi_head(feats, flat, batch_index)
+
+
+class _RoiHead(nn.Module):
+    """The detector's RoI head as the graph writes it: its box head as it is, its extractor
+    as ONNX RoiAlign nodes (same module paths as in PyTorch)."""
+
+    def __init__(self, roi_head: nn.Module, form: str, sampling_ratio: Optional[int]):
+        super().__init__()
+        self.bbox_roi_extractor = _RoiExtractor(roi_head.bbox_roi_extractor, form,
+                                                sampling_ratio)
+        self.bbox_head = roi_head.bbox_head
+
+    def forward(self, feats, flat, batch_index):
+        return self.bbox_head(self.bbox_roi_extractor(feats, flat, batch_index))
+
+
+class _RoiExtractor(nn.Module):
+    """mmdet's SingleRoIExtractor: each RoI read by RoiAlign from the level map_roi_levels
+    gives it (scale = sqrt(w h), floor(log2(scale / finest_scale + 1e-6)), clamped)."""
+
+    def __init__(self, extractor: nn.Module, form: str, sampling_ratio: Optional[int]):
+        super().__init__()
+        self._extractor = [extractor]  # not registered: its mmcv ops are not exported
+        self.form = form
+        self.sampling_ratio = sampling_ratio
+
+    def forward(self, feats, flat, batch_index):
+        extractor = self._extractor[0]
         scale = torch.sqrt((flat[:, 2] - flat[:, 0]) * (flat[:, 3] - flat[:, 1]))
         levels = torch.floor(torch.log2(scale / extractor.finest_scale + 1e-6))
         levels = levels.clamp(min=0, max=extractor.num_inputs - 1)
         out = None
         for i, layer in enumerate(extractor.roi_layers):
+            ratio = layer.sampling_ratio if self.sampling_ratio is None else self.sampling_ratio
             part = RoiAlignOp.apply(feats[i], flat, batch_index, int(layer.output_size[0]),
                                     int(layer.output_size[1]), float(layer.spatial_scale),
-                                    int(layer.sampling_ratio), bool(layer.aligned),
-                                    self.roi_align_form == "opset10")
+                                    int(ratio), bool(layer.aligned), self.form == "opset10")
             mask = (levels == i)[:, None, None, None]
             out = torch.where(mask, part, torch.zeros_like(part)) if out is None \
                 else torch.where(mask, part, out)
-        return self.roi_head.bbox_head(out)
+        return out

@@ -29,6 +29,9 @@ class FateKind(IntEnum):
     # min_bbox_size filter (_bbox_post_process) and the TensorRT plugins' background class.
     BELOW_MIN_BBOX_SIZE = 7
     BACKGROUND_CLASS = 8
+    # two-stage detectors: the (RoI, class) candidate does not exist on this side because its
+    # proposal does not (the other side's RPN made it); why is the proposal diff's business
+    PROPOSAL_MISSING = 9
 
     @property
     def label(self) -> str:
@@ -90,6 +93,8 @@ class Fate:
             return f"not the box's best class (best is class {self.by_class})"
         if k == FateKind.BELOW_MIN_BBOX_SIZE:
             return f"box width or height <= min_bbox_size {self.threshold:g}"
+        if k == FateKind.PROPOSAL_MISSING:
+            return "no such proposal on this side"
         return "background class"
 
 

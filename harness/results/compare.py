@@ -185,6 +185,9 @@ class TargetResult(Schema):
     pipeline: Optional[dict[str, Any]] = None
     layers: Optional[LayerSummary] = None
     candidates: Optional[CandidateSummary] = None
+    # two-stage: the proposal diff (harness.align.proposals.ProposalDiff.summary(), and
+    # not_replayed: the target's proposals its RPN replay does not keep)
+    proposals: Optional[dict[str, Any]] = None
     detections: Optional[DetectionSummary] = None
     replay_disagrees: Optional[int] = None
     # `harness check` of the target's ONNX (harness.export.check.CheckResult.to_json()), or
