@@ -106,7 +106,7 @@ class TargetRun:
             from harness.export.metadata import read_metadata
 
             record = read_metadata(proto) if proto is not None else None
-            self.pipeline: Any = TwoStagePipeline(model, *settings_from_file(model, record))
+            self.pipeline: Any = TwoStagePipeline(model, **settings_from_file(model, record))
             self.proposals: Any = ProposalDiff()
             self.proposal_replay_misses = 0
             # per image whose RPN outputs agree: their worst rel-L2 and the rows whose
@@ -201,6 +201,14 @@ class TargetRun:
                             "from a model of another class count?")
         cands = self.pipeline.candidates(outputs, self.target.backend, batch.inputs)
         replays = self.pipeline.replay(cands, batch.metas)
+        if self.pipeline.nms_pixels == "input":  # the file ran its own box-head NMS
+            from harness.export.outputs import detections_from_outputs
+
+            actual = detections_from_outputs(self.model, outputs, batch.metas)
+            for rep, act in zip(replays, actual):
+                same = len(rep.result) == len(act) and np.allclose(
+                    rep.result.boxes, act.boxes, atol=1e-2)
+                self.replay_disagrees += int(not same)
         pairs = []
         for i, (meta, ref, tgt) in enumerate(zip(batch.metas, ref_replays, replays)):
             image = Path(meta.path).name
@@ -258,7 +266,7 @@ class TargetRun:
             layers = LayerSummary(rows=[], note=self.layer_note)
         if self.two_stage:
             return {"pipeline": self.pipeline.describe(), "detections": det, "layers": layers,
-                    "proposals": {**self.proposals.summary(),
+                    "replay_disagrees": self.replay_disagrees, "proposals": {**self.proposals.summary(),
                                   "not_replayed": self.proposal_replay_misses,
                                   "rpn_outputs_rel_l2": self.rpn_outputs},
                     "tensorrt_check": self.preflight()}
@@ -336,6 +344,20 @@ def _producers(proto: Any, tensors: Sequence[str]) -> list[str]:
     return [made_by[t] for t in tensors if t in made_by]
 
 
+def compare_spec(model: ModelSource, targets: Sequence[Target]) -> Any:
+    """The preprocessing every side gets: the model's; where its images vary in size
+    (keep-ratio models, two-stage ones), padded to the first target's fixed input size (the
+    zeros a padded batch gets anyway, right and bottom; a target of another size is a row
+    saying so)."""
+    from harness.eval.runner import spec_for
+
+    for t in targets:
+        spec = spec_for(model, t.backend)
+        if spec is not model.preprocess:
+            return spec
+    return model.preprocess
+
+
 def _batches(images: Sequence[Path], spec: Any, batch: int,
              unreadable: list[dict[str, str]]) -> Iterator[Any]:
     """Preprocessed batches of `batch` readable images; an image that cannot be read is set
@@ -393,7 +415,8 @@ def run_compare(model: ModelSource, targets: Sequence[Target], images: Sequence[
     check = ReplayCheck()
     ranked: list[dict[str, Any]] = []  # per image: candidates above score_thr, before TopK
     total = -(-len(images) // batch)
-    for data in tqdm(_batches(images, model.preprocess, batch, unreadable), total=total,
+    spec = compare_spec(model, [t for t in targets if id(t) in runs])
+    for data in tqdm(_batches(images, spec, batch, unreadable), total=total,
                      desc="compare", unit="batch", disable=not progress):
         digests.append(data.sha256)
         ref_out = reference.infer(data.inputs, data.metas)
@@ -486,6 +509,26 @@ def _layer_words(t: TargetResult) -> str:
     return words
 
 
+def _proposal_words(t: TargetResult) -> str:
+    """Two-stage: how the target's proposals compare with PyTorch's, and why they differ."""
+    p = t.proposals
+    if not p:
+        return ""
+
+    def causes(d: dict[str, int]) -> str:
+        return ", ".join(f"{n} {c.replace('_', ' ')}" for c, n in
+                         sorted(d.items(), key=lambda kv: -kv[1]))
+
+    words = (f"; proposals: {p['matched']} of PyTorch's {p['reference']} in the target "
+             f"({p['identical']} identical)")
+    lost, extra = sum(p["missing_on_target"].values()), sum(p["missing_on_reference"].values())
+    if lost:
+        words += f", {lost} missing ({causes(p['missing_on_target'])})"
+    if extra:
+        words += f", {extra} only in the target ({causes(p['missing_on_reference'])})"
+    return words
+
+
 def _tie_words(det: DetectionSummary) -> str:
     ties = det.ties or {}
     if not (ties.get("reference") or ties.get("target")):
@@ -512,7 +555,7 @@ def verdict(targets: Sequence[TargetResult], replay_check: Optional[dict[str, in
             parts.append(f"{t.name} {verb}{t.reason}")
             continue
         det = t.detections
-        where = _layer_words(t)
+        where = _layer_words(t) + _proposal_words(t)
         if t.candidates is not None and t.candidates.box_coding:
             where += f"; before NMS: {t.candidates.box_coding}"
         if det.settings_problem:

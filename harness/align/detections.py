@@ -43,7 +43,7 @@ from harness.nms.trace import FateKind
 from harness.results import DetectionSummary, MismatchExample, SettingDifference
 
 CAUSES = ("nms_settings", "topk_cut", "score_edge", "iou_edge", "tie_order", "max_det_cut",
-          "nms_mode", "nonfinite", "drift", "unexplained")
+          "nms_mode", "nonfinite", "proposal_missing", "roi_align", "drift", "unexplained")
 MAX_DEPTH = 4
 # fates that reached NMS proper (passed threshold and top-k)
 _PAST_TOPK = (FateKind.KEPT, FateKind.SUPPRESSED, FateKind.CUT_MAX_DETECTIONS)

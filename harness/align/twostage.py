@@ -34,12 +34,16 @@ class TwoStagePipeline(Pipeline):
 
     per_class = True
 
-    def __init__(self, model: Any, rpn: Any = None, nms: Any = None, name: str = "mmdet"):
+    def __init__(self, model: Any, rpn: Any = None, nms: Any = None, name: str = "mmdet",
+                 nms_pixels: str = "original"):
         self.model = model if nms is None else model.with_nms(
             score_thr=nms.score_thr, iou_threshold=nms.iou_threshold,
             max_per_img=nms.max_per_img)
         self.rpn = rpn or model.rpn
         self.name = name
+        # where the box head's NMS measures IoU: "original" pixels (mmdet), or "input"
+        # (a graph with the NMS inside)
+        self.nms_pixels = nms_pixels
         n, r = self.model.nms, self.rpn
         self.settings = PipelineSettings(
             score_threshold=n.score_thr, score_inclusive=False,
@@ -61,7 +65,8 @@ class TwoStagePipeline(Pipeline):
 
         outputs = cands.stages
         decoded = self.model.decode(outputs, metas)
-        results = self.model.detections(decoded, metas, trace=True)
+        results = self.model.detections(decoded, metas, trace=True,
+                                        nms_pixels=self.nms_pixels)
         rpn = self.model.reference_proposals(outputs, metas, trace=True, settings=self.rpn)
         anchors = self.model.rpn_boxes(outputs, metas)
         props = self.model.proposals(outputs, metas)
@@ -78,7 +83,7 @@ class TwoStagePipeline(Pipeline):
 
     def describe(self) -> dict[str, Any]:
         return {"kind": f"{self.name} two-stage", "rpn": dataclasses.asdict(self.rpn),
-                "rcnn": dataclasses.asdict(self.model.nms)}
+                "rcnn": dataclasses.asdict(self.model.nms), "nms_pixels": self.nms_pixels}
 
 
 def proposal_replay_misses(side: Replayed) -> int:
@@ -139,12 +144,20 @@ def unite(image: str, reference: Replayed, target: Replayed,
             _on_rows(target, tgt_rows, reasons["target"]))
 
 
-def settings_from_file(model: Any, record: Optional[dict]) -> tuple[Any, Any]:
-    """The (RpnSettings, NmsSettings) a two-stage file's outputs go through: the proposal
-    settings written into its graph (from its harness metadata; the model's own for a file
-    without it) and the box head's NMS, which the harness runs with the model's settings on
-    a raw file, as it runs a one-stage raw file's."""
+def settings_from_file(model: Any, record: Optional[dict]) -> dict[str, Any]:
+    """TwoStagePipeline's keyword arguments for a two-stage file: the proposal settings
+    written into its graph (from its harness metadata; the model's own for a file without
+    it) and the box head's NMS: for an end2end file the one in its graph (its recorded
+    End2EndNms, IoUs on network-input pixels); for a raw one the model's, which the harness
+    runs, as it runs a one-stage raw file's."""
     from harness.nms.rpn import RpnSettings
 
-    rpn = (record or {}).get("rpn")
-    return (RpnSettings(**rpn) if rpn else model.rpn), model.nms
+    record = record or {}
+    rpn = RpnSettings(**record["rpn"]) if record.get("rpn") else model.rpn
+    e2e = record.get("nms") if record.get("variant") == "end2end" else None
+    if not e2e:
+        return {"rpn": rpn}
+    nms = dataclasses.replace(model.nms, score_thr=float(e2e["score_threshold"]),
+                              iou_threshold=float(e2e["iou_threshold"]),
+                              max_per_img=int(e2e["keep_topk"]))
+    return {"rpn": rpn, "nms": nms, "nms_pixels": "input"}

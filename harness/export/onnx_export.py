@@ -177,6 +177,8 @@ def build_module(model: ModelSource, settings: ExportSettings,
 
     if settings.variant in SOURCE_VARIANTS:
         return model.export_module(settings.variant).eval()
+    if getattr(model, "rpn", None) is not None:  # two-stage: its own end2end graph
+        return model.export_module(settings.variant, nms).eval()
     return End2EndModule(model, nms).eval()
 
 

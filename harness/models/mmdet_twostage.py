@@ -202,19 +202,30 @@ class TwoStageModel:
         raise UserError("a two-stage detector has no `decoded` variant yet: its candidates "
                         "are per proposal and class (use the raw outputs)")
 
-    def export_module(self, variant: str) -> Any:
+    def export_module(self, variant: str, nms: Any = None) -> Any:
         """`raw`: the whole detector in one graph with the same outputs as head_outputs
-        (harness.models.mmdet_twostage_modules), inputs `images` and `img_shape`."""
+        (harness.models.mmdet_twostage_modules), inputs `images` and `img_shape`;
+        `end2end`: the same plus the box head's NMS (`nms`, an End2EndNms of kind "onnx"),
+        outputs `dets` and `labels` after the stage outputs."""
         from harness.models.mmdet_twostage_modules import TwoStageExportModule
 
+        if variant == "end2end":
+            if nms is None or nms.kind != "onnx" or nms.pre_topk is not None:
+                raise UserError("a two-stage detector exports --variant end2end with --nms "
+                                "onnx (its box-head NMS as ONNX NonMaxSuppression), without "
+                                "--pre-topk (its one TopK is the RPN's nms_pre)")
+            return TwoStageExportModule(self, final_nms=nms, **self.export_options)
         if variant != "raw":
             raise UserError(f"a two-stage detector exports --variant raw (every stage, the "
-                            f"proposal NMS in the graph), not {variant}")
+                            f"proposal NMS in the graph) or end2end, not {variant}")
         return TwoStageExportModule(self, **self.export_options)
 
     def output_variant(self, names: Sequence[str]) -> Optional[str]:
-        """"raw" for the source's stage outputs (proposals, RoI head outputs), else None."""
-        return "raw" if set(STAGE_OUTPUTS) <= set(names) else None
+        """"end2end" for the stage outputs with the box head's NMS outputs, "raw" for the
+        stage outputs (proposals, RoI head outputs), else None."""
+        if not set(STAGE_OUTPUTS) <= set(names):
+            return None
+        return "end2end" if {"dets", "labels"} <= set(names) else "raw"
 
     # -- numpy side --------------------------------------------------------------------------
 
@@ -251,18 +262,24 @@ class TwoStageModel:
         return DecodedCandidates(boxes=boxes, scores=scores, objectness=None, counts=counts)
 
     def detections(self, decoded: DecodedCandidates, metas: Sequence[Any],
-                   trace: bool = False) -> list[Any]:
+                   trace: bool = False, nms_pixels: str = "original") -> list[Any]:
         """mmdet's multiclass NMS per image (harness.nms.rcnn) on boxes rescaled to the
-        original image; box_index is the proposal row."""
+        original image; box_index is the proposal row. nms_pixels "input": IoUs measured on
+        network-input pixels, as a graph with the NMS inside does (the kept boxes are then
+        rescaled)."""
         from harness.nms.rcnn import rcnn_nms, rescale_to_original
 
         out = []
         for i, meta in enumerate(metas):
             n = int(decoded.counts[i]) if decoded.counts is not None else decoded.boxes.shape[1]
-            boxes = rescale_to_original(decoded.boxes[i, :n], meta.scale_factor)
-            out.append(rcnn_nms(boxes, decoded.scores[i, :n], score_thr=self.nms.score_thr,
-                                iou_threshold=self.nms.iou_threshold,
-                                max_per_img=self.nms.max_per_img, trace=trace))
+            boxes = decoded.boxes[i, :n] if nms_pixels == "input" else \
+                rescale_to_original(decoded.boxes[i, :n], meta.scale_factor)
+            res = rcnn_nms(boxes, decoded.scores[i, :n], score_thr=self.nms.score_thr,
+                           iou_threshold=self.nms.iou_threshold,
+                           max_per_img=self.nms.max_per_img, trace=trace)
+            if nms_pixels == "input":
+                res.boxes = rescale_to_original(res.boxes, meta.scale_factor)
+            out.append(res)
         return out
 
     def proposals(self, outputs: Mapping[str, Any],
@@ -372,8 +389,9 @@ class TwoStageModel:
         from harness.align.twostage import ROI_FEATURES
 
         # the RPN head runs once per level: a hook sees its last call only, so its modules
-        # are left out here; its outputs (rpn_cls.l, rpn_reg.l) are compared per level
-        out = [p for p in out if not p.startswith("rpn_head.")]
+        # are left out here; its outputs (rpn_cls.l, rpn_reg.l) are compared per level. Of
+        # the RoI head only the box branch is in the graph (not Mask R-CNN's mask head).
+        out = [p for p in out if not p.startswith(("rpn_head.", "roi_head."))]
         return out + [ROI_FEATURES] + [f"roi_head.bbox_head.{n}" for n in fcs]
 
     def describe(self) -> dict[str, Any]:

@@ -81,8 +81,12 @@ class TwoStageExportModule(nn.Module):
     maps both."""
 
     def __init__(self, source: Any, roi_align_form: str = "half_pixel",
-                 sampling_ratio: Optional[int] = None):
+                 sampling_ratio: Optional[int] = None, final_nms: Any = None):
         super().__init__()
+        # end2end: the box head's multiclass NMS in the graph too (harness.export.variants.
+        # End2EndNms, kind "onnx"), outputs `dets` (B, M, 5) and `labels` (B, M) after the
+        # stage outputs
+        self.final_nms = final_nms
         detector = source.module
         self.backbone = detector.backbone
         self.neck = detector.neck
@@ -113,7 +117,50 @@ class TwoStageExportModule(nn.Module):
         out.update(proposals=torch.cat([boxes, scores[..., None]], dim=-1),
                    num_proposals=count,
                    roi_cls=roi_cls.reshape(b, k, -1), roi_reg=roi_reg.reshape(b, k, -1))
+        if self.final_nms is not None:
+            out["dets"], out["labels"] = self._final_nms(boxes, out["roi_cls"], out["roi_reg"],
+                                                         count, img_shape)
         return out
+
+    def _final_nms(self, rois, roi_cls, roi_reg, count, img_shape):
+        """mmdet's multiclass NMS as one ONNX NonMaxSuppression: every (RoI, class) pair a
+        box of its own (per-class regression, clipped to img_shape), the classes kept apart
+        by mmcv batched_nms's offset (class * (max coordinate + 1)), then the best
+        `keep_topk` by a TopK; rows past the detections are zeros with label -1. IoUs are
+        those of network-input pixels (mmdet rescales to the original image first)."""
+        nms = self.final_nms
+        head = self.roi_head.bbox_head
+        coder = head.bbox_coder
+        b, k = rois.shape[0], int(rois.shape[1])  # K is fixed at export
+        c = int(head.num_classes)
+        scores = roi_cls.softmax(dim=-1)[..., :c]
+        real = torch.arange(k, device=rois.device)[None] < count[:, None]
+        scores = torch.where(real[..., None], scores, torch.full_like(scores, -1.0))
+        deltas = roi_reg.reshape(b, k, -1, 4)
+        boxes = delta_decode(rois[:, :, None, :].expand(-1, -1, deltas.shape[2], -1), deltas,
+                             coder.means, coder.stds).expand(-1, -1, c, -1)
+        h, w = img_shape[:, 0].reshape(b, 1, 1), img_shape[:, 1].reshape(b, 1, 1)
+        zero = torch.zeros_like(boxes[..., 0])
+        boxes = torch.stack([torch.min(torch.max(boxes[..., 0], zero), w),
+                             torch.min(torch.max(boxes[..., 1], zero), h),
+                             torch.min(torch.max(boxes[..., 2], zero), w),
+                             torch.min(torch.max(boxes[..., 3], zero), h)], dim=-1)
+        flat = boxes.reshape(b, k * c, 4)
+        flat_scores = scores.reshape(b, k * c)
+        label = torch.arange(c, device=rois.device).repeat(k)  # row-major (RoI, class)
+        top = flat.amax(dim=(1, 2), keepdim=True) + 1
+        shifted = flat + label[None, :, None].to(flat.dtype) * top
+        selected = OnnxNmsOp.apply(shifted, flat_scores[:, None], k * c,
+                                   float(nms.iou_threshold), float(nms.score_threshold))
+        kept = torch.full_like(flat_scores, -1.0)
+        kept[selected[:, 0], selected[:, 2]] = flat_scores[selected[:, 0], selected[:, 2]]
+        best, index = kept.topk(min(int(nms.keep_topk), k * c), dim=1)
+        found = best >= 0
+        chosen = torch.gather(flat, 1, index[..., None].expand(-1, -1, 4))
+        dets = torch.cat([chosen, best[..., None]], dim=-1)
+        dets = torch.where(found[..., None], dets, torch.zeros_like(dets))
+        labels = torch.where(found, index % c, torch.full_like(index, -1))
+        return dets, labels
 
     def forward(self, images: torch.Tensor, img_shape: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(self.forward_named(images, img_shape).values())

@@ -45,6 +45,7 @@ def render_compare(doc: CompareResult, plot: Optional[str] = None) -> str:
     out += ["## Verdict", "", f"**Verdict:** {doc.verdict}", ""]
     out += _layers(doc, plot)
     out += _detections(doc)
+    out += _proposals(doc)
     out += _candidates(doc)
     out += _topk_pressure(doc)
     out += _preflight(doc)
@@ -129,15 +130,16 @@ def _layers(doc: CompareResult, plot: Optional[str]) -> list[str]:
 
 def _detections(doc: CompareResult) -> list[str]:
     check = doc.reference.get("replay_check") or {}
+    own = doc.reference.get("detections") or "the framework's own"
+    framework = doc.model.get("framework") or own.split(" ")[0]
     out = ["## Detections after NMS", "",
-           "PyTorch's detections are mmyolo's own (`predict_by_feat`, what `model.test_step` "
-           "outputs). Matched: same class, IoU >= 0.5 (boxes thinner than the degenerate "
+           f"PyTorch's detections are {own}. Matched: same class, IoU >= 0.5 (boxes thinner than the degenerate "
            "limit: by corner distance), greedily by score. Every mismatch has exactly one "
            "cause, read from both pipelines' NMS replayed in trace mode on their own "
            "candidates. *Tie groups*: detections an equal-scored candidate could have taken "
            "(no runtime promises an order among equal scores).", ""]
     if check:
-        out += [f"Replay check: of mmyolo's {check['detections']} detections, "
+        out += [f"Replay check: of {framework}'s {check['detections']} detections, "
                 f"{check['differ_from_replay']} differ from the harness's replay of the same "
                 f"NMS ({check['differ_outside_ties']} outside tie groups), "
                 f"{check['not_found_in_candidates']} are not among the decoded candidates.", ""]
@@ -179,6 +181,38 @@ def _settings(t: TargetResult) -> list[str]:
                 f"< {d.tolerances.get('degenerate_px', 1):g} px) matched by corner distance.",
                 ""]
     return out
+
+
+def _proposals(doc: CompareResult) -> list[str]:
+    """Two-stage: the proposal diff (harness.align.proposals), per target."""
+    rows, notes = [], []
+    for t in doc.targets:
+        p = t.proposals
+        if not t.available or not p:
+            continue
+
+        def causes(d: dict[str, int]) -> str:
+            return ", ".join(f"{n} {c.replace('_', ' ')}" for c, n in d.items()) or "—"
+
+        worst = max((p.get("rpn_outputs_rel_l2") or {}).values(), default=float("nan"))
+        rows.append([t.name, p["reference"], p["target"], p["matched"], p["identical"],
+                     p["box_max_abs"], worst, causes(p["missing_on_target"]),
+                     causes(p["missing_on_reference"]), p["not_replayed"]])
+        notes += [f"- {t.name}, {e['image']}: anchor {e['anchor']} missing on "
+                  f"{e['missing_on']} — {e['cause'].replace('_', ' ')}: {e['detail']}"
+                  for e in p.get("examples", [])[:4]]
+    if not rows:
+        return []
+    return ["### Proposals (the RPN's output)", "",
+            "Each side's proposals linked to the RPN anchor that made them and matched across "
+            "sides by anchor; a proposal one side lacks has the reason its RPN, replayed in "
+            "trace mode with that side's settings, gives (per-level TopK cut, NMS scope, cap, "
+            "tie). Final detections whose proposal one side lacks are counted as *proposal "
+            "missing* above.", "",
+            table(["target", "PyTorch", "target", "matched", "identical", "box max-abs (px)",
+                   "RPN outputs rel-L2", "missing in target (why)",
+                   "only in target (why PyTorch lacks it)", "not replayed"], rows,
+                  align="lrrrrrrllr"), "", *notes, ""]
 
 
 def _candidates(doc: CompareResult) -> list[str]:
@@ -271,6 +305,12 @@ def _pipeline(p: Optional[dict[str, Any]]) -> str:
     if not p:
         return "—"
     kind = p.get("kind")
+    if str(kind).endswith("two-stage"):
+        r, n = p["rpn"], p["rcnn"]
+        return (f"{kind}: RPN nms_pre {r['nms_pre']} per {r['topk_scope']}, NMS per "
+                f"{r['scope']} at IoU {r['iou_threshold']:g}, max_per_img {r['max_per_img']}; "
+                f"box head score_thr {n['score_thr']:g}, IoU {n['iou_threshold']:g}, "
+                f"max_per_img {n['max_per_img']} (IoU on {p.get('nms_pixels')} pixels)")
     if kind == "mmyolo":
         return (f"mmyolo (score_thr {p['score_thr']:g}, nms_pre {p['nms_pre']}, IoU "
                 f"{p['iou_threshold']:g}, max_per_img {p['max_per_img']}, multi_label "
