@@ -116,13 +116,24 @@ def test_detect_prints_detections(capsys, image, tmp_path):
     assert "detections" in printed and out.is_file()
 
 
-def test_compare_says_in_one_line_it_does_not_take_two_stage_yet(capsys, tmp_path, image):
+def test_compare_takes_a_two_stage_detector(capsys, tmp_path, image):
+    """`harness compare` on the shipped two-stage fixture: the raw fp32 file exported into
+    --out, exit 0, a verdict that says how the proposals compare, and the report's proposal
+    section."""
+    import json
+
     from harness.models.zoo import TWO_STAGE_FIXTURE_CHECKPOINT, TWO_STAGE_FIXTURE_CONFIG
 
-    code, err = run_cli(capsys, "compare", TWO_STAGE_FIXTURE_CONFIG,
-                        TWO_STAGE_FIXTURE_CHECKPOINT, "--images", image.parent, "--out",
-                        tmp_path / "out")
-    assert_one_line_error(code, err, "two-stage detector (FasterRCNN)", "compare does not yet")
+    out = tmp_path / "out"
+    code = main([str(a) for a in ("compare", TWO_STAGE_FIXTURE_CONFIG,
+                                  TWO_STAGE_FIXTURE_CHECKPOINT, "--images", image.parent,
+                                  "--count", 1, "--no-layers", "--out", out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "proposals:" in printed
+    doc = json.loads((out / "results.json").read_text())["compare"]
+    assert doc["targets"][0]["proposals"]["unexplained"] == 0
+    assert "### Proposals" in (out / "compare.md").read_text()
 
 
 def test_a_two_stage_checkpoint_of_another_class_count_is_one_line(capsys, tmp_path, image):

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from harness.eval.runner import run_coco
     from harness.experiment import load_experiment
     from harness.gates.limits import plan_gates
-    from harness.models.mmyolo import load_mmyolo_model
+    from harness.models.config import load_model_source
     from harness.report.coco_report import write_coco_report
     from harness.report.compare_report import write_compare_report
     from harness.settings import coco_settings, compare_settings
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
     _step(2, f"loading {exp.model.config.name} + {exp.model.checkpoint.name} and exporting "
              "ONNX files")
-    model = load_mmyolo_model(exp.model.config, exp.model.checkpoint)
+    model = load_model_source(exp.model.config, exp.model.checkpoint)
     files = export_targets(model, writable_dir(out / "models"), images)
 
     compare = compare_settings(args.experiment, paths=list(files.values()),

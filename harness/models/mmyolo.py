@@ -118,8 +118,9 @@ def read_config(cfg_path: Union[str, Path]) -> Any:
     from harness.models.mmdet_twostage import is_two_stage
 
     if is_two_stage(model):
-        raise UserError(f"config {p} is a two-stage detector ({model.get('type')}): harness "
-                        "export, detect and coco take it; compare does not yet")
+        raise UserError(f"config {p} is a two-stage detector ({model.get('type')}): load it "
+                        "with harness.models.config.load_model_source (every harness command "
+                        "does)")
     if not isinstance(model, dict) or "bbox_head" not in model:
         raise UserError(f"config {p} is not an mmyolo detector config (no model.bbox_head)")
     head_type = str(model["bbox_head"].get("type", "")).split(".")[-1]

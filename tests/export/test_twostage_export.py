@@ -184,3 +184,41 @@ def test_roi_align_in_its_opset10_form_drifts(tmp_path, synth_images):
     # after it: the logits of the same proposals move
     diff = rel_l2(ort["roi_cls"], torch_out["roi_cls"])
     assert diff > 1e-3, diff
+
+
+def test_end2end_file_holds_the_box_head_nms(tmp_path, synth_images):
+    """--variant end2end --nms onnx: the stage outputs plus `dets` / `labels` from one ONNX
+    NonMaxSuppression over every (RoI, class) pair. Its detections are the numpy replay's
+    with IoUs on network-input pixels (boxes 1e-3 px, scores 1e-6), and as many as mmdet's
+    own on these images; a keep_topk below the count cuts to it."""
+    from harness.export.outputs import detections_from_outputs, variant_of
+
+    model = load_model_source(TWO_STAGE_FIXTURE_CONFIG, TWO_STAGE_FIXTURE_CHECKPOINT)
+    images, metas = padded_batch(model, synth_images, (320, 320))
+    for keep in (100, 3):
+        path = export_onnx(model, tmp_path / f"e2e_{keep}.onnx", ExportSettings(
+            variant="end2end", nms="onnx", keep_topk=keep, input_size=(320, 320))).path
+        out = OnnxruntimeBackend(path).infer(images, metas)
+        assert variant_of(list(out), model)[0] == "end2end"
+        assert list(out)[-2:] == ["dets", "labels"]
+        files = detections_from_outputs(model, out, metas)
+        replay = model.with_nms(max_per_img=keep).detections(
+            model.decode(out, metas), metas, nms_pixels="input")
+        for f, r in zip(files, replay):
+            assert len(f) == len(r) <= keep
+            np.testing.assert_allclose(f.boxes, r.boxes, atol=1e-3)
+            np.testing.assert_allclose(f.scores, r.scores, atol=1e-6)
+            assert (f.labels == r.labels).all()
+        if keep == 100:
+            own = model.framework_detections(out, metas)
+            assert [len(f) for f in files] == [len(o.scores) for o in own]
+
+
+@pytest.mark.parametrize("how", [dict(nms="efficient"), dict(nms="onnx", pre_topk=100)])
+def test_end2end_refuses_what_it_cannot_write(tmp_path, how):
+    from harness.errors import UserError
+
+    model = load_model_source(TWO_STAGE_FIXTURE_CONFIG, TWO_STAGE_FIXTURE_CHECKPOINT)
+    with pytest.raises(UserError, match="--nms onnx"):
+        export_onnx(model, tmp_path / "x.onnx", ExportSettings(
+            variant="end2end", input_size=(320, 320), **how))
