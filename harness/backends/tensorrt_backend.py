@@ -118,9 +118,16 @@ class TensorRTBackend(Backend):
         engine, context = self._deserialize(trt, sidecar is not None)
         io = read_engine_io(engine, trt)
         inputs = [t.name for t in io.inputs]
-        if len(inputs) != 1:
-            raise UserError(f"{self.path.name} has {len(inputs)} inputs; the harness feeds one")
+        from harness.export.variants import IMG_SHAPE_INPUT
+
+        if not inputs or any(n != IMG_SHAPE_INPUT for n in inputs[1:]) or \
+                inputs[0] == IMG_SHAPE_INPUT:
+            raise UserError(f"{self.path.name} has inputs {', '.join(inputs) or 'none'}; the "
+                            f"harness feeds the images and, to a two-stage engine, "
+                            f"{IMG_SHAPE_INPUT}")
         self.input_name = inputs[0]
+        # a two-stage engine's second input: each image's img_shape (B, 2)
+        self.extra_inputs = inputs[1:]
         self.output_names = [t.name for t in io.outputs]
         # by DataType name, so a type numpy lacks (BF16, FP8) is a UserError, not the
         # TypeError trt.nptype raises
@@ -290,10 +297,11 @@ class TensorRTBackend(Backend):
 
     # -- inference --------------------------------------------------------------------------
 
-    def _execute(self, inputs: np.ndarray, keep: Union[Sequence[str], None] = None
-                 ) -> dict[str, np.ndarray]:
+    def _execute(self, inputs: np.ndarray, keep: Union[Sequence[str], None] = None,
+                 metas: Optional[Sequence[Any]] = None) -> dict[str, np.ndarray]:
         """Every output tensor for `inputs`; only those in `keep` (default: all) are copied
-        back to the host, so a debug engine's other marked tensors cost no host memory."""
+        back to the host, so a debug engine's other marked tensors cost no host memory. metas:
+        the images' metas, fed as a two-stage engine's img_shape."""
         import torch
 
         self.load()
@@ -315,6 +323,17 @@ class TensorRTBackend(Backend):
             if not ctx.set_input_shape(self.input_name, tuple(x.shape)):
                 raise UserError(f"{self.path.name} refused input shape {tuple(x.shape)}")
             self._set_address(self.input_name, device_in)
+            fed = [device_in]  # alive until the run ends
+            for name in self.extra_inputs:
+                from harness.export.variants import img_shape_rows
+
+                rows = img_shape_rows(metas, x.shape[0], x.shape[2:])
+                value = torch.from_numpy(rows.astype(self._dtypes[name])).to(self._device)
+                if not ctx.set_input_shape(name, tuple(value.shape)):
+                    raise UserError(f"{self.path.name} refused {name} of shape "
+                                    f"{tuple(value.shape)}")
+                self._set_address(name, value.contiguous())
+                fed.append(value)
             buffers: dict[str, Any] = {}
             for name in self.output_names:
                 shape, dtype, _ = output_buffer(tuple(ctx.get_tensor_shape(name)),
@@ -349,8 +368,9 @@ class TensorRTBackend(Backend):
 
     def infer(self, inputs: np.ndarray, metas: Optional[Sequence[Any]] = None
               ) -> dict[str, np.ndarray]:
-        """inputs (B, 3, H, W) float32 → the ONNX's outputs by name (marked tensors left out)."""
-        return self.run_marked(inputs, [])[0]
+        """inputs (B, 3, H, W) float32 → the ONNX's outputs by name (marked tensors left out);
+        metas: the images' metas, for a two-stage engine's img_shape input."""
+        return self.run_marked(inputs, [], metas)[0]
 
     def final_output_names(self) -> list[str]:
         """The engine's outputs that are the ONNX's own (not marked for the layer diff)."""
@@ -370,14 +390,16 @@ class TensorRTBackend(Backend):
             return []  # another tool's engine marks nothing for the harness
         return list(self.sidecar.build.get("layer_tensors", self.sidecar.marked_layers))
 
-    def intermediates(self, inputs: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
-        """The named tensors for `inputs`. A name requested at build but left unmarked
+    def intermediates(self, inputs: np.ndarray, names: Sequence[str],
+                      metas: Optional[Sequence[Any]] = None) -> dict[str, np.ndarray]:
+        """The named tensors for `inputs` (metas: a two-stage engine's img_shape). A name requested at build but left unmarked
         (folded into weights, a shape or int tensor; the sidecar's build["unmarked"] says
         why) is left out of the result, as the torch backend leaves out a module without a
         single tensor."""
-        return self.run_marked(inputs, names)[1]
+        return self.run_marked(inputs, names, metas)[1]
 
-    def run_marked(self, inputs: np.ndarray, names: Sequence[str]
+    def run_marked(self, inputs: np.ndarray, names: Sequence[str],
+                   metas: Optional[Sequence[Any]] = None
                    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(final outputs, the named marked tensors) of one execution on `inputs`: a debug
         engine's layer tensors and the outputs to check its marking against the deployed
@@ -385,7 +407,7 @@ class TensorRTBackend(Backend):
         self.load()
         final = self.final_output_names()
         if not names:
-            values = self._execute(inputs, keep=final)
+            values = self._execute(inputs, keep=final, metas=metas)
             return {n: values[n] for n in final}, {}
         known = self.intermediate_names()
         unmarked = self.sidecar.build.get("unmarked", {}) if self.sidecar is not None else {}
@@ -395,7 +417,7 @@ class TensorRTBackend(Backend):
                 hint = f"; did you mean {', '.join(close)}?" if close else \
                     "; build a debug engine with those layers marked"
                 raise UserError(f"{self.path.name} has no marked tensor '{name}'{hint}")
-        values = self._execute(inputs, keep=[*final, *names])
+        values = self._execute(inputs, keep=[*final, *names], metas=metas)
         tensors = {n: (values[n].astype(np.float32)
                        if np.issubdtype(values[n].dtype, np.floating) else values[n])
                    for n in names if n in values}

@@ -17,7 +17,8 @@ from typing import Any, Sequence, Union
 import numpy as np
 
 from harness.backends.tensorrt_plan import (calibration_batches, calibration_cache_path,
-                                            profile_shapes, select_tensors)
+                                            extra_input_shapes, profile_shapes,
+                                            select_tensors)
 from harness.backends.tensorrt_sidecar import EngineSidecar, write_sidecar
 from harness.errors import UserError, first_line
 
@@ -271,12 +272,16 @@ def build_engine(onnx_path: Union[str, Path], engine_path: Union[str, Path],
     model = read_onnx(onnx_path)
     initializers = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
-    if len(inputs) != 1:
-        raise UserError(f"{onnx_path} has {len(inputs)} inputs; the harness feeds one batch")
-    input_name = inputs[0].name
-    profile = profile_shapes(_dims(inputs[0]), min_batch, opt_batch, max_batch, input_name)
+    input_name = inputs[0].name if inputs else ""
+    profile = profile_shapes(_dims(inputs[0]) if inputs else [], min_batch, opt_batch,
+                             max_batch, input_name)
+    extra = extra_input_shapes(onnx_path, inputs)
     onnx_precision = graph_precision(model)
     explicit_int8 = onnx_precision == "int8"
+    if precision == "int8" and not explicit_int8 and extra:
+        raise UserError(f"{onnx_path.name} takes {', '.join(extra)} besides the images: "
+                        "TensorRT's int8 calibration here feeds images only; build fp32 / "
+                        "fp16, or export an int8 (Q/DQ) ONNX")
     if precision == "int8" and not explicit_int8 and (not calib_images or preprocess is None):
         raise UserError(f"{onnx_path.name} has no Q/DQ nodes, so int8 needs calibration "
                         "images: --calib DIR (and the model's preprocessing)")
@@ -327,6 +332,9 @@ def build_engine(onnx_path: Union[str, Path], engine_path: Union[str, Path],
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     trt_profile = builder.create_optimization_profile()
     trt_profile.set_shape(input_name, profile.min, profile.opt, profile.max)
+    for name, rest in extra.items():  # a two-stage graph's img_shape: the images' batches
+        trt_profile.set_shape(name, (profile.min[0], *rest), (profile.opt[0], *rest),
+                              (profile.max[0], *rest))
     config.add_optimization_profile(trt_profile)
     if not tf32:
         config.clear_flag(trt.BuilderFlag.TF32)  # "Enabled by default" (BuilderFlag.TF32)

@@ -357,14 +357,16 @@ class ChunkedDebugEngines(Backend):
 
     # -- running ------------------------------------------------------------------------------
 
-    def intermediates(self, inputs: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+    def intermediates(self, inputs: np.ndarray, names: Sequence[str],
+                      metas: Optional[Sequence[Any]] = None) -> dict[str, np.ndarray]:
         """The named ONNX tensors for `inputs`, each from the debug engine that marks it (the
         engines a request spans are loaded in turn, the previous one freed first). A tensor
-        TensorRT could not mark is left out, as TensorRTBackend.intermediates leaves it out."""
+        TensorRT could not mark is left out, as TensorRTBackend.intermediates leaves it out.
+        metas: the images' metas, for two-stage engines' img_shape."""
         digest = input_sha256(inputs)
         found: dict[str, np.ndarray] = {}
         for index, part in route(names, self.sets):
-            found.update(self._run(index, inputs, digest, part))
+            found.update(self._run(index, inputs, digest, part, metas))
         return {n: found[n] for n in names if n in found}
 
     def infer(self, inputs: np.ndarray, metas: Optional[Sequence[Any]] = None
@@ -378,22 +380,24 @@ class ChunkedDebugEngines(Backend):
         seen = self.drift.seen(digest)
         for index, marked in enumerate(self.sets):
             if marked.label not in seen:
-                self._run(index, inputs, digest, [])
+                self._run(index, inputs, digest, [], metas)
         return self.drift.worst_outputs(digest)
 
-    def _run(self, index: int, inputs: np.ndarray, digest: str, names: Sequence[str]
-             ) -> dict[str, np.ndarray]:
+    def _run(self, index: int, inputs: np.ndarray, digest: str, names: Sequence[str],
+             metas: Optional[Sequence[Any]] = None) -> dict[str, np.ndarray]:
         self._ensure_built(index)
         engine = self._loaded.get(index)
-        outputs, tensors = engine.run_marked(inputs, list(names))
-        self.drift.add(self.sets[index].label, digest, outputs, self._deployed(inputs, digest))
+        outputs, tensors = engine.run_marked(inputs, list(names), metas)
+        self.drift.add(self.sets[index].label, digest, outputs,
+                       self._deployed(inputs, digest, metas))
         return tensors
 
-    def _deployed(self, inputs: np.ndarray, digest: str) -> dict[str, np.ndarray]:
+    def _deployed(self, inputs: np.ndarray, digest: str,
+                  metas: Optional[Sequence[Any]] = None) -> dict[str, np.ndarray]:
         """The deployed engine's outputs on `inputs`, computed once per batch."""
         if self._deployed_outputs[0] != digest:
             self._deployed_outputs = (None, {})  # free the last batch's before the next
-            self._deployed_outputs = (digest, self.deployed.infer(inputs))
+            self._deployed_outputs = (digest, self.deployed.infer(inputs, metas))
         return self._deployed_outputs[1]
 
     def close(self) -> None:

@@ -9,7 +9,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence, TypeVar, Union
+from typing import Any, Iterator, Sequence, TypeVar, Union
 
 import numpy as np
 
@@ -47,6 +47,27 @@ class BatchProfile:
     @classmethod
     def from_json(cls, doc: dict[str, Sequence[int]]) -> "BatchProfile":
         return cls(tuple(doc["min"]), tuple(doc["opt"]), tuple(doc["max"]))
+
+
+def extra_input_shapes(onnx_path: Any, inputs: Sequence[Any]) -> dict[str, tuple[int, ...]]:
+    """The graph's inputs (onnx ValueInfoProtos, images first) besides the images, with
+    their static dims after the batch axis: only a two-stage graph's `img_shape` (B, 2),
+    which follows the images' batch profile. Anything else is a UserError: the harness feeds
+    nothing more."""
+    from harness.backends.onnxruntime_backend import _dims
+    from harness.export.variants import IMG_SHAPE_INPUT
+
+    if not inputs:
+        raise UserError(f"{onnx_path} has no inputs; the harness feeds a batch of images")
+    out: dict[str, tuple[int, ...]] = {}
+    for extra in inputs[1:]:
+        rest = _dims(extra)[1:]
+        if extra.name != IMG_SHAPE_INPUT or not all(isinstance(d, int) for d in rest):
+            names = ", ".join(i.name for i in inputs)
+            raise UserError(f"{onnx_path} has inputs {names}; the harness feeds the images "
+                            f"and, to a two-stage graph, {IMG_SHAPE_INPUT} (B, 2)")
+        out[extra.name] = tuple(int(d) for d in rest)
+    return out
 
 
 def profile_shapes(input_dims: Sequence[Dim], min_batch: int = 1, opt_batch: int = 4,

@@ -434,7 +434,7 @@ class _FakeDebugEngine:
         self.scale = 1.0 + owner.drift.get(self.marked[0] if self.marked else None, 0.0)
         self.runs = 0
 
-    def run_marked(self, inputs, names):
+    def run_marked(self, inputs, names, metas=None):
         assert self.path in self.owner.alive, "run after unload"
         missing = [n for n in names if n not in self.marked]
         assert not missing, f"{self.path.name} does not mark {missing}"

@@ -25,7 +25,7 @@ CONST_OUT = "/backbone/stem/Constant_output_0"
 CONST_LAYER_OUT = "(Unnamed Layer* 1) [Constant]_output"
 
 
-def tiny_onnx(path: Path, qdq: bool = False, plugin: str = "") -> Path:
+def tiny_onnx(path: Path, qdq: bool = False, plugin: str = "", extra_input: str = "") -> Path:
     """images → Relu → Mul(Constant) → Relu → out, with a Shape node on the side (the ONNX
     node names PyTorch's exporter gives, scoped by module)."""
     x = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 8, 8])
@@ -50,7 +50,13 @@ def tiny_onnx(path: Path, qdq: bool = False, plugin: str = "") -> Path:
     if plugin:
         nodes.append(helper.make_node(plugin, [MUL_OUT, RELU_OUT], ["dets"], name="/nms",
                                       domain="TRT"))
-    graph = helper.make_graph(nodes, "g", [x], [y], initializer=inits)
+    inputs = [x]
+    if extra_input:  # a second input the graph reads (a two-stage graph's img_shape)
+        inputs.append(helper.make_tensor_value_info(extra_input, TensorProto.FLOAT,
+                                                    ["batch", 2]))
+        nodes.append(helper.make_node("Identity", [extra_input], ["shape_copy"],
+                                      name="/shape_copy"))
+    graph = helper.make_graph(nodes, "g", inputs, [y], initializer=inits)
     onnx.save(helper.make_model(graph), str(path))
     return path
 
@@ -248,6 +254,27 @@ def test_build_calls_and_sidecar(here, monkeypatch, tmp_path, version, flags):
     assert side.marked_layers == [RELU_OUT, MUL_OUT]
     assert side.outputs == {"out": [-1, 3, 8, 8], RELU_OUT: [-1, 3, 8, 8],
                             MUL_OUT: [-1, 3, 8, 8]}
+
+
+def test_two_stage_img_shape_input_follows_the_batch_profile(here, monkeypatch, tmp_path):
+    """A two-stage graph's second input, img_shape (B, 2), gets the images' batches in the
+    same profile; any other second input is one line before TensorRT is imported."""
+    trt, calls = fake_trt("10.13.0")
+    use(monkeypatch, trt)
+    onnx_path = tiny_onnx(tmp_path / "m.onnx", extra_input="img_shape")
+    tensorrt_build.build_engine(onnx_path, tmp_path / "m.engine", precision="fp32",
+                                workspace_gb=1)
+    assert ("set_shape", "images", (1, 3, 8, 8), (4, 3, 8, 8), (4, 3, 8, 8)) in calls
+    assert ("set_shape", "img_shape", (1, 2), (4, 2), (4, 2)) in calls
+    assert calls.index(("set_shape", "img_shape", (1, 2), (4, 2), (4, 2))) < \
+        calls.index(("add_optimization_profile",))
+    use(monkeypatch, None)  # must fail before TensorRT is needed
+    other = tiny_onnx(tmp_path / "o.onnx", extra_input="scale")
+    with pytest.raises(UserError, match="has inputs images, scale"):
+        tensorrt_build.build_engine(other, tmp_path / "o.engine", precision="fp32")
+    with pytest.raises(UserError, match="int8 calibration"):
+        tensorrt_build.build_engine(onnx_path, tmp_path / "i.engine", precision="int8",
+                                    calib_images=tmp_path, preprocess=object())
 
 
 def test_marks_onnx_tensors_not_the_layers_named_after_the_node(here, monkeypatch, tmp_path):

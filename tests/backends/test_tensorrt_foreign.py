@@ -503,3 +503,24 @@ def test_nms_plugin_from_onnx_follows_the_pipelines_choice(tmp_path):
     assert nms_plugin_from_onnx(nodes[:-1]) is None
     first = helper.make_node("NonMaxSuppression", ["b", "s"], ["i"], name="/onnx_nms")
     assert nms_plugin_from_onnx([first, *nodes]) is None
+
+
+def test_a_two_stage_engine_takes_img_shape_and_nothing_else(monkeypatch, tmp_path):
+    """An engine whose second input is img_shape loads (the backend feeds each image's
+    img_shape); any other second input is one line."""
+    use_fake_runtime(monkeypatch)
+    shape_in = {"name": "img_shape", "mode": "input", "shape": [-1, 2], "dtype": "FLOAT"}
+    profiles = [{**batch_profiles()[0], "img_shape": [[1, 2], [4, 2], [4, 2]]}]
+    two = TensorRTBackend(write_engine(tmp_path, "two.engine",
+                                       io=raw_engine_io()[:1] + [shape_in] + raw_engine_io()[1:],
+                                       profiles=profiles))
+    two.load()
+    assert two.input_name == "images" and two.extra_inputs == ["img_shape"]
+    other = TensorRTBackend(write_engine(tmp_path, "other.engine",
+                                         io=raw_engine_io()[:1] + [{**shape_in, "name": "scale"}]
+                                         + raw_engine_io()[1:],
+                                         profiles=[{**batch_profiles()[0],
+                                                    "scale": [[1, 2], [4, 2], [4, 2]]}]))
+    with pytest.raises(UserError, match="has inputs images, scale") as exc:
+        other.load()
+    one_line(exc)
