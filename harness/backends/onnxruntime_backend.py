@@ -158,7 +158,8 @@ class OnnxruntimeBackend(Backend):
         self.precision = (self.metadata or {}).get("precision") or graph_precision(model)
         self._cut = cut_at_plugins(model)
         self._model_proto = model  # the tail's initializers, when it has one
-        self._tail_session = None
+        # the tail's sessions, per set of extra tensors asked of it (_run_tail)
+        self._tail_sessions: dict[tuple[str, ...], Any] = {}
         initializers = {i.name for i in model.graph.initializer}
         inputs = [i for i in model.graph.input if i.name not in initializers]
         # an image batch, and the images' shapes where the graph takes them (two-stage)
@@ -268,12 +269,20 @@ class OnnxruntimeBackend(Backend):
               ) -> dict[str, np.ndarray]:
         """inputs (B, 3, H, W) float32 → every graph output by name, in graph order (plugin
         outputs computed by the reference kernels)."""
+        values = self._values(inputs, metas)
+        return {o.name: values[o.name] for o in self._cut.outputs}
+
+    def _values(self, inputs: np.ndarray, metas: Optional[Sequence[Any]] = None,
+                late: Sequence[str] = ()) -> dict[str, np.ndarray]:
+        """Every tensor a run makes available: the body's outputs, the plugins' outputs, the
+        tail's outputs and the tail tensors `late` (made after a plugin)."""
         from harness.nms.plugin_nodes import PLUGIN_KERNELS
 
         self.load()
         feeds = self._feed(inputs, metas)
         names = [o.name for o in self._cut.body.graph.output]
         values = dict(zip(names, self._run(self._session, feeds)))
+        values.update(feeds)
         self.plugin_results = {}
         for node in self._cut.plugins:
             kernel = PLUGIN_KERNELS[(node.domain, node.op_type)]
@@ -281,23 +290,27 @@ class OnnxruntimeBackend(Backend):
             values.update(zip(node.output, outs))
             self.plugin_results[node.name or node.op_type] = full
         if self._cut.tail:
-            values.update(self._run_tail(values))
-        return {o.name: values[o.name] for o in self._cut.outputs}
+            values.update(self._run_tail(values, late))
+        return values
 
-    def _run_tail(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The nodes after the plugins (another exporter's Cast / Reshape / Concat), in a
-        session of their own made on first use."""
-        if getattr(self, "_tail_session", None) is None:
-            from onnx import numpy_helper
+    def _run_tail(self, values: dict[str, np.ndarray],
+                  late: Sequence[str] = ()) -> dict[str, np.ndarray]:
+        """The nodes after the plugins (another exporter's Cast / Reshape / Concat; the box
+        head after a RoIAlign plugin), in a session of their own per set of extra tensors,
+        made on first use."""
+        from onnx import numpy_helper
 
+        key = tuple(sorted(set(late)))
+        if key not in self._tail_sessions:
             inits = {i.name: numpy_helper.to_array(i)
                      for i in self._model_proto.graph.initializer
                      if i.name in set(self._cut.tail_inputs())}
-            self._tail_model = self._cut.tail_model(values, inits)
-            self._tail_session = self._make_session(self._tail_model)
-        feeds = {i.name: values[i.name] for i in self._tail_model.graph.input}
-        names = [o.name for o in self._tail_model.graph.output]
-        return dict(zip(names, self._run(self._tail_session, feeds, names)))
+            tail = self._cut.tail_model(values, inits, key)
+            self._tail_sessions[key] = (tail, self._make_session(tail))
+        tail, session = self._tail_sessions[key]
+        feeds = {i.name: values[i.name] for i in tail.graph.input}
+        names = [o.name for o in tail.graph.output]
+        return dict(zip(names, self._run(session, feeds, names)))
 
     # -- intermediates ----------------------------------------------------------------------
 
@@ -311,29 +324,37 @@ class OnnxruntimeBackend(Backend):
                       metas: Optional[Sequence[Any]] = None) -> dict[str, np.ndarray]:
         """The tensors `names` for `inputs` (metas: fed as the img_shape input of a graph
         that takes one), by making them outputs of a copy of the graph (one session per set
-        of names, kept). Float tensors come back as float32."""
+        of names, kept); a tensor made after a plugin node (a RoIAlign plugin's box head) by
+        a run through the plugins and the tail. Float tensors come back as float32."""
         import onnx
 
         self.load()
         known = set(self.intermediate_names()) | {self.input_name}
+        late_known = {t for n in [*self._cut.plugins, *self._cut.tail] for t in n.output if t}
         for name in names:
-            if name not in known:
-                close = difflib.get_close_matches(name, sorted(known), n=3)
+            if name not in known and name not in late_known:
+                close = difflib.get_close_matches(name, sorted(known | late_known), n=3)
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
                 raise UserError(f"{self.path.name} has no tensor '{name}'{hint}")
-        key = tuple(sorted(set(names)))
-        session = self._intermediate_sessions.get(key)
-        if session is None:
-            model = onnx.ModelProto()
-            model.CopyFrom(self._cut.body)
-            existing = {o.name for o in model.graph.output}
-            model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in key
-                                      if n not in existing)
-            session = self._make_session(model)
-            self._intermediate_sessions[key] = session
-        values = self._run(session, self._feed(inputs, metas), list(key))
+        found: dict[str, np.ndarray] = {}
+        late = [n for n in names if n not in known]
+        if late:
+            values = self._values(inputs, metas, late)
+            found.update({n: values[n] for n in late})
+        key = tuple(sorted(set(names) - set(late)))
+        if key:
+            session = self._intermediate_sessions.get(key)
+            if session is None:
+                model = onnx.ModelProto()
+                model.CopyFrom(self._cut.body)
+                existing = {o.name for o in model.graph.output}
+                model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in key
+                                          if n not in existing)
+                session = self._make_session(model)
+                self._intermediate_sessions[key] = session
+            found.update(zip(key, self._run(session, self._feed(inputs, metas), list(key))))
         return {n: (v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v)
-                for n, v in zip(key, values)}
+                for n, v in found.items()}
 
     # -- description ------------------------------------------------------------------------
 

@@ -43,6 +43,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="input height and width (default: what the preprocessing produces)")
     p.add_argument("--simplify", action="store_true", help="run onnxsim (must be installed)")
     p.add_argument("--device", default="cpu", help="device the model is traced on")
+    two = p.add_argument_group("two-stage detectors (mmdet Faster R-CNN): the forms a "
+                               "deployment writes instead of mmdet's")
+    two.add_argument("--roi-align", choices=("half_pixel", "plugin", "opset10"), default=None,
+                     help="RoIAlign as ONNX RoiAlign opset 16 half_pixel (default, mmcv's "
+                          "aligned=True), as TensorRT's ROIAlign_TRT plugin node (the same "
+                          "numbers), or in the opset-10 form (no half-pixel offset: drifts)")
+    two.add_argument("--roi-sampling-ratio", type=int, default=None,
+                     help="a fixed RoIAlign sampling ratio instead of the config's")
+    two.add_argument("--rpn-nms-pre", type=int, default=None,
+                     help="the RPN's pre-NMS TopK per level (default the config's nms_pre)")
+    two.add_argument("--rpn-max-per-img", type=int, default=None,
+                     help="proposals kept after the RPN's NMS (default the config's)")
+    two.add_argument("--rpn-nms-scope", choices=("level", "all"), default=None,
+                     help="one proposal NMS per FPN level (mmdet) or over all levels")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
         cache = args.calib_cache or Path.home() / ".cache" / "harness" / "calibration"
         calibration = CalibrationSettings(images=args.calib, count=args.calib_count,
                                           method=args.calib_method, cache_dir=cache)
-    model = load_model_source(args.config, args.checkpoint, device=args.device)
+    model = with_two_stage_forms(load_model_source(args.config, args.checkpoint,
+                                                   device=args.device), args)
     result = export_onnx(model, args.output, settings, calibration)
     meta = result.metadata
     for note in result.notes:
@@ -90,6 +105,30 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {result.path} in {result.seconds:.1f} s")
     report_check(result.path)
     return 0
+
+
+def with_two_stage_forms(model, args: argparse.Namespace):
+    """The model with the two-stage options applied (a copy; the source is unchanged); a
+    one-line error when they are given for a single-stage model."""
+    import copy
+    import dataclasses
+
+    from harness.errors import UserError
+
+    rpn = {k: v for k, v in (("nms_pre", args.rpn_nms_pre),
+                             ("max_per_img", args.rpn_max_per_img),
+                             ("scope", args.rpn_nms_scope)) if v is not None}
+    options = {k: v for k, v in (("roi_align_form", args.roi_align),
+                                 ("sampling_ratio", args.roi_sampling_ratio)) if v is not None}
+    if not (rpn or options):
+        return model
+    if getattr(model, "rpn", None) is None:
+        raise UserError("--roi-align, --roi-sampling-ratio and --rpn-* are for two-stage "
+                        f"detectors; {args.config} is a {model.family}")
+    out = copy.copy(model)
+    out.rpn = dataclasses.replace(model.rpn, **rpn)
+    out.export_options = {**model.export_options, **options}
+    return out
 
 
 def report_check(path: Path) -> None:

@@ -5,7 +5,7 @@ finishes with a reference kernel, and fp16 / int8 conversion works on the cut gr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from harness.nms.plugin_nodes import PLUGIN_KERNELS
 
@@ -57,10 +57,11 @@ class PluginCut:
             seen += [i for i in n.input if i and i not in made and i not in seen]
         return seen
 
-    def tail_model(self, values: dict[str, Any], initializers: dict[str, Any]) -> Any:
+    def tail_model(self, values: dict[str, Any], initializers: dict[str, Any],
+                   extra: Sequence[str] = ()) -> Any:
         """The tail as a model whose inputs are typed after `values` (numpy arrays of its
         inputs, from the body and the plugins) and whose outputs are the graph outputs it
-        makes."""
+        makes, then the tensors `extra` it makes (a layer diff's intermediates)."""
         import onnx
         from onnx import helper, numpy_helper
 
@@ -76,6 +77,9 @@ class PluginCut:
         # untyped: onnxruntime infers them (a plugin's int32 where the graph declared int64)
         outputs = [helper.make_empty_tensor_value_info(o.name) for o in self.outputs
                    if o.name in made]
+        named = {o.name for o in outputs}
+        outputs += [helper.make_empty_tensor_value_info(n) for n in dict.fromkeys(extra)
+                    if n in made and n not in named]
         graph = helper.make_graph(self.tail, "tail", inputs, outputs, inits)
         model = helper.make_model(graph, opset_imports=self.opset_import)
         model.ir_version = onnx.IR_VERSION

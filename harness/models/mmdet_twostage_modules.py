@@ -25,13 +25,18 @@ from harness.export.nms_ops import OnnxNmsOp
 from harness.export.variants import IMG_SHAPE_INPUT
 
 
+# how the graph writes RoIAlign: ONNX RoiAlign opset 16 half_pixel (mmcv's aligned=True),
+# the opset-10 form (no half-pixel offset), or TensorRT's ROIAlign_TRT plugin node
+ROI_ALIGN_FORMS = ("half_pixel", "opset10", "plugin")
+
+
 class RoiAlignOp(torch.autograd.Function):
     """mmcv's roi_align (avg) in torch; ONNX RoiAlign (opset >= 16) in the graph."""
 
     @staticmethod
     def forward(ctx: Any, feats: torch.Tensor, boxes: torch.Tensor, batch_index: torch.Tensor,
                 out_h: int, out_w: int, spatial_scale: float, sampling_ratio: int,
-                aligned: bool, opset10_form: bool = False) -> torch.Tensor:
+                aligned: bool, form: str = "half_pixel") -> torch.Tensor:
         from mmcv.ops import roi_align
 
         rois = torch.cat([batch_index[:, None].to(boxes.dtype), boxes], dim=1)
@@ -41,9 +46,20 @@ class RoiAlignOp(torch.autograd.Function):
     @staticmethod
     def symbolic(g: Any, feats: Any, boxes: Any, batch_index: Any, out_h: int, out_w: int,
                  spatial_scale: float, sampling_ratio: int, aligned: bool,
-                 opset10_form: bool = False) -> Any:
-        # opset10_form: the op as opset 10 has it (no half-pixel offset) whatever `aligned`
-        half = aligned and not opset10_form
+                 form: str = "half_pixel") -> Any:
+        if form == "plugin":  # TensorRT's ROIAlign_TRT (harness.kernels.roi_align_plugin)
+            from harness.export.nms_ops import TRT_DOMAIN
+
+            index = g.op("Cast", batch_index, to_i=6)  # the plugin takes int32 indices
+            out = g.op(f"{TRT_DOMAIN}::ROIAlign_TRT", feats, boxes, index,
+                       coordinate_transformation_mode_i=int(bool(aligned)), mode_i=1,
+                       output_height_i=out_h, output_width_i=out_w,
+                       sampling_ratio_i=sampling_ratio, spatial_scale_f=spatial_scale)
+            channels = (feats.type().sizes() or [None, None])[1]
+            out.setType(feats.type().with_sizes([None, channels, out_h, out_w]))
+            return out
+        # opset10: the op as opset 10 has it (no half-pixel offset) whatever `aligned`
+        half = aligned and form != "opset10"
         return g.op("RoiAlign", feats, boxes, batch_index, output_height_i=out_h,
                     output_width_i=out_w, spatial_scale_f=spatial_scale,
                     sampling_ratio_i=sampling_ratio, mode_s="avg",
@@ -73,7 +89,8 @@ class TwoStageExportModule(nn.Module):
     The proposal settings are the source's (`source.rpn`: nms_pre, max_per_img, IoU, and the
     forms deployments use instead of mmdet's — `scope` "all": one NMS over every level;
     `topk_scope` "all": one TopK over every level). roi_align_form: "half_pixel" (opset 16,
-    mmcv's aligned=True) or "opset10" (RoiAlign without the half-pixel offset, what an
+    mmcv's aligned=True), "plugin" (TensorRT's ROIAlign_TRT node, the same numbers) or
+    "opset10" (RoiAlign without the half-pixel offset, what an
     opset-10 export of an aligned model writes); sampling_ratio: a fixed count of sampling
     points written instead of the config's (mmdet: 0, adaptive), as some deployments do.
     The RoI features are the output of the scope `/roi_head/bbox_roi_extractor/`, the box
@@ -91,8 +108,9 @@ class TwoStageExportModule(nn.Module):
         self.backbone = detector.backbone
         self.neck = detector.neck
         self.rpn_head = detector.rpn_head
-        if roi_align_form not in ("half_pixel", "opset10"):
-            raise ValueError(f"roi_align_form half_pixel | opset10, not {roi_align_form}")
+        if roi_align_form not in ROI_ALIGN_FORMS:
+            raise ValueError(f"roi_align_form {' | '.join(ROI_ALIGN_FORMS)}, not "
+                             f"{roi_align_form}")
         self.roi_head = _RoiHead(detector.roi_head, roi_align_form, sampling_ratio)
         self._source = [source]
 
@@ -267,7 +285,7 @@ class _RoiExtractor(nn.Module):
             ratio = layer.sampling_ratio if self.sampling_ratio is None else self.sampling_ratio
             part = RoiAlignOp.apply(feats[i], flat, batch_index, int(layer.output_size[0]),
                                     int(layer.output_size[1]), float(layer.spatial_scale),
-                                    int(ratio), bool(layer.aligned), self.form == "opset10")
+                                    int(ratio), bool(layer.aligned), self.form)
             mask = (levels == i)[:, None, None, None]
             out = torch.where(mask, part, torch.zeros_like(part)) if out is None \
                 else torch.where(mask, part, out)

@@ -141,7 +141,14 @@ def run_mmdeploy_batched_nms(node: Any, inputs: list[np.ndarray],
 
 # (domain, op_type) → the function computing the node: the one table of plugin ops
 # (harness.export.plugins.PLUGIN_OPS is its key set)
+def _roi_align_trt(node: Any, inputs: list[np.ndarray], trace: bool = False) -> PluginRun:
+    from harness.kernels.roi_align_plugin import run_roi_align_trt
+
+    return run_roi_align_trt(node, inputs, trace)
+
+
 PLUGIN_KERNELS: dict[tuple[str, str], Callable[..., PluginRun]] = {
+    ("TRT", "ROIAlign_TRT"): _roi_align_trt,  # a two-stage graph's RoIAlign as the plugin
     ("TRT", "EfficientNMS_TRT"): run_efficient_nms,
     ("TRT", "BatchedNMSDynamic_TRT"): run_batched_nms,
     ("TRT", "BatchedNMS_TRT"): run_batched_nms,

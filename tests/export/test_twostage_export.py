@@ -4,6 +4,8 @@
 mmdet's own Faster R-CNN (random init) on a real photograph at full size."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -222,3 +224,51 @@ def test_end2end_refuses_what_it_cannot_write(tmp_path, how):
     with pytest.raises(UserError, match="--nms onnx"):
         export_onnx(model, tmp_path / "x.onnx", ExportSettings(
             variant="end2end", input_size=(320, 320), **how))
+
+
+def test_roi_align_as_the_tensorrt_plugin_node(tmp_path, synth_images):
+    """--roi-align plugin: one TRT::ROIAlign_TRT node per FPN level (half-pixel, avg, the
+    config's sampling ratio), run through onnxruntime by the reference kernel; the outputs,
+    and the RoI features after the plugin, are the opset-16 file's."""
+    from harness.cli import main
+
+    model = load_model_source(TWO_STAGE_FIXTURE_CONFIG, TWO_STAGE_FIXTURE_CHECKPOINT)
+    path = tmp_path / "plugin.onnx"
+    assert main(["export", str(TWO_STAGE_FIXTURE_CONFIG), str(TWO_STAGE_FIXTURE_CHECKPOINT),
+                 "-o", str(path), "--input-size", "320", "320", "--roi-align", "plugin"]) == 0
+    proto = onnx.load(str(path))
+    plugins = [n for n in proto.graph.node if (n.domain, n.op_type) == ("TRT", "ROIAlign_TRT")]
+    assert len(plugins) == len(model.module.roi_head.bbox_roi_extractor.roi_layers)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in plugins[0].attribute}
+    assert attrs["coordinate_transformation_mode"] == 1 and attrs["mode"] == 1
+    assert not any(n.op_type == "RoiAlign" for n in proto.graph.node)
+    record = json.loads(next(p.value for p in proto.metadata_props if p.key == "harness.export"))
+    assert record["export_options"] == {"roi_align_form": "plugin"}
+    plain = export_onnx(model, tmp_path / "plain.onnx", ExportSettings(input_size=(320, 320))).path
+    images, metas = padded_batch(model, synth_images, (320, 320))
+    a, b = OnnxruntimeBackend(path), OnnxruntimeBackend(plain)
+    out_a, out_b = a.infer(images, metas), b.infer(images, metas)
+    for name in ("proposals", "roi_cls", "roi_reg"):
+        assert rel_l2(out_a[name], out_b[name]) < 1e-5, name
+    feats = "/roi_head/bbox_roi_extractor/Where_3_output_0"  # after the plugins: the tail's
+    f_a = a.intermediates(images, [feats], metas)[feats]
+    f_b = b.intermediates(images, [feats], metas)[feats]
+    assert rel_l2(f_a, f_b) < 1e-5
+
+
+def test_export_flags_write_the_rpn_forms(tmp_path):
+    """--rpn-nms-pre / --rpn-nms-scope / --roi-sampling-ratio go into the graph and the
+    metadata (which compare reads the file's proposal settings from)."""
+    from harness.cli import main
+
+    path = tmp_path / "rpn.onnx"
+    assert main(["export", str(TWO_STAGE_FIXTURE_CONFIG), str(TWO_STAGE_FIXTURE_CHECKPOINT),
+                 "-o", str(path), "--input-size", "320", "320", "--rpn-nms-pre", "200",
+                 "--rpn-nms-scope", "all", "--roi-sampling-ratio", "2"]) == 0
+    proto = onnx.load(str(path))
+    record = json.loads(next(p.value for p in proto.metadata_props if p.key == "harness.export"))
+    assert record["rpn"]["nms_pre"] == 200 and record["rpn"]["scope"] == "all"
+    assert record["export_options"] == {"sampling_ratio": 2}
+    aligns = [n for n in proto.graph.node if n.op_type == "RoiAlign"]
+    assert aligns and all(onnx.helper.get_attribute_value(a) == 2 for n in aligns
+                          for a in n.attribute if a.name == "sampling_ratio")

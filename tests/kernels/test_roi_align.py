@@ -274,3 +274,35 @@ def test_opset10_cost_for_aligned_model():
                                   scale, "avg", "output_half_pixel")
     tiny_err = float(np.abs(tiny_shifted - roi_align(feats, tiny, 7, scale, 0, True)).max())
     assert tiny_err > 0.1, tiny_err  # measured: 0.64 (max |output| 1.51)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_tensorrt_plugin_node_gives_onnx_roialign_numbers(aligned):
+    """TRT::ROIAlign_TRT (int attributes: coordinate_transformation_mode 1 = half-pixel, mode
+    1 = avg) computed by harness.kernels.roi_align_plugin equals onnxruntime's RoiAlign of the
+    same convention; a node with an out-of-range mode is one line."""
+    from onnx import helper
+
+    from harness.errors import UserError
+    from harness.nms.plugin_nodes import PLUGIN_KERNELS
+
+    rng = np.random.default_rng(7 + aligned)
+    ctm = "half_pixel" if aligned else "output_half_pixel"
+    kernel = PLUGIN_KERNELS[("TRT", "ROIAlign_TRT")]
+    worst = 0.0
+    for _ in range(20):
+        feats, rois, scale, (out_h, out_w) = _random_case(rng, reversed_ok=not aligned)
+        boxes, batch = rois[:, 1:].copy(), rois[:, 0].astype(np.int32)
+        node = helper.make_node("ROIAlign_TRT", ["x", "r", "b"], ["y"], domain="TRT",
+                                coordinate_transformation_mode=int(aligned), mode=1,
+                                output_height=out_h, output_width=out_w, sampling_ratio=0,
+                                spatial_scale=scale)
+        (ours,), trace = kernel(node, [feats, boxes, batch])
+        theirs = _ort(16, ctm, "avg", 0, scale, (out_h, out_w), feats, boxes,
+                      batch.astype(np.int64))
+        assert trace is None and ours.shape == theirs.shape
+        worst = max(worst, float(np.abs(ours - theirs).max()))
+    assert worst <= TOL
+    bad = helper.make_node("ROIAlign_TRT", ["x", "r", "b"], ["y"], domain="TRT", mode=2)
+    with pytest.raises(UserError, match="mode and coordinate_transformation_mode"):
+        kernel(bad, [feats, boxes, batch])
