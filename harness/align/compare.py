@@ -129,7 +129,12 @@ class TargetRun:
         self.layer_backend: Any = None
         layers: list[Any] = []
         if with_layers and proto is not None:
+            if hasattr(target.backend, "graph_nodes"):  # a split pair: both graphs name layers
+                del proto.graph.node[:]
+                proto.graph.node.extend(target.backend.graph_nodes())
             found = layers_for(model, proto.graph, layer_patterns)
+            if hasattr(target.backend, "graph_nodes"):
+                found = with_split_roi_features(found, target.backend)
             layers, self.unmapped, self.replaced = found.layers, found.unmapped, found.replaced
             self.mapped = {**found.counts, "not mapped": len(found.unmapped)}
             self.position_note = found.position_note
@@ -311,6 +316,25 @@ class _LastChunk:
             self._values = self.backend.intermediates(inputs, names, **metas)
             self._key = tuple(names)
         return self._values
+
+
+def with_split_roi_features(found: Any, backend: Any) -> Any:
+    """A split pair's RoI features are made between its graphs: compare them as the head
+    graph's input, just before the head's first layer."""
+    from harness.align.layers import Layer
+
+    if ROI_FEATURES not in found.unmapped:
+        return found
+    head = backend.head.input_name
+    first = next((i for i, lay in enumerate(found.layers)
+                  if lay.module.startswith("roi_head.")), len(found.layers))
+    layers = [*found.layers[:first], Layer(ROI_FEATURES, head, head, 0), *found.layers[first:]]
+    found.layers = [Layer(lay.module, lay.tensor, lay.node, depth)
+                    for depth, lay in enumerate(layers)]
+    found.unmapped = [m for m in found.unmapped if m != ROI_FEATURES]
+    found.counts["name"] = found.counts.get("name", 0) + 1
+    found.counts["not mapped"] = len(found.unmapped)
+    return found
 
 
 def same_rows(module: str, ref: np.ndarray, tgt: np.ndarray,

@@ -107,10 +107,27 @@ class OnnxruntimeBackend(Backend):
         return backend, {"onnx_sha256": backend.model_sha256}
 
     @classmethod
-    def open_file(cls, path: Path, device: str) -> "OnnxruntimeBackend":
+    def open_file(cls, path: Path, device: str) -> Any:
+        """The loaded backend of `path`; for the RPN graph of a split two-stage export, the
+        pair run as one (harness.backends.split_twostage)."""
         backend = cls(path, provider=device)
         backend.load()
+        split = (backend.metadata or {}).get("split") or {}
+        if split.get("role") == "rpn":
+            from harness.backends.split_twostage import SplitTwoStageBackend
+
+            return SplitTwoStageBackend(backend, provider=device)
+        if split.get("role") == "head":
+            raise UserError(f"{path.name} is the head graph of a split export: give its RPN "
+                            f"graph {split.get('rpn_file')}")
         return backend
+
+    def run_named(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The graph's outputs for inputs fed by name, unchecked (a split export's head
+        graph, whose input is RoI features, not images)."""
+        self.load()
+        names = [o.name for o in self._cut.body.graph.output]
+        return dict(zip(names, self._run(self._session, feeds)))
 
     def source_onnx(self) -> Path:
         return self.path
@@ -326,8 +343,6 @@ class OnnxruntimeBackend(Backend):
         that takes one), by making them outputs of a copy of the graph (one session per set
         of names, kept); a tensor made after a plugin node (a RoIAlign plugin's box head) by
         a run through the plugins and the tail. Float tensors come back as float32."""
-        import onnx
-
         self.load()
         known = set(self.intermediate_names()) | {self.input_name}
         late_known = {t for n in [*self._cut.plugins, *self._cut.tail] for t in n.output if t}
@@ -341,20 +356,36 @@ class OnnxruntimeBackend(Backend):
         if late:
             values = self._values(inputs, metas, late)
             found.update({n: values[n] for n in late})
-        key = tuple(sorted(set(names) - set(late)))
-        if key:
-            session = self._intermediate_sessions.get(key)
-            if session is None:
-                model = onnx.ModelProto()
-                model.CopyFrom(self._cut.body)
-                existing = {o.name for o in model.graph.output}
-                model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in key
-                                          if n not in existing)
-                session = self._make_session(model)
-                self._intermediate_sessions[key] = session
-            found.update(zip(key, self._run(session, self._feed(inputs, metas), list(key))))
+        found.update(self._body_tensors(self._feed(inputs, metas), set(names) - set(late)))
         return {n: (v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v)
                 for n, v in found.items()}
+
+    def intermediates_named(self, feeds: dict[str, np.ndarray],
+                            names: Sequence[str]) -> dict[str, np.ndarray]:
+        """The body tensors `names` for inputs fed by name, unchecked (a split export's head
+        graph, fed RoI features)."""
+        self.load()
+        return {n: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v
+                for n, v in self._body_tensors(feeds, set(names)).items()}
+
+    def _body_tensors(self, feeds: dict[str, np.ndarray], names: set) -> dict[str, Any]:
+        """Body tensors by making them outputs of a copy of the graph (one session per set
+        of names, kept)."""
+        import onnx
+
+        key = tuple(sorted(names))
+        if not key:
+            return {}
+        session = self._intermediate_sessions.get(key)
+        if session is None:
+            model = onnx.ModelProto()
+            model.CopyFrom(self._cut.body)
+            existing = {o.name for o in model.graph.output}
+            model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in key
+                                      if n not in existing)
+            session = self._make_session(model)
+            self._intermediate_sessions[key] = session
+        return dict(zip(key, self._run(session, feeds, list(key))))
 
     # -- description ------------------------------------------------------------------------
 

@@ -13,8 +13,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="ONNX file to write")
     p.add_argument("--random-init", action="store_true",
                    help="export mmyolo's seeded random initialisation (no checkpoint)")
-    p.add_argument("--variant", choices=("raw", "decoded", "end2end"), default="raw",
-                   help="raw: head maps; decoded: boxes + scores before NMS; end2end: with NMS")
+    p.add_argument("--variant", choices=("raw", "decoded", "end2end", "split"), default="raw",
+                   help="raw: head maps; decoded: boxes + scores before NMS; end2end: with NMS; "
+                        "split (two-stage): an RPN graph and a head graph (X.head.onnx), "
+                        "proposals and RoIAlign outside them")
     p.add_argument("--nms", choices=("onnx", "efficient", "batched"), default=None,
                    help="end2end NMS: ONNX NonMaxSuppression, TRT::EfficientNMS_TRT or "
                         "TRT::BatchedNMSDynamic_TRT")

@@ -32,7 +32,8 @@ BATCHED_MAX_TOPK = 4096
 class ExportSettings:
     """What to export. None thresholds come from the model's test_cfg (NmsSettings).
 
-    variant: raw | decoded | end2end. nms: onnx | efficient | batched (end2end only).
+    variant: raw | decoded | end2end | split (two-stage: an RPN graph and a head graph,
+    harness.export.split_export). nms: onnx | efficient | batched (end2end only).
     pre_topk: BatchedNMS topK (default min(nms_pre, 4096)); for onnx a pre-NMS TopK over
     each box's best score (mmdeploy's pre_top_k; none by default, as in easydeploy); ignored
     by efficient (its own fixed cap). keep_topk (default max_per_img), iou_threshold,
@@ -194,6 +195,10 @@ def export_onnx(model: ModelSource, output: Union[str, Path], settings: ExportSe
     import onnx
     import torch
 
+    if settings.variant == "split":  # two graphs, the steps between them outside
+        from harness.export.split_export import export_split
+
+        return export_split(model, output, settings)
     started = time.perf_counter()
     output = Path(output)
     settings = check_settings(model, settings)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Union
 
-VARIANTS = ("raw", "decoded", "end2end")
+VARIANTS = ("raw", "decoded", "end2end", "split")
 NMS_CHOICES = ("onnx", "efficient", "batched")
 
 # Output names of each end2end choice, in graph order: the plugins' own output names, and for

@@ -290,3 +290,56 @@ class _RoiExtractor(nn.Module):
             out = torch.where(mask, part, torch.zeros_like(part)) if out is None \
                 else torch.where(mask, part, out)
         return out
+
+
+class RpnPartModule(nn.Module):
+    """The first graph of a split deployment: images → the FPN levels the RoI head reads
+    (`feats.l`) and the RPN maps (`rpn_cls.l`, `rpn_reg.l`); proposal selection and RoIAlign
+    run outside it (harness.backends.split_twostage)."""
+
+    def __init__(self, source: Any):
+        super().__init__()
+        detector = source.module
+        self.backbone = detector.backbone
+        self.neck = detector.neck
+        self.rpn_head = detector.rpn_head
+        self._levels = int(detector.roi_head.bbox_roi_extractor.num_inputs)
+
+    def forward_named(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.neck(self.backbone(images))
+        rpn_cls, rpn_reg = self.rpn_head(feats)
+        out = {f"feats.{i}": f for i, f in enumerate(feats[:self._levels])}
+        out.update({f"rpn_cls.{i}": t for i, t in enumerate(rpn_cls)})
+        out.update({f"rpn_reg.{i}": t for i, t in enumerate(rpn_reg)})
+        return out
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.forward_named(images).values())
+
+
+class HeadPartModule(nn.Module):
+    """The second graph of a split deployment: RoI features (R, C, h, w), read by RoIAlign
+    outside, → the box head's `roi_cls` (R, classes + 1) and `roi_reg` (R, 4 classes)."""
+
+    def __init__(self, source: Any):
+        super().__init__()
+        self.roi_head = _BoxHeadOnly(source.module.roi_head.bbox_head)
+
+    def forward_named(self, roi_feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        cls, reg = self.roi_head(roi_feats)
+        return {"roi_cls": cls, "roi_reg": reg}
+
+    def forward(self, roi_feats: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.forward_named(roi_feats).values())
+
+
+class _BoxHeadOnly(nn.Module):
+    """`roi_head` with only its box head, so the head graph's scopes are the PyTorch paths
+    (`/roi_head/bbox_head/...`)."""
+
+    def __init__(self, bbox_head: nn.Module):
+        super().__init__()
+        self.bbox_head = bbox_head
+
+    def forward(self, roi_feats):
+        return self.bbox_head(roi_feats)

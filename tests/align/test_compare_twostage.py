@@ -27,6 +27,8 @@ PLANTS = {
     "roi_align_opset10": (dict(options=dict(roi_align_form="opset10")), "roi_align", None),
     "roi_align_sampling_2": (dict(options=dict(sampling_ratio=2)), "roi_align", None),
     "max_per_img_5": (dict(keep_topk=5), "max_det_cut", "max_detections"),
+    # a split deployment whose RoIAlign (outside its graphs) samples 2 x 2 per bin
+    "split_sampling_2": (dict(options=dict(sampling_ratio=2), split=True), "roi_align", None),
 }
 
 
@@ -49,19 +51,25 @@ def planted_file(model, name: str, folder: Path) -> Path:
     planted = copy.copy(model)
     planted.rpn = dataclasses.replace(model.rpn, **how.get("rpn", {}))
     planted.export_options = how.get("options", {})
-    settings = ExportSettings(input_size=(320, 320))
+    settings = ExportSettings(input_size=(320, 320),
+                              variant="split" if how.get("split") else "raw")
     if "keep_topk" in how:
         settings = ExportSettings(variant="end2end", nms="onnx", keep_topk=how["keep_topk"],
                                   input_size=(320, 320))
     return export_onnx(planted, folder / f"{name}.onnx", settings).path
 
 
-def test_fixture_agrees_through_every_stage(fixture_model, synth_images, tmp_path):
-    """fp32 onnxruntime against PyTorch: every layer (backbone blocks, FPN, RoI features,
-    box head) within 1e-4, the RPN outputs too, every proposal matched (or missing only by
-    an order of equal objectness), no detection differs, and mmdet's own detections are the
+@pytest.mark.parametrize("variant", ["raw", "split"])
+def test_fixture_agrees_through_every_stage(fixture_model, synth_images, tmp_path, variant):
+    """fp32 onnxruntime against PyTorch, the one-graph file and the split pair (proposals
+    and RoIAlign between its graphs): every layer (backbone blocks, FPN, RoI features, box
+    head) within 1e-4, the RPN outputs too, every proposal matched (or missing only by an
+    order of equal objectness), no detection differs, and mmdet's own detections are the
     replay's."""
-    target = open_or_say_why(default_target(fixture_model, tmp_path), "cpu")
+    path = default_target(fixture_model, tmp_path) if variant == "raw" else export_onnx(
+        fixture_model, tmp_path / "split.onnx",
+        ExportSettings(variant="split", input_size=(320, 320))).path
+    target = open_or_say_why(path, "cpu")
     doc = run_compare(fixture_model, [target], synth_images[:4], batch=2, work_dir=tmp_path,
                       progress=False)
     t = doc.targets[0]

@@ -106,7 +106,7 @@ def test_debug_engine_names_come_from_the_sidecar(built, monkeypatch):
     backend.output_names = ["num_dets", "/a/Conv_output_0"]
     copied = []  # what each run copies back to the host
 
-    def execute(x, keep=None):
+    def execute(x, keep=None, metas=None):
         copied.append(list(keep))
         return {"num_dets": np.ones((1, 1), np.int32),
                 "/a/Conv_output_0": np.zeros(2, np.float16)}

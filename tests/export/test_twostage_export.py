@@ -272,3 +272,55 @@ def test_export_flags_write_the_rpn_forms(tmp_path):
     aligns = [n for n in proto.graph.node if n.op_type == "RoiAlign"]
     assert aligns and all(onnx.helper.get_attribute_value(a) == 2 for n in aligns
                           for a in n.attribute if a.name == "sampling_ratio")
+
+
+def test_split_export_runs_as_one_backend(tmp_path, synth_images):
+    """--variant split: an RPN graph (images → FPN levels, RPN maps) and a head graph (RoI
+    features → box head) beside it. Opened by its RPN file, the pair runs as one backend with
+    the proposals and RoIAlign done between the graphs; its outputs are the one-graph file's
+    (the same names; proposals, logits and deltas within float error). The head file alone,
+    or an RPN file without its head, is one line."""
+    import shutil
+
+    from harness.backends.split_twostage import SplitTwoStageBackend, grid_anchors, roi_levels
+    from harness.errors import UserError
+
+    model = load_model_source(TWO_STAGE_FIXTURE_CONFIG, TWO_STAGE_FIXTURE_CHECKPOINT)
+    rpn_file = export_onnx(model, tmp_path / "m.onnx",
+                           ExportSettings(variant="split", input_size=(320, 320))).path
+    head_file = tmp_path / "m.head.onnx"
+    assert head_file.is_file()
+    assert [i.name for i in onnx.load(str(head_file)).graph.input] == ["roi_feats"]
+    pair = OnnxruntimeBackend.open_file(rpn_file, "cpu")
+    assert isinstance(pair, SplitTwoStageBackend)
+    one = export_onnx(model, tmp_path / "one.onnx", ExportSettings(input_size=(320, 320))).path
+    images, metas = padded_batch(model, synth_images, (320, 320))
+    split_out = pair.infer(images, metas)
+    one_out = OnnxruntimeBackend(one).infer(images, metas)
+    assert list(split_out) == list(one_out)
+    for i in range(len(images)):
+        n = int(one_out["num_proposals"][i])
+        assert int(split_out["num_proposals"][i]) == n
+        assert shared(split_out["proposals"][i, :n], one_out["proposals"][i, :n]) >= 0.97
+    # the numpy anchors and level rule are mmdet's
+    import torch
+
+    gen = model.module.rpn_head.prior_generator
+    sizes = [tuple(v.shape[2:]) for k, v in split_out.items() if k.startswith("rpn_cls.")]
+    theirs = gen.grid_priors(sizes, dtype=torch.float32, device="cpu")
+    for level, size in enumerate(sizes):
+        ours = grid_anchors(gen.base_anchors[level].numpy(), gen.strides[level], size)
+        np.testing.assert_array_equal(ours, theirs[level].numpy())
+    extractor = model.module.roi_head.bbox_roi_extractor
+    boxes = split_out["proposals"][0, :, :4]
+    rois = torch.from_numpy(np.concatenate([np.zeros((len(boxes), 1), np.float32), boxes], 1))
+    np.testing.assert_array_equal(
+        roi_levels(boxes, extractor.finest_scale, extractor.num_inputs),
+        extractor.map_roi_levels(rois, extractor.num_inputs).numpy())
+    with pytest.raises(UserError, match="head graph of a split export"):
+        OnnxruntimeBackend.open_file(head_file, "cpu")
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    shutil.copy(rpn_file, lonely / "m.onnx")
+    with pytest.raises(UserError, match="is not beside it"):
+        OnnxruntimeBackend.open_file(lonely / "m.onnx", "cpu")
