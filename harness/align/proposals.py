@@ -205,7 +205,7 @@ class ProposalDiff:
         union row (the reference's rows first, then the target's own), the row of each side
         (-1 where that side lacks it), and per side ("reference", "target") the reason it
         lacks each union row it lacks."""
-        ref_of, tgt_of = ref.row_of(), tgt.row_of()
+        tgt_of = tgt.row_of()
         ref_rows = list(range(len(ref.anchors)))
         tgt_rows = [tgt_of.get(int(a), -1) if a >= 0 else -1 for a in ref.anchors]
         linked = set(tgt_rows)
