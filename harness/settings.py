@@ -28,6 +28,8 @@ class CompareSettings:
     batch: int = 4
     layers: tuple[str, ...] = ()
     with_layers: bool = True
+    # every image run again alone (batch 1) against its in-batch detections
+    batch_invariance: bool = True
     provider: str = "cpu"
     device: str = "cpu"
     score_tol: float = 1e-3
@@ -128,11 +130,13 @@ def compare_settings(experiment: Union[str, Path, None] = None,
         raise UserError("give --images DIR (a folder of images, e.g. a COCO split)")
     out = _given(overrides, "out") or Path("reports") / (exp.name if exp else Path(config).stem)
     with_layers = overrides.get("with_layers")
+    invariance = overrides.get("batch_invariance")
     return CompareSettings(
         config=Path(config), checkpoint=None if checkpoint is None else Path(checkpoint),
         images=Path(images), out=Path(out), targets=tuple(Path(t) for t in targets),
         count=pick("count"), batch=pick("batch"), layers=layers,
         with_layers=True if with_layers is None else bool(with_layers),
+        batch_invariance=True if invariance is None else bool(invariance),
         provider=pick("provider"), device=pick("device"), score_tol=pick("score_tol"),
         box_tol=pick("box_tol"), iou_band=pick("iou_band"),
         test_cfg=test_cfg_changes(overrides),

@@ -92,11 +92,16 @@ class TargetRun:
     """Everything accumulated for one available target."""
 
     def __init__(self, model: ModelSource, target: Target, layer_patterns: Sequence[str],
-                 with_layers: bool, tol: Tolerances, work_dir: Path):
+                 with_layers: bool, tol: Tolerances, work_dir: Path, batch: int = 1,
+                 batch_invariance: bool = True):
         import onnx
+
+        from harness.align.batch_invariance import BatchInvariance
 
         self.target = target
         self.model = model
+        self.invariance = BatchInvariance(tol, batch) if batch_invariance and batch > 1 \
+            else None
         proto = onnx.load(str(target.onnx_path), load_external_data=False) \
             if target.onnx_path else None
         self.two_stage = is_two_stage(model)
@@ -188,6 +193,11 @@ class TargetRun:
         self.candidates.add(ref_cands, cands)
         for meta, ref, tgt in zip(batch.metas, ref_replays, replays):
             self.detections.add_image(Path(meta.path).name, ref, tgt)
+        if self.invariance is not None:
+            self.invariance.add_batch(
+                lambda x, m: self.pipeline.replay(self.pipeline.candidates(
+                    backend.infer(x, m), self.candidate_backend, x), m),
+                batch.inputs, batch.metas, replays)
         if self.layers is not None:
             self.layers.add_batch(reference, self.layer_backend, batch.inputs)
 
@@ -231,6 +241,15 @@ class TargetRun:
         if self.layers is not None:
             self.layers.add_batch(reference, self.layer_backend, batch.inputs, batch.metas,
                                   rows=lambda module, r, t: same_rows(module, r, t, pairs))
+        if self.invariance is not None:
+            from harness.align.proposals import ProposalDiff
+
+            backend = self.target.backend
+            self.invariance.add_batch(
+                lambda x, m: self.pipeline.replay(self.pipeline.candidates(
+                    backend.infer(x, m), backend, x), m),
+                batch.inputs, batch.metas, replays,
+                unite=lambda image, a, b: unite(image, a, b, ProposalDiff()))
 
     def _born_in_roi_align(self, layers: LayerSummary) -> None:
         """Two-stage: relabel the numeric mismatches (drift, score / IoU edges) of images
@@ -269,13 +288,16 @@ class TargetRun:
             layers.marking_changed_outputs_rel_l2 = self.marking
         else:
             layers = LayerSummary(rows=[], note=self.layer_note)
+        invariance = None if self.invariance is None else self.invariance.to_json()
         if self.two_stage:
             return {"pipeline": self.pipeline.describe(), "detections": det, "layers": layers,
+                    "batch_invariance": invariance,
                     "replay_disagrees": self.replay_disagrees, "proposals": {**self.proposals.summary(),
                                   "not_replayed": self.proposal_replay_misses,
                                   "rpn_outputs_rel_l2": self.rpn_outputs},
                     "tensorrt_check": self.preflight()}
         return {"pipeline": self.pipeline.describe(), "detections": det,
+                "batch_invariance": invariance,
                 "candidates": self.candidates.result(det.mismatches), "layers": layers,
                 "replay_disagrees": self.replay_disagrees, "tensorrt_check": self.preflight()}
 
@@ -408,11 +430,12 @@ def _batches(images: Sequence[Path], spec: Any, batch: int,
 def run_compare(model: ModelSource, targets: Sequence[Target], images: Sequence[Path], batch: int = 4,
                 layer_patterns: Sequence[str] = (), with_layers: bool = True,
                 tol: Tolerances = Tolerances(), work_dir: Path = Path("."),
-                progress: bool = True) -> CompareResult:
+                progress: bool = True, batch_invariance: bool = True) -> CompareResult:
     """The compare section for `targets` against PyTorch on `images`. The reference's
     detections are mmyolo's own (`predict_by_feat`); a target that cannot be compared (it
     fails to run, or its outputs do not fit the model) gets a row saying why, and the others
-    go on; unreadable images are skipped and listed."""
+    go on; unreadable images are skipped and listed. batch_invariance (batch > 1): every
+    image run again alone on every side, its detections diffed against its in-batch ones."""
     from tqdm import tqdm
 
     from harness.backends.torch_backend import TorchBackend
@@ -425,13 +448,23 @@ def run_compare(model: ModelSource, targets: Sequence[Target], images: Sequence[
     ref_layers = _LastChunk(reference)
     ref_pipeline: Any = TwoStagePipeline(model) if two_stage else SourcePipeline(model)
     not_replayed = 0  # two-stage: PyTorch's proposals its RPN replay does not keep
+    from harness.align.batch_invariance import BatchInvariance
+
+    ref_invariance = BatchInvariance(tol, batch) if batch_invariance and batch > 1 else None
+
+    def ref_alone(x: np.ndarray, metas: Sequence[Any]) -> list[Any]:
+        out = reference.infer(x, metas)
+        reps = ref_pipeline.replay(ref_pipeline.candidates(out, reference, x), metas)
+        adopt_mmyolo_output(reps, model.framework_detections(out, metas), metas, ReplayCheck())
+        return reps
     failed: dict[int, str] = {}
     runs: dict[int, TargetRun] = {}
     for t in targets:
         if not t.available:
             continue
         try:
-            runs[id(t)] = TargetRun(model, t, layer_patterns, with_layers, tol, work_dir)
+            runs[id(t)] = TargetRun(model, t, layer_patterns, with_layers, tol, work_dir,
+                                    batch, batch_invariance)
         except UserError as exc:
             failed[id(t)] = str(exc)
     digests: list[str] = []
@@ -452,6 +485,15 @@ def run_compare(model: ModelSource, targets: Sequence[Target], images: Sequence[
             not_replayed += sum(proposal_replay_misses(r) for r in ref_replays)
         found = model.framework_detections(ref_out, data.metas)
         adopt_mmyolo_output(ref_replays, found, data.metas, check)
+        if ref_invariance is not None:
+            ref_united = None
+            if two_stage:
+                from harness.align.proposals import ProposalDiff
+                from harness.align.twostage import unite
+
+                ref_united = lambda image, a, b: unite(image, a, b, ProposalDiff())  # noqa: E731
+            ref_invariance.add_batch(ref_alone, data.inputs, data.metas, ref_replays,
+                                     ref_united)
         ranked += [{"image": Path(meta.path).name, "candidates": ranked_candidates(rep)}
                    for meta, rep in zip(data.metas, ref_replays)]
         ref_layers.new_batch()
@@ -485,9 +527,13 @@ def run_compare(model: ModelSource, targets: Sequence[Target], images: Sequence[
                    "detections": f"{model.framework} {FRAMEWORK_OUTPUT.get(model.framework)} "
                                  "(what model.test_step outputs)",
                    **({"proposals_not_replayed": not_replayed} if two_stage else {}),
+                   "batch_invariance": None if ref_invariance is None
+                   else ref_invariance.to_json(),
                    "replay_check": check.to_json(),
                    "candidates_before_topk": topk_pressure(ranked, model.nms.nms_pre)},
-        targets=results, verdict=verdict(results, check.to_json(), skipped))
+        targets=results, verdict=verdict(results, check.to_json(), skipped,
+                                         None if ref_invariance is None
+                                         else ref_invariance.to_json()))
 
 
 # the framework code whose detections are the PyTorch column
@@ -568,7 +614,8 @@ def _settings_words(det: DetectionSummary) -> str:
 
 
 def verdict(targets: Sequence[TargetResult], replay_check: Optional[dict[str, int]] = None,
-            unreadable: Sequence[Unreadable] = ()) -> str:
+            unreadable: Sequence[Unreadable] = (),
+            reference_invariance: Optional[dict[str, Any]] = None) -> str:
     """One sentence over all targets: what matched, what differed and why, what could not be
     compared, and what the reference itself could not promise."""
     parts = []
@@ -598,6 +645,13 @@ def verdict(targets: Sequence[TargetResult], replay_check: Optional[dict[str, in
                            sorted(det.causes.items(), key=lambda kv: -kv[1]) if n)
         parts.append(f"{t.name} differs from PyTorch in {det.mismatches} detections "
                      f"({causes}); {where}{_tie_words(det)}{_settings_words(det)}")
+    from harness.align.batch_invariance import words as invariance_words
+
+    for name, doc in [("PyTorch", reference_invariance),
+                      *((t.name, t.batch_invariance) for t in targets if t.available)]:
+        said = invariance_words(name, doc)
+        if said:
+            parts.append(said)
     if replay_check and (replay_check["differ_outside_ties"] or
                          replay_check["not_found_in_candidates"]):
         parts.append(f"warning: the harness's replay of mmyolo's NMS differs from mmyolo's own "

@@ -56,4 +56,5 @@ def compare_with_settings(settings: Any, say: Callable[[str], None] = print) -> 
                      iou_band=settings.iou_band)
     return run_compare(model, targets, images, batch=settings.batch,
                        layer_patterns=settings.layers, with_layers=settings.with_layers,
+                       batch_invariance=settings.batch_invariance,
                        tol=tol, work_dir=settings.out)

@@ -112,6 +112,46 @@ class TorchBackend(Backend):
                 out.update(self._model.decoded_outputs(head))
         return {k: v.float().cpu().numpy() for k, v in out.items()}
 
+    def compute_runs(self, inputs: np.ndarray, metas: Optional[Sequence[Any]], warmup: int,
+                     runs: int) -> tuple[list[float], str]:
+        """Seconds of each of `runs` forwards (after `warmup`) on the batch already on the
+        device, outputs left there: CUDA events around the forward on a GPU, the clock on a
+        CPU (harness.eval.inference_timing's compute figure)."""
+        import time
+
+        import torch
+
+        self.load()
+        x = self._tensor(inputs)
+        model = self._model
+        decoded = self.outputs in ("decoded", "all")
+
+        def forward() -> None:
+            head = model.head_outputs(x, metas)
+            if decoded:
+                model.decoded_outputs(head)
+
+        out: list[float] = []
+        cuda = self.device.startswith("cuda")
+        with torch.no_grad():
+            for i in range(warmup + runs):
+                if cuda:
+                    start = torch.cuda.Event(enable_timing=True)
+                    end = torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    forward()
+                    end.record()
+                    end.synchronize()
+                    seconds = start.elapsed_time(end) / 1000.0
+                else:
+                    t0 = time.perf_counter()
+                    forward()
+                    seconds = time.perf_counter() - t0
+                if i >= warmup:
+                    out.append(seconds)
+        return out, ("CUDA events around the forward" if cuda
+                     else "the clock around the forward (CPU)")
+
     def intermediate_names(self) -> list[str]:
         """Module paths of the detector (`backbone.stem.conv`, ...), in definition order."""
         self.load()

@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="module paths to compare (globs, repeatable; default every ConvModule "
                         "and head conv)")
     p.add_argument("--no-layers", action="store_true", help="skip the layer diff")
+    p.add_argument("--no-batch-invariance", action="store_true",
+                   help="skip running every image again alone (batch 1) to check that its "
+                        "detections do not depend on the batch (on by default at --batch > 1)")
     p.add_argument("--onnx", action="append", default=[], type=Path, metavar="FILE",
                    help="the source ONNX of an engine another tool built (trtexec, "
                         "easydeploy, mmdeploy: no harness sidecar): names its layers and its "
@@ -66,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     settings = compare_settings(
         args.experiment, paths=args.paths, images=args.images, count=args.count,
         batch=args.batch, out=args.out, layers=args.layers, with_layers=not args.no_layers,
+        batch_invariance=not args.no_batch_invariance,
         provider=args.provider, device=args.device, score_tol=args.score_tol,
         nms_pre=args.nms_pre, score_thr=args.score_thr, iou_threshold=args.iou_threshold,
         max_per_img=args.max_per_img,

@@ -164,6 +164,9 @@ class LatencyResult:
     images_per_s: float
     synchronized: bool
     stability: Stability
+    # inference in its own phase (harness.eval.inference_timing), JSON; None in records
+    # written before it was measured
+    inference: Optional[dict[str, Any]] = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -173,7 +176,9 @@ class LatencyResult:
         """A stored result; one stored before stability was judged (no "stability" key, no
         std / cv in its stages) is judged now, on p99 / median alone, with the default
         limits, so an older cache resumes without timing again."""
-        fields = {k: doc[k] for k in cls.__dataclass_fields__ if k != "stability"}
+        fields = {k: doc[k] for k in cls.__dataclass_fields__
+                  if k not in ("stability", "inference")}
+        fields["inference"] = doc.get("inference")
         judged = doc.get("stability")
         fields["stability"] = (Stability.of(doc["stages"]) if judged is None
                                else Stability.from_json(judged))

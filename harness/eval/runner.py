@@ -148,9 +148,10 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
             on_batch=None if on_batch is None else (lambda n: on_batch(config, n)),
             warn=log)
         stored = store.latency or {}
-        if (stored.get("warmup"), stored.get("runs")) != (timing.warmup, timing.runs):
-            store.append_latency(_measure(images, batch, spec, backend, post, target.sync,
-                                          timing).to_json())
+        if (stored.get("warmup"), stored.get("runs")) != (timing.warmup, timing.runs) or \
+                "inference" not in stored:
+            measured = _measure(images, batch, spec, backend, post, target.sync, timing)
+            store.append_latency(measured.to_json())
     except UserError as exc:  # a backend that loads but cannot run these inputs
         log(f"{config.key}: failed: {exc}")
         return _empty_row(config, f"failed: {exc}"), run
@@ -168,6 +169,7 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
     row.latency_ms = latency.stages
     row.latency_stability = latency.stability.to_json()
     row.images_per_s = latency.images_per_s
+    row.inference = (store.latency or {}).get("inference")
     row.images = len(readable)
     row.unreadable = len(ids) - len(readable)
     log(f"{config.key}: AP {row.AP:.4f}  latency {latency.stages['total']['mean']:.2f} "
@@ -226,6 +228,7 @@ def _measure(images: Sequence[Any], batch: int, spec: Any, backend: Any,
     batches (with their batch shapes, where the row has them)."""
     from harness.data.preprocess import read_image
     from harness.eval.coco_pass import plan_batches, prepare_batch
+    from harness.eval.inference_timing import time_inference
     from harness.eval.latency import measure_latency
 
     readable = []
@@ -238,11 +241,16 @@ def _measure(images: Sequence[Any], batch: int, spec: Any, backend: Any,
     batches = [b for b in plan_batches(readable, batch) if len(b) == batch]
     if not batches:
         batches = [readable] if readable else []
-    return measure_latency(
+    result = measure_latency(
         batches, lambda ims: prepare_batch(ims, spec),
         lambda prepared: backend.infer(prepared.inputs, prepared.metas),
         lambda prepared, outputs: post(outputs, prepared.metas), latency,
         batch_size=len(batches[0]) if batches else batch, sync=sync)
+    if batches:  # inference in its own phase, on the first batch kept resident
+        prepared = prepare_batch(batches[0], spec)
+        result.inference = time_inference(backend, prepared.inputs, prepared.metas, latency,
+                                          sync).to_json()
+    return result
 
 
 def add_delta_ap(rows: list[CocoRow]) -> None:

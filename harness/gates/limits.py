@@ -12,6 +12,8 @@ The table (TOML; docs/gates.md has the full description)::
     max_unexplained = 0                            # detections.unexplained, per compare target
     max_latency_ratio = { baseline = "reports/baseline/results.json", limit = 1.2 }
                                                    # total latency / the baseline's same row
+    max_batch_variant = 0                          # images changing alone vs in a batch,
+                                                   # per compare target
 
 A number applies to every precision; a table `{fp16 = ..., int8 = ...}` gates only the
 precisions it names. Relative paths (the results file, the baseline) are relative to the

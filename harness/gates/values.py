@@ -99,6 +99,21 @@ def _unexplained(target: TargetResult, gate: Any, baselines: Any):
     return float(unexplained), detail
 
 
+def _batch_variant(target: TargetResult, gate: Any, baselines: Any):
+    doc = target.batch_invariance
+    if doc is None:
+        raise Missing(f"{target._path}.batch_invariance",
+                      "null (compare ran at batch 1, or with --no-batch-invariance)")
+    if doc.get("note"):
+        raise Missing(f"{target._path}.batch_invariance", doc["note"])
+    causes = ", ".join(f"{c} {n}" for c, n in doc["causes"].items()) or "none"
+    detail = (f"{doc['changed_images']} of {doc['images']} images change between batch 1 and "
+              f"batch {doc['batch']} ({doc['detections_changed']} detections; causes {causes}; "
+              f"scores up to {_num(doc['max_score_change'])}, boxes up to "
+              f"{_num(doc['max_box_change_px'])} px)")
+    return float(doc["changed_images"]), detail
+
+
 def _total_mean(row: CocoRow, where: str) -> float:
     latency = row.need("latency_ms")
     mean = (latency.get("total") or {}).get("mean")
@@ -135,6 +150,9 @@ GATES: dict[str, GateSpec] = {
     "max_unexplained": GateSpec("compare", "max", "unexplained detection mismatches",
                                 _unexplained),
     "max_latency_ratio": GateSpec("coco", "max", "latency ratio to baseline", _latency_ratio),
+    "max_batch_variant": GateSpec("compare", "max",
+                                  "images whose detections change between batch 1 and N",
+                                  _batch_variant),
 }
 
 

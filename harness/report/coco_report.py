@@ -68,16 +68,20 @@ def _mean_cell(row: CocoRow) -> Any:
 
 def main_table(doc: CocoResult) -> str:
     headers = ["backend", "device", "precision", "batch", "nms_pre", "preprocess", *ACCURACY,
-               "ΔAP vs PyTorch fp32", "latency mean (ms/batch)", "latency p99 (ms/batch)",
-               "images/s", "status"]
+               "ΔAP vs PyTorch fp32", "inference median (ms/batch)",
+               "compute median (ms/batch)", "pipeline mean (ms/batch)",
+               "pipeline p99 (ms/batch)", "images/s", "status"]
     rows = []
     for r in doc.rows:
         delta = r.delta_AP
+        inf = r.inference or {}
         rows.append([r.backend, r.device, r.precision, r.batch, r.nms_pre,
                      r.preprocess.replace("_", " "), *(getattr(r, k) for k in ACCURACY),
                      None if delta is None else f"{delta:+.4f}",
+                     (inf.get("host") or {}).get("median"),
+                     (inf.get("compute") or {}).get("median"),
                      _mean_cell(r), _lat(r, "total", "p99"), r.images_per_s, r.status])
-    return table(headers, rows, align="lllrrl" + "r" * 10 + "l", digits=3)
+    return table(headers, rows, align="lllrrl" + "r" * 12 + "l", digits=3)
 
 
 def stability_text(doc: CocoResult) -> Optional[str]:
@@ -179,10 +183,15 @@ def render_coco(doc: CocoResult, plot: Optional[str] = None) -> str:
         f"{machine.get('threads')} PyTorch threads. {shown}.",
         "",
         f"AP: {evaluator} COCOeval (bbox, maxDets 1/10/100; AP and AP50... at 100). "
-        "ΔAP: AP minus PyTorch fp32's AP at the same batch size. Latency: milliseconds per "
-        "**batch** (preprocessing — read, decode, resize, normalise — then inference, then "
-        "decode + NMS, one after the other), after warm-up; images/s = batch size / mean "
-        "latency.",
+        "ΔAP: AP minus PyTorch fp32's AP at the same batch size. Times are milliseconds per "
+        "**batch**, after warm-up. *Inference*: the backend alone in its own phase — one "
+        "preprocessed batch kept resident, back-to-back runs, numpy in → numpy out with "
+        "every copy and conversion (the figure to compare backends by). *Compute*: the "
+        "forward alone, inputs already on the device and outputs left there (CUDA events; "
+        "onnxruntime through IO binding; the clock on a CPU); inference minus compute is "
+        "the transfers. *Pipeline*: in a real pipeline — preprocessing (read, decode, "
+        "resize, normalise), inference, decode + NMS one after the other on one thread; "
+        "images/s = batch size / mean pipeline latency.",
         "",
     ]
     if ds.unreadable_images:

@@ -46,6 +46,7 @@ def render_compare(doc: CompareResult, plot: Optional[str] = None) -> str:
     out += _layers(doc, plot)
     out += _detections(doc)
     out += _proposals(doc)
+    out += _batch_invariance(doc)
     out += _candidates(doc)
     out += _topk_pressure(doc)
     out += _preflight(doc)
@@ -213,6 +214,32 @@ def _proposals(doc: CompareResult) -> list[str]:
                    "RPN outputs rel-L2", "missing in target (why)",
                    "only in target (why PyTorch lacks it)", "not replayed"], rows,
                   align="lrrrrrrllr"), "", *notes, ""]
+
+
+def _batch_invariance(doc: CompareResult) -> list[str]:
+    """Each side's batch-1 runs against its batch-N ones."""
+    sides = [("PyTorch", doc.reference.get("batch_invariance"))]
+    sides += [(t.name, t.batch_invariance) for t in doc.targets if t.available]
+    rows, notes = [], []
+    for name, b in sides:
+        if not b:
+            continue
+        causes = ", ".join(f"{n} {c.replace('_', ' ')}" for c, n in b["causes"].items())
+        rows.append([name, b["images"], b["changed_images"], b["detections_changed"],
+                     b["max_score_change"], b["max_box_change_px"],
+                     b.get("note") or causes or "—"])
+        notes += [f"- {name}, {e['image']}: {e['cause'].replace('_', ' ')} — {e['detail']}"
+                  for e in b.get("examples", [])[:3]]
+    if not rows:
+        return []
+    batch = next(b for _, b in sides if b)["batch"]
+    return [f"### Batch invariance: alone (batch 1) vs inside a batch of {batch}", "",
+            "Every image run again alone on the same backend and diffed against its "
+            "detections inside the batch, with the same causes as above. A deterministic "
+            "backend changes nothing; kernels chosen per batch size (fp16, int8) may.", "",
+            table(["side", "images", "images that change", "detections that change",
+                   "largest score change", "largest box change (px)", "causes / note"], rows,
+                  align="lrrrrrl"), "", *notes, ""]
 
 
 def _candidates(doc: CompareResult) -> list[str]:

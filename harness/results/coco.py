@@ -34,9 +34,14 @@ class CocoRow(Schema):
     AR100: Optional[float] = None
     delta_AP: Optional[float] = None
     per_class: Optional[dict[str, Optional[float]]] = None
+    # the per-stage pipeline view (preprocess, infer, post on one thread): "in a real
+    # pipeline"
     latency_ms: Optional[dict[str, dict[str, float]]] = None
     latency_stability: Optional[dict[str, Any]] = None
     images_per_s: Optional[float] = None
+    # inference in its own phase (harness.eval.inference_timing.InferenceTiming.to_json():
+    # host end-to-end, compute, transfers, each mean / median / p90 / p99 ms per batch)
+    inference: Optional[dict[str, Any]] = None
     images: Optional[int] = None
     unreadable: Optional[int] = None
 

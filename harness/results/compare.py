@@ -189,6 +189,9 @@ class TargetResult(Schema):
     # not_replayed: the target's proposals its RPN replay does not keep)
     proposals: Optional[dict[str, Any]] = None
     detections: Optional[DetectionSummary] = None
+    # each image run alone (batch 1) against its in-batch detections on this backend
+    # (harness.align.batch_invariance.BatchInvariance.to_json()); None at batch 1
+    batch_invariance: Optional[dict[str, Any]] = None
     replay_disagrees: Optional[int] = None
     # `harness check` of the target's ONNX (harness.export.check.CheckResult.to_json()), or
     # {"error": why it could not run}; None without an ONNX file
