@@ -162,6 +162,9 @@ def test_report_files_carry_the_same_numbers(matrix_run):
     rows = results["coco"]["rows"]
     md = files["coco.md"].decode()
     assert "ms/batch" in md and "ΔAP vs PyTorch fp32" in md and "## AP per class" in md
+    # what each latency column times
+    assert "inference median (ms/batch)" in md and "compute median (ms/batch)" in md
+    assert "*Inference*: the backend alone in its own phase" in md
     assert md.count("not available: TensorRT is not available") == 6
     table_lines = [x for x in md.splitlines() if x.startswith("| torch") or
                    x.startswith("| onnxruntime") or x.startswith("| tensorrt")]

@@ -83,6 +83,8 @@ def test_exception_midway_then_resume(synth_val, tmp_path, clean):
     doc, runs = run_coco(more, log=lambda m: None)
     assert runs[0].pass_times.images == 0
     assert doc.to_json()["rows"][0]["latency_ms"] is not None
+    inference = doc.to_json()["rows"][0]["inference"]  # the backend in its own phase
+    assert inference["host"]["median"] > 0 and inference["runs"] == 2
     latency_lines = [r for r in map(json.loads, jsonl.read_text().splitlines())
                      if r["kind"] == "latency"]
     assert [x["result"]["runs"] for x in latency_lines] == [1, 2]
