@@ -128,11 +128,15 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
              category_ids: Sequence[int], store: Any, *,
              sync: Optional[Callable[[], None]] = None, desc: Optional[str] = None,
              progress: bool = True, on_batch: Optional[Callable[[int], None]] = None,
-             warn: Optional[Callable[[str], None]] = None) -> PassTimes:
+             warn: Optional[Callable[[str], None]] = None,
+             post_reference: Optional[Callable[[Any, Sequence[Any], np.ndarray], list]] = None
+             ) -> PassTimes:
     """Run every batch of `images` (SplitImage) not yet in `store` (RunStore).
 
     infer(inputs (B,3,H,W) float32, metas) → outputs; post(outputs, metas) → per image
-    NmsResult;
+    NmsResult; post_reference(outputs, metas, inputs) → per image NmsResult of the same
+    candidates through the reference's NMS (a file with its own NMS: the ΔAP split), stored
+    beside the detections as `reference_nms`;
     sync: device synchronisation around inference (GPU). on_batch(batches stored so far) is
     called after each batch is safely on disk (tests use it to interrupt a run).
     """
@@ -180,13 +184,18 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
                     n = len(prepared.images)
                     dets = post(outputs, prepared.metas)
                     post_s = clock() - t0
+                    refs = None if post_reference is None else \
+                        post_reference(outputs, prepared.metas, prepared.inputs)
                     ms = {"preprocess": prepared.seconds / n * 1e3, "infer": infer_s / n * 1e3,
                           "post": post_s / n * 1e3}
-                    for im, det in zip(prepared.images, dets):
+                    for i, (im, det) in enumerate(zip(prepared.images, dets)):
                         records.append({"image_id": im.image_id, "file": im.file_name,
                                         "detections": coco_entries(im.image_id, det,
                                                                    category_ids),
                                         "ms": {k: round(v, 4) for k, v in ms.items()}})
+                        if refs is not None:
+                            records[-1]["reference_nms"] = coco_entries(
+                                im.image_id, refs[i], category_ids)
                 store.append_images(records)
                 times.post_s += clock() - t0
                 times.preprocess_s += prepared.seconds

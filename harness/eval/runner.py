@@ -140,13 +140,19 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
     def post(outputs: Any, metas: Sequence[Any]) -> list:
         return detections_from_outputs(model, outputs, metas)
 
+    from harness.eval.delta_ap import reference_nms_post
+
     try:
+        post_reference, split_how = reference_nms_post(model, backend)
+        if post_reference is not None and store.images and not store.has("reference_nms"):
+            post_reference = None  # stored before the split was kept: not split on resume
+            split_how = "not split: its stored detections predate the ΔAP split"
         spec = spec_for(model, backend)
         run.pass_times = run_pass(
             images, batch, spec, backend.infer, post, category_ids,
             store, sync=target.sync, desc=config.key, progress=settings.progress,
             on_batch=None if on_batch is None else (lambda n: on_batch(config, n)),
-            warn=log)
+            warn=log, post_reference=post_reference)
         stored = store.latency or {}
         if (stored.get("warmup"), stored.get("runs")) != (timing.warmup, timing.runs) or \
                 "inference" not in stored:
@@ -166,6 +172,13 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
     for k in COCO_STATS:
         setattr(row, k, scores.stats[k])
     row.per_class = scores.per_class
+    if post_reference is not None:
+        row.AP_reference_nms = evaluate(
+            split.coco, store.detections(readable, key="reference_nms"), readable,
+            names_by_cat, evaluator).stats["AP"]
+    elif split_how.startswith("its NMS is the reference's"):
+        row.AP_reference_nms = row.AP
+    row.delta_AP_parts = {"how": split_how}
     row.latency_ms = latency.stages
     row.latency_stability = latency.stability.to_json()
     row.images_per_s = latency.images_per_s
@@ -265,3 +278,8 @@ def add_delta_ap(rows: list[CocoRow]) -> None:
         same.sort(key=lambda r: r.device != row.device)
         ref = (same or refs)[0]
         row.delta_AP = row.AP - ref.AP
+        from harness.eval.delta_ap import split
+
+        parts = split(row, ref)
+        if parts is not None:
+            row.delta_AP_parts = {**(row.delta_AP_parts or {}), **parts}

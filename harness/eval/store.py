@@ -136,14 +136,21 @@ class RunStore:
     def done(self, image_id: int) -> bool:
         return image_id in self.images
 
-    def detections(self, image_ids: Optional[Iterable[int]] = None) -> list[dict[str, Any]]:
-        """The stored COCO result entries (of `image_ids`, default all), in image-id order."""
+    def detections(self, image_ids: Optional[Iterable[int]] = None,
+                   key: str = "detections") -> list[dict[str, Any]]:
+        """The stored COCO result entries (of `image_ids`, default all), in image-id order;
+        key "reference_nms": the same candidates through the reference's NMS, where stored."""
         wanted = sorted(self.images if image_ids is None else
                         (i for i in set(image_ids) if i in self.images))
         out: list[dict[str, Any]] = []
         for image_id in wanted:
-            out.extend(self.images[image_id].get("detections") or [])
+            out.extend(self.images[image_id].get(key) or [])
         return out
+
+    def has(self, key: str) -> bool:
+        """Whether every stored readable image carries `key`."""
+        readable = [r for r in self.images.values() if not r.get("unreadable")]
+        return bool(readable) and all(key in r for r in readable)
 
     def unreadable(self) -> dict[int, str]:
         return {i: r["unreadable"] for i, r in self.images.items() if r.get("unreadable")}

@@ -84,6 +84,23 @@ def main_table(doc: CocoResult) -> str:
     return table(headers, rows, align="lllrrl" + "r" * 12 + "l", digits=3)
 
 
+def delta_split_table(doc: CocoResult) -> Optional[str]:
+    """ΔAP per row split into numbers and NMS (harness.eval.delta_ap); None when no row has
+    the split."""
+    rows = []
+    for r in doc.rows:
+        parts = r.delta_AP_parts or {}
+        if not r.ok or r.delta_AP is None:
+            continue
+        rows.append([_label(r, doc), f"{r.delta_AP:+.4f}",
+                     None if "numeric" not in parts else f"{parts['numeric']:+.4f}",
+                     None if "nms" not in parts else f"{parts['nms']:+.4f}",
+                     parts.get("how", "—")])
+    if not any(row[2] is not None for row in rows):
+        return None
+    return table(["configuration", "ΔAP", "numbers", "NMS", "how"], rows, align="lrrrl")
+
+
 def stability_text(doc: CocoResult) -> Optional[str]:
     """What the reader must know about the latency figures' steadiness: which configurations
     were unstable, by how much, against which limits, and what to do; or that all were
@@ -203,6 +220,14 @@ def render_coco(doc: CocoResult, plot: Optional[str] = None) -> str:
         lines += [stability, ""]
     if plot:
         lines += [f"![AP vs latency]({plot})", ""]
+    split_rows = delta_split_table(doc)
+    if split_rows:
+        lines += ["## ΔAP split: the numbers or the NMS", "",
+                  "Against PyTorch fp32 at the same batch: *numbers* = AP of the row's own "
+                  "candidates through the reference's NMS − the reference's AP; *NMS* = the "
+                  "row's AP − that AP (its TopK, thresholds, ties, caps). They add up to ΔAP; "
+                  "a row whose NMS is the reference's has an NMS part of 0.", "",
+                  split_rows, ""]
     if ok:
         lines += ["## Latency by stage (ms per batch)", "", stage_table(doc), ""]
     by_nms_pre = nms_pre_table(doc)

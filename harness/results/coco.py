@@ -33,6 +33,12 @@ class CocoRow(Schema):
     AR10: Optional[float] = None
     AR100: Optional[float] = None
     delta_AP: Optional[float] = None
+    # AP of the row's own candidates through the reference's NMS (a file ending in its own
+    # NMS; the row's AP where its NMS is the reference's), and ΔAP split into what the
+    # numbers cost (numeric = that AP − the reference's) and what the NMS cost (nms = AP −
+    # that AP), with how the split was made (harness.eval.delta_ap)
+    AP_reference_nms: Optional[float] = None
+    delta_AP_parts: Optional[dict[str, Any]] = None
     per_class: Optional[dict[str, Optional[float]]] = None
     # the per-stage pipeline view (preprocess, infer, post on one thread): "in a real
     # pipeline"

@@ -36,7 +36,7 @@ RUNS_HERE = {f"{b}_cpu_{p}_b{n}" for b, ps in (("torch", ("fp32", "fp16", "bf16"
 ROW_KEYS = {"backend", "device", "precision", "batch", "nms_pre", "preprocess", "status",
             "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "delta_AP",
             "per_class", "latency_ms", "latency_stability", "images_per_s", "images",
-            "unreadable"}
+            "unreadable", "inference", "AP_reference_nms", "delta_AP_parts"}
 
 
 # the tests that share the one full matrix run (about 40 s on 2 cores)

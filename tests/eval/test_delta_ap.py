@@ -1,0 +1,43 @@
+"""ΔAP split into what the numbers cost and what the NMS cost (harness.eval.delta_ap), on
+planted rows: an end2end file whose ONNX NMS has a pre-NMS TopK of 30 loses AP in its NMS and
+none in its numbers; an fp16 raw file (the reference's NMS) loses it in its numbers only. The
+parts add up to ΔAP."""
+from __future__ import annotations
+
+import pytest
+
+from harness.eval.runner import run_coco
+from harness.experiment import Configuration
+from harness.export.onnx_export import ExportSettings, export_onnx
+from harness.models.config import load_model_source
+from harness.models.zoo import FIXTURE_CHECKPOINT, FIXTURE_CONFIG
+from harness.settings import CocoSettings
+
+pytestmark = pytest.mark.slow
+
+
+def test_planted_topk_cut_is_nms_and_fp16_is_numbers(synth_val, tmp_path):
+    model = load_model_source(FIXTURE_CONFIG, FIXTURE_CHECKPOINT)
+    cut = export_onnx(model, tmp_path / "topk30.onnx", ExportSettings(
+        variant="end2end", nms="onnx", pre_topk=30)).path
+    configs = (Configuration("torch", "cpu", "fp32", 4),
+               Configuration("onnxruntime", "cpu", "fp32", 4),
+               Configuration("onnxruntime", "cpu", "fp16", 4))
+    settings = CocoSettings(images_dir=synth_val, annotations=None, config=FIXTURE_CONFIG,
+                            checkpoint=FIXTURE_CHECKPOINT, cache_dir=tmp_path / "cache",
+                            configurations=configs, onnx={"fp32": cut}, warmup=0, runs=1,
+                            progress=False, evaluator="pycocotools")
+    doc, _ = run_coco(settings, log=lambda m: None)
+    rows = {(r.backend, r.precision): r for r in doc.rows}
+    ref, topk, fp16 = rows["torch", "fp32"], rows["onnxruntime", "fp32"], \
+        rows["onnxruntime", "fp16"]
+    assert topk.delta_AP < -0.01, topk.delta_AP  # the TopK of 30 costs AP
+    parts = topk.delta_AP_parts
+    assert parts["numeric"] + parts["nms"] == pytest.approx(topk.delta_AP, abs=1e-9)
+    assert abs(parts["numeric"]) <= 0.002 and parts["nms"] == pytest.approx(
+        topk.delta_AP, abs=0.002), parts
+    assert "through the reference's NMS" in parts["how"]
+    f16 = fp16.delta_AP_parts
+    assert f16["nms"] == 0.0 and f16["numeric"] == pytest.approx(fp16.delta_AP, abs=1e-12)
+    assert "its NMS is the reference's" in f16["how"]
+    assert ref.delta_AP_parts["nms"] == 0.0 and ref.delta_AP_parts["numeric"] == 0.0
