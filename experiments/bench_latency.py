@@ -92,15 +92,20 @@ def main() -> None:
                 time_host(bare, warm, sync)
                 time_inference(backend, data.inputs, data.metas, warm, sync)
                 ours, theirs, compute, method = [], [], [], None
-                for _ in range(args.rounds):
-                    timing = time_inference(backend, data.inputs, data.metas,
-                                            LatencySettings(0, per_round), sync)
-                    ours.append(timing.host["median"])
-                    theirs.append(1000 * float(np.median(
-                        time_host(bare, LatencySettings(0, per_round), sync))))
-                    if timing.compute is not None:
-                        compute.append(timing.compute["median"])
-                        method = timing.compute_method
+                for k in range(args.rounds):
+                    # which method goes first alternates round by round (ABBA...), so neither
+                    # always runs right after the other
+                    for which in ((0, 1) if k % 2 == 0 else (1, 0)):
+                        if which == 0:
+                            timing = time_inference(backend, data.inputs, data.metas,
+                                                    LatencySettings(0, per_round), sync)
+                            ours.append(timing.host["median"])
+                            if timing.compute is not None:
+                                compute.append(timing.compute["median"])
+                                method = timing.compute_method
+                        else:
+                            theirs.append(1000 * float(np.median(
+                                time_host(bare, LatencySettings(0, per_round), sync))))
                 # the median of the rounds' medians, the same way for both methods
                 h, b = float(np.median(ours)), float(np.median(theirs))
                 c = f"{np.median(compute):11.2f}" if compute else f"{'—':>11}"
