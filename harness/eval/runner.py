@@ -263,7 +263,26 @@ def _measure(images: Sequence[Any], batch: int, spec: Any, backend: Any,
         prepared = prepare_batch(batches[0], spec)
         result.inference = time_inference(backend, prepared.inputs, prepared.metas, latency,
                                           sync).to_json()
+        if getattr(backend, "name", "") == "tensorrt":
+            result.inference.update(_trtexec_beside(backend, prepared.inputs,
+                                                    result.inference))
     return result
+
+
+def _trtexec_beside(backend: Any, inputs: Any, ours: dict[str, Any]) -> dict[str, Any]:
+    """trtexec on the same engine at the same shapes, with the ratios of the harness's
+    figures to its; nothing where trtexec is not on the PATH."""
+    from harness.eval.trtexec import beside, run_trtexec
+
+    shapes = {backend.input_name: inputs.shape}
+    shapes.update({name: (inputs.shape[0], 2) for name in getattr(backend, "extra_inputs", [])})
+    try:
+        found = run_trtexec(backend.path, shapes)
+    except UserError as exc:
+        return {"trtexec": {"error": str(exc)}}
+    if found is None:
+        return {}
+    return {"trtexec": found, "versus_trtexec": beside(ours, found)}
 
 
 def add_delta_ap(rows: list[CocoRow]) -> None:
