@@ -4,7 +4,9 @@ box head's multiclass NMS replayed on its own RoIs (harness.nms.rcnn), and `unit
 both sides' second-stage candidates on the same rows — one row per proposal either side has,
 matched by anchor — so the post-NMS diff (harness.align.detections) reads both sides' fates
 of the same candidate, and a candidate whose proposal one side lacks has the fate
-PROPOSAL_MISSING with the proposal diff's reason.
+PROPOSAL_MISSING with the proposal diff's reason. Also the layer diff's two-stage pieces:
+RoI-stage layers on matched rows (`same_rows`) and a split pair's RoI features
+(`with_split_roi_features`).
 """
 from __future__ import annotations
 
@@ -161,3 +163,36 @@ def settings_from_file(model: Any, record: Optional[dict]) -> dict[str, Any]:
                               iou_threshold=float(e2e["iou_threshold"]),
                               max_per_img=int(e2e["keep_topk"]))
     return {"rpn": rpn, "nms": nms, "nms_pixels": "input"}
+
+
+def with_split_roi_features(found: Any, backend: Any) -> Any:
+    """A split pair's RoI features are made between its graphs: compare them as the head
+    graph's input, just before the head's first layer."""
+    from harness.align.layers import Layer
+
+    if ROI_FEATURES not in found.unmapped:
+        return found
+    head = backend.head.input_name
+    first = next((i for i, lay in enumerate(found.layers)
+                  if lay.module.startswith("roi_head.")), len(found.layers))
+    layers = [*found.layers[:first], Layer(ROI_FEATURES, head, head, 0), *found.layers[first:]]
+    found.layers = [Layer(lay.module, lay.tensor, lay.node, depth)
+                    for depth, lay in enumerate(layers)]
+    found.unmapped = [m for m in found.unmapped if m != ROI_FEATURES]
+    found.counts["name"] = found.counts.get("name", 0) + 1
+    found.counts["not mapped"] = len(found.unmapped)
+    return found
+
+
+def same_rows(module: str, ref: np.ndarray, tgt: np.ndarray,
+              pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """A two-stage RoI-stage layer (B * K rows, one per proposal slot) on both sides, on
+    the rows of the proposals both have, in the same order (pairs: per image the matched
+    (reference rows, target rows)); other layers as they are."""
+    if not module.startswith("roi_head."):
+        return ref, tgt
+    b = len(pairs)
+    r = ref.reshape(b, -1, *ref.shape[1:])
+    t = tgt.reshape(b, -1, *tgt.shape[1:])
+    return (np.concatenate([r[i, p[0]] for i, p in enumerate(pairs)]),
+            np.concatenate([t[i, p[1]] for i, p in enumerate(pairs)]))
