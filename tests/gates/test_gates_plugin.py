@@ -259,7 +259,7 @@ def test_without_the_options_the_plugin_does_nothing(pytester, reports):
                                   "gates": {"max_ap_drop": 0.1}}},
      "ERROR: harness gates: reports/demo/results.json (experiment.gates): unknown gate "
      "'max_ap_drop'; known gates: max_delta_ap, min_ap, max_layer_rel_l2, min_match_rate, "
-     "max_unexplained, max_latency_ratio"),
+     "max_unexplained, max_latency_ratio, max_batch_variant"),
     ({"schema": 2, "coco": {"rows": []}},
      "ERROR: harness gates: results file reports/demo/results.json names no gates*"),
 ])
