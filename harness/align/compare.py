@@ -102,8 +102,8 @@ class TargetRun:
 
         self.target = target
         self.model = model
-        self.invariance = BatchInvariance(tol, batch) if batch_invariance and batch > 1 \
-            else None
+        self.invariance = BatchInvariance(tol, batch, model.preprocess.pad_value) \
+            if batch_invariance and batch > 1 else None
         proto = onnx.load(str(target.onnx_path), load_external_data=False) \
             if target.onnx_path else None
         self.two_stage = is_two_stage(model)
@@ -419,7 +419,8 @@ def run_compare(model: ModelSource, targets: Sequence[Target], images: Sequence[
     not_replayed = 0  # two-stage: PyTorch's proposals its RPN replay does not keep
     from harness.align.batch_invariance import BatchInvariance
 
-    ref_invariance = BatchInvariance(tol, batch) if batch_invariance and batch > 1 else None
+    ref_invariance = BatchInvariance(tol, batch, model.preprocess.pad_value) \
+        if batch_invariance and batch > 1 else None
 
     def ref_alone(x: np.ndarray, metas: Sequence[Any]) -> list[Any]:
         out = reference.infer(x, metas)

@@ -63,9 +63,29 @@ def reference_nms_post(model: Any, backend: Any
 
 
 def split(row: Any, reference: Any) -> Optional[dict[str, Any]]:
-    """The parts of row.delta_AP against `reference` (a CocoRow), or None."""
+    """The parts of row.delta_AP against `reference` (a CocoRow), or None; per COCO size range
+    and per class too where the reference-NMS figures were kept (delta_AP_parts
+    ["reference_nms"]). A class or size with no ground truth (AP -1 or None) is left out."""
     if row.delta_AP is None or row.AP_reference_nms is None:
         return None
     numeric = row.AP_reference_nms - reference.AP
     nms = row.AP - row.AP_reference_nms
-    return {"numeric": numeric, "nms": nms, "sum": numeric + nms}
+    out: dict[str, Any] = {"numeric": numeric, "nms": nms, "sum": numeric + nms}
+    through = (row.delta_AP_parts or {}).get("reference_nms")
+    if through:
+        out["sizes"] = {k: _parts(getattr(row, k), through["sizes"].get(k),
+                                  getattr(reference, k))
+                        for k in through["sizes"]}
+        mine, ref = row.per_class or {}, reference.per_class or {}
+        out["per_class"] = {c: _parts(mine.get(c), v, ref.get(c))
+                            for c, v in (through.get("per_class") or {}).items()}
+        out["sizes"] = {k: v for k, v in out["sizes"].items() if v}
+        out["per_class"] = {k: v for k, v in out["per_class"].items() if v}
+    return out
+
+
+def _parts(ap: Optional[float], through: Optional[float],
+           ref: Optional[float]) -> Optional[dict[str, float]]:
+    if any(v is None or v < 0 for v in (ap, through, ref)):
+        return None
+    return {"numeric": through - ref, "nms": ap - through}

@@ -172,13 +172,17 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
     for k in COCO_STATS:
         setattr(row, k, scores.stats[k])
     row.per_class = scores.per_class
+    row.delta_AP_parts = {"how": split_how}
     if post_reference is not None:
-        row.AP_reference_nms = evaluate(
-            split.coco, store.detections(readable, key="reference_nms"), readable,
-            names_by_cat, evaluator).stats["AP"]
+        through = evaluate(split.coco, store.detections(readable, key="reference_nms"),
+                           readable, names_by_cat, evaluator)
+        row.AP_reference_nms = through.stats["AP"]
+        row.delta_AP_parts["reference_nms"] = {
+            "sizes": {k: through.stats[k] for k in SIZES}, "per_class": through.per_class}
     elif split_how.startswith("its NMS is the reference's"):
         row.AP_reference_nms = row.AP
-    row.delta_AP_parts = {"how": split_how}
+        row.delta_AP_parts["reference_nms"] = {
+            "sizes": {k: getattr(row, k) for k in SIZES}, "per_class": row.per_class}
     row.latency_ms = latency.stages
     row.latency_stability = latency.stability.to_json()
     row.images_per_s = latency.images_per_s
@@ -283,6 +287,10 @@ def _trtexec_beside(backend: Any, inputs: Any, ours: dict[str, Any]) -> dict[str
     if found is None:
         return {}
     return {"trtexec": found, "versus_trtexec": beside(ours, found)}
+
+
+# the COCO size ranges the ΔAP split is given for
+SIZES = ("APs", "APm", "APl")
 
 
 def add_delta_ap(rows: list[CocoRow]) -> None:

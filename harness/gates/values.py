@@ -107,11 +107,12 @@ def _batch_variant(target: TargetResult, gate: Any, baselines: Any):
     if doc.get("note"):
         raise Missing(f"{target._path}.batch_invariance", doc["note"])
     causes = ", ".join(f"{c} {n}" for c, n in doc["causes"].items()) or "none"
+    padded = (doc.get("padded") or {}).get("changed_images", 0)
     detail = (f"{doc['changed_images']} of {doc['images']} images change between batch 1 and "
               f"batch {doc['batch']} ({doc['detections_changed']} detections; causes {causes}; "
               f"scores up to {_num(doc['max_score_change'])}, boxes up to "
-              f"{_num(doc['max_box_change_px'])} px)")
-    return float(doc["changed_images"]), detail
+              f"{_num(doc['max_box_change_px'])} px); {padded} beside padding images")
+    return float(max(doc["changed_images"], padded)), detail
 
 
 def _total_mean(row: CocoRow, where: str) -> float:

@@ -225,9 +225,10 @@ def _batch_invariance(doc: CompareResult) -> list[str]:
         if not b:
             continue
         causes = ", ".join(f"{n} {c.replace('_', ' ')}" for c, n in b["causes"].items())
+        pad = b.get("padded") or {}
         rows.append([name, b["images"], b["changed_images"], b["detections_changed"],
                      b["max_score_change"], b["max_box_change_px"],
-                     b.get("note") or causes or "—"])
+                     pad.get("changed_images", "—"), b.get("note") or causes or "—"])
         notes += [f"- {name}, {e['image']}: {e['cause'].replace('_', ' ')} — {e['detail']}"
                   for e in b.get("examples", [])[:3]]
     if not rows:
@@ -235,11 +236,14 @@ def _batch_invariance(doc: CompareResult) -> list[str]:
     batch = next(b for _, b in sides if b)["batch"]
     return [f"### Batch invariance: alone (batch 1) vs inside a batch of {batch}", "",
             "Every image run again alone on the same backend and diffed against its "
-            "detections inside the batch, with the same causes as above. A deterministic "
-            "backend changes nothing; kernels chosen per batch size (fp16, int8) may.", "",
+            "detections inside the batch, with the same causes as above, and against a batch "
+            f"of {batch} made of it and padding images (its letterbox shape, all pad value). "
+            "A deterministic backend changes nothing; kernels chosen per batch size (fp16, "
+            "int8) may.", "",
             table(["side", "images", "images that change", "detections that change",
-                   "largest score change", "largest box change (px)", "causes / note"], rows,
-                  align="lrrrrrl"), "", *notes, ""]
+                   "largest score change", "largest box change (px)",
+                   "images that change beside padding", "causes / note"], rows,
+                  align="lrrrrrrl"), "", *notes, ""]
 
 
 def _candidates(doc: CompareResult) -> list[str]:

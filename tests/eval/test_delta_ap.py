@@ -37,6 +37,14 @@ def test_planted_topk_cut_is_nms_and_fp16_is_numbers(synth_val, tmp_path):
     assert abs(parts["numeric"]) <= 0.002 and parts["nms"] == pytest.approx(
         topk.delta_AP, abs=0.002), parts
     assert "through the reference's NMS" in parts["how"]
+    # per COCO size range and per class the parts add up to that range's / class's ΔAP
+    for size, p in parts["sizes"].items():
+        assert p["numeric"] + p["nms"] == pytest.approx(getattr(topk, size) - getattr(ref, size))
+    assert parts["per_class"]
+    for name, p in parts["per_class"].items():
+        assert p["numeric"] + p["nms"] == pytest.approx(topk.per_class[name] -
+                                                        ref.per_class[name])
+        assert abs(p["numeric"]) <= 0.01, (name, p)
     f16 = fp16.delta_AP_parts
     assert f16["nms"] == 0.0 and f16["numeric"] == pytest.approx(fp16.delta_AP, abs=1e-12)
     assert "its NMS is the reference's" in f16["how"]
