@@ -157,8 +157,7 @@ class OnnxruntimeBackend(Backend):
         """The graph's outputs for inputs fed by name, unchecked (a split export's head
         graph, whose input is RoI features, not images)."""
         self.load()
-        names = [o.name for o in self._cut.body.graph.output]
-        return dict(zip(names, self._run(self._session, feeds)))
+        return dict(zip(self._body_output_names, self._run(self._session, feeds)))
 
     def source_onnx(self) -> Path:
         return self.path
@@ -221,6 +220,9 @@ class OnnxruntimeBackend(Backend):
         self.input_dims = _dims(inputs[0])
         self._input_elem_type = inputs[0].type.tensor_type.elem_type
         self._session = self._make_session(self._cut.body)
+        # read once: protobuf fields are slow to walk on every run
+        self._body_output_names = [o.name for o in self._cut.body.graph.output]
+        self._output_names = [o.name for o in self._cut.outputs]
 
     def _providers(self) -> list[Any]:
         import onnxruntime as ort
@@ -271,19 +273,23 @@ class OnnxruntimeBackend(Backend):
         declared input: a static batch of another size, or another rank / channel / size."""
         self.load()
         dims = self.input_dims
-        shown = "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+        def shown() -> str:  # only for the messages: not built on every run
+            return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
         if len(dims) != inputs.ndim:
-            raise UserError(f"{self.path.name} takes {self.input_name} {shown} ({len(dims)}-D); "
-                            f"got a {inputs.ndim}-D input {tuple(inputs.shape)}")
+            raise UserError(f"{self.path.name} takes {self.input_name} {shown()} "
+                            f"({len(dims)}-D); got a {inputs.ndim}-D input "
+                            f"{tuple(inputs.shape)}")
         if isinstance(dims[0], int) and dims[0] != inputs.shape[0]:
             raise UserError(f"{self.path.name} has a static batch of {dims[0]} "
-                            f"({self.input_name} {shown}); it cannot take a batch of "
+                            f"({self.input_name} {shown()}); it cannot take a batch of "
                             f"{inputs.shape[0]} (export with a dynamic batch, or use batch "
                             f"{dims[0]})")
         for axis, (want, got) in enumerate(zip(dims[1:], inputs.shape[1:]), start=1):
             if isinstance(want, int) and want != got:
                 raise UserError(f"input shape {tuple(inputs.shape)} does not fit "
-                                f"{self.path.name}, which takes {self.input_name} {shown} "
+                                f"{self.path.name}, which takes {self.input_name} {shown()} "
                                 f"(axis {axis} must be {want}): preprocess for this file's "
                                 "input size")
 
@@ -318,7 +324,7 @@ class OnnxruntimeBackend(Backend):
         """inputs (B, 3, H, W) float32 → every graph output by name, in graph order (plugin
         outputs computed by the reference kernels)."""
         values = self._values(inputs, metas)
-        return {o.name: values[o.name] for o in self._cut.outputs}
+        return {name: values[name] for name in self._output_names}
 
     def _values(self, inputs: np.ndarray, metas: Optional[Sequence[Any]] = None,
                 late: Sequence[str] = ()) -> dict[str, np.ndarray]:
@@ -328,8 +334,7 @@ class OnnxruntimeBackend(Backend):
 
         self.load()
         feeds = self._feed(inputs, metas)
-        names = [o.name for o in self._cut.body.graph.output]
-        values = dict(zip(names, self._run(self._session, feeds)))
+        values = dict(zip(self._body_output_names, self._run(self._session, feeds)))
         values.update(feeds)
         self.plugin_results = {}
         for node in self._cut.plugins:
