@@ -10,6 +10,15 @@ import pytest
 VARIED_SIZES = [(500, 375), (333, 640), (640, 427), (120, 90)]
 
 
+def synth_val_images(tmp_path_factory, name: str, images: int, seed: int) -> list[Path]:
+    """The val images of a synthetic COCO split of `images` (half of them val), by seed."""
+    from harness.synth import generate_synthetic_coco
+
+    out = tmp_path_factory.mktemp(name)
+    generate_synthetic_coco(out, images=images, seed=seed, val_fraction=0.5)
+    return sorted((out / "val2017").glob("*.jpg"))
+
+
 def draw_test_image(w: int, h: int, seed: int) -> np.ndarray:
     """A BGR uint8 image with smooth background, noise and a few filled shapes."""
     import cv2

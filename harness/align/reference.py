@@ -51,15 +51,21 @@ def candidate_rows(found: Any, side: Any, meta: Any) -> np.ndarray:
         cands = np.flatnonzero(side.scores[:, c] == s)
         if not cands.size:
             continue
-        dist = np.max(np.abs(original[cands] - boxes[i]), axis=1)
-        for k in np.argsort(dist, kind="stable"):
-            if dist[k] > SAME_BOX_PX:
-                break
-            if (int(cands[k]), c) not in taken:
-                rows[i] = int(cands[k])
-                taken.add((rows[i], c))
-                break
+        rows[i] = _nearest_free(cands, np.max(np.abs(original[cands] - boxes[i]), axis=1),
+                                c, taken)
     return rows
+
+
+def _nearest_free(cands: np.ndarray, dist: np.ndarray, c: int, taken: set) -> int:
+    """The candidate row nearest by `dist` (within SAME_BOX_PX) whose (row, class) is not
+    taken yet, marked taken; -1 when none is."""
+    for k in np.argsort(dist, kind="stable"):
+        if dist[k] > SAME_BOX_PX:
+            break
+        if (int(cands[k]), c) not in taken:
+            taken.add((int(cands[k]), c))
+            return int(cands[k])
+    return -1
 
 
 def _per_class_rows(found: Any, side: Any) -> np.ndarray:
@@ -77,13 +83,7 @@ def _per_class_rows(found: Any, side: Any) -> np.ndarray:
             continue
         dist = np.max(np.abs(side.boxes[cands, c] - boxes[i]), axis=1) + \
             np.abs(side.scores[cands, c] - s)
-        for k in np.argsort(dist, kind="stable"):
-            if dist[k] > SAME_BOX_PX:
-                break
-            if (int(cands[k]), c) not in taken:
-                rows[i] = int(cands[k])
-                taken.add((rows[i], c))
-                break
+        rows[i] = _nearest_free(cands, dist, c, taken)
     return rows
 
 

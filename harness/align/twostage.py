@@ -69,8 +69,10 @@ class TwoStagePipeline(Pipeline):
         decoded = self.model.decode(outputs, metas)
         results = self.model.detections(decoded, metas, trace=True,
                                         nms_pixels=self.nms_pixels)
-        rpn = self.model.reference_proposals(outputs, metas, trace=True, settings=self.rpn)
-        anchors = self.model.rpn_boxes(outputs, metas)
+        maps = self.model.rpn_maps(outputs)  # flattened once for both
+        rpn = self.model.reference_proposals(outputs, metas, trace=True, settings=self.rpn,
+                                             maps=maps)
+        anchors = self.model.rpn_boxes(outputs, metas, maps)
         props = self.model.proposals(outputs, metas)
         out = []
         for i, (meta, res) in enumerate(zip(metas, results)):

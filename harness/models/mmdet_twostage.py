@@ -291,35 +291,38 @@ class TwoStageModel:
         return [props[i, :int(counts[i])] for i in range(props.shape[0])]
 
     def reference_proposals(self, outputs: Mapping[str, Any], metas: Sequence[Any],
-                            trace: bool = False, settings: Any = None) -> list[Any]:
+                            trace: bool = False, settings: Any = None,
+                            maps: Any = None) -> list[Any]:
         """The numpy replay of the RPN (harness.nms.rpn) on the outputs' RPN maps, per
         image, with every anchor's fate when `trace`; `settings` (RpnSettings) replaces the
-        source's own (a file exported with other proposal settings)."""
+        source's own (a file exported with other proposal settings); maps: rpn_maps(outputs)
+        when the caller has them already."""
         from harness.nms.rpn import rpn_proposals
 
         coder = self.module.rpn_head.bbox_coder
-        logits, deltas, anchors = self._rpn_maps(outputs)
+        logits, deltas, anchors = maps or self.rpn_maps(outputs)
         return [rpn_proposals(lg, dl, anchors, tuple(meta.img_shape), settings or self.rpn,
                               coder.means, coder.stds, trace=trace)
                 for lg, dl, meta in zip(logits, deltas, metas)]
 
-    def rpn_boxes(self, outputs: Mapping[str, Any],
-                  metas: Sequence[Any]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def rpn_boxes(self, outputs: Mapping[str, Any], metas: Sequence[Any],
+                  maps: Any = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per image, every anchor decoded and clipped to img_shape as the RPN does, (N, 4),
         with its objectness (N,), in the order of the RPN trace: what a proposal is linked
         to its anchor by."""
         from harness.nms.rpn import delta_xywh_decode, sigmoid_f32
 
         coder = self.module.rpn_head.bbox_coder
-        logits, deltas, anchors = self._rpn_maps(outputs)
+        logits, deltas, anchors = maps or self.rpn_maps(outputs)
         flat_anchors = np.concatenate(anchors)
         return [(delta_xywh_decode(flat_anchors, np.concatenate(dl), coder.means, coder.stds,
                                    max_shape=tuple(meta.img_shape)),
                  sigmoid_f32(np.concatenate(lg)))
                 for lg, dl, meta in zip(logits, deltas, metas)]
 
-    def _rpn_maps(self, outputs: Mapping[str, Any]):
-        """Per image the per-level flattened logits and deltas, and the per-level anchors."""
+    def rpn_maps(self, outputs: Mapping[str, Any]):
+        """(per image the per-level flattened logits, the same of the deltas, the per-level
+        anchors): what reference_proposals and rpn_boxes read."""
         import torch
 
         from harness.nms.rpn import flatten_rpn_level

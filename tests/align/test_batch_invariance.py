@@ -15,17 +15,14 @@ from harness.align.targets import Target, open_target
 from harness.backends.onnxruntime_backend import OnnxruntimeBackend
 from harness.models.config import load_model_source
 from harness.models.zoo import FIXTURE_CHECKPOINT, FIXTURE_CONFIG
+from tests.conftest import synth_val_images
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> list[Path]:
-    from harness.synth import generate_synthetic_coco
-
-    out = tmp_path_factory.mktemp("invariance_synth")
-    generate_synthetic_coco(out, images=16, seed=11, val_fraction=0.5)
-    return sorted((out / "val2017").glob("*.jpg"))
+    return synth_val_images(tmp_path_factory, "invariance_synth", images=16, seed=11)
 
 
 class BatchDependent(OnnxruntimeBackend):

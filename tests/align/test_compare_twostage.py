@@ -16,6 +16,7 @@ from harness.align.session import default_target, open_or_say_why
 from harness.export.onnx_export import ExportSettings, export_onnx
 from harness.models.config import load_model_source
 from harness.models.zoo import TWO_STAGE_FIXTURE_CHECKPOINT, TWO_STAGE_FIXTURE_CONFIG
+from tests.conftest import synth_val_images
 
 pytestmark = pytest.mark.slow
 
@@ -34,11 +35,7 @@ PLANTS = {
 
 @pytest.fixture(scope="module")
 def synth_images(tmp_path_factory) -> list[Path]:
-    from harness.synth import generate_synthetic_coco
-
-    out = tmp_path_factory.mktemp("two_stage_compare_synth")
-    generate_synthetic_coco(out, images=8, seed=3, val_fraction=0.5)
-    return sorted((out / "val2017").glob("*.jpg"))
+    return synth_val_images(tmp_path_factory, "two_stage_compare_synth", images=8, seed=3)
 
 
 @pytest.fixture(scope="module")
