@@ -129,8 +129,8 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
              sync: Optional[Callable[[], None]] = None, desc: Optional[str] = None,
              progress: bool = True, on_batch: Optional[Callable[[int], None]] = None,
              warn: Optional[Callable[[str], None]] = None,
-             post_reference: Optional[Callable[[Any, Sequence[Any], np.ndarray], list]] = None
-             ) -> PassTimes:
+             post_reference: Optional[Callable[[Any, Sequence[Any], np.ndarray], list]] = None,
+             shard: tuple[int, int] = (0, 1)) -> PassTimes:
     """Run every batch of `images` (SplitImage) not yet in `store` (RunStore).
 
     infer(inputs (B,3,H,W) float32, metas) → outputs; post(outputs, metas) → per image
@@ -139,17 +139,20 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     beside the detections as `reference_nms`;
     sync: device synchronisation around inference (GPU). on_batch(batches stored so far) is
     called after each batch is safely on disk (tests use it to interrupt a run).
+    shard (rank, world): this process runs batches k with k % world == rank only (batches
+    are planned on the whole of `images`, so every batch is the one a single process runs).
     """
     from tqdm import tqdm
 
     clock = time.perf_counter
     started = clock()
     times = PassTimes()
-    todo = [b for b in plan_batches(images, batch_size)
-            if not all(store.done(im.image_id) for im in b)]
-    times.skipped = len(images) - sum(len(b) for b in todo)
+    rank, world = shard
+    mine = [b for k, b in enumerate(plan_batches(images, batch_size)) if k % world == rank]
+    todo = [b for b in mine if not all(store.done(im.image_id) for im in b)]
+    times.skipped = sum(len(b) for b in mine) - sum(len(b) for b in todo)
     say = warn or (lambda m: tqdm.write(f"warning: {m}", file=sys.stderr))
-    bar = tqdm(total=len(images), initial=times.skipped, unit="img", desc=desc,
+    bar = tqdm(total=sum(len(b) for b in mine), initial=times.skipped, unit="img", desc=desc,
                disable=not progress, leave=False, dynamic_ncols=True)
     stop = threading.Event()
     ready: "queue.Queue[Any]" = queue.Queue(maxsize=QUEUE_DEPTH)

@@ -1,0 +1,84 @@
+"""The post-processing of a COCO pass: a backend's outputs → per image detections.
+
+Two paths give the same detections:
+  reference  harness.export.outputs.detections_from_outputs: the source's decode in torch on
+             the CPU, then the numpy reference kernel (harness.nms) image by image;
+  fast       for an mmyolo one-stage source on a CUDA row: decode and NMS for the whole batch
+             in torch on that GPU (harness.nms.fast_mmyolo), which keeps the host free for
+             reading images — on a fast GPU the numpy NMS at score_thr 0.001 starves it.
+A file with its own NMS (end2end) has nothing to run: both paths rescale its output.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+Post = Callable[[Any, Sequence[Any]], list]
+POST_PATHS = ("auto", "fast", "reference")
+
+
+def make_post(model: Any, device: str, path: str = "auto") -> tuple[Post, str]:
+    """(post(outputs, metas) → per image NmsResult, which path it takes).
+
+    path: "auto" (fast on a CUDA row when the source supports it, else reference), "fast"
+    (also on the CPU: tests and benchmarks), "reference"."""
+    from harness.export.outputs import detections_from_outputs
+
+    if path not in POST_PATHS:
+        raise ValueError(f"post path must be one of {POST_PATHS}, got {path!r}")
+
+    def reference(outputs: Any, metas: Sequence[Any]) -> list:
+        return detections_from_outputs(model, outputs, metas)
+
+    if path == "reference" or not hasattr(model, "decode_torch"):
+        return reference, "reference"
+    if path == "auto" and not str(device).startswith("cuda"):
+        return reference, "reference"
+    target = device if str(device).startswith("cuda") else "cpu"
+
+    def fast(outputs: Any, metas: Sequence[Any]) -> list:
+        from harness.export.outputs import variant_of
+
+        variant, _ = variant_of(list(outputs), model)
+        if variant == "end2end":
+            return reference(outputs, metas)
+        return fast_detections(model, outputs, metas, target)
+
+    return fast, f"fast (batched torch on {target})"
+
+
+def fast_detections(model: Any, outputs: Any, metas: Sequence[Any], device: str,
+                    budget_bytes: Optional[int] = None) -> list:
+    """Per image NmsResult of raw / decoded outputs, decoded and NMS'd on `device`; an image
+    whose IoU matrix exceeds `budget_bytes` (default fast_mmyolo's) goes to the reference."""
+    import torch
+
+    from harness.models.mmyolo import grouped_head_maps
+    from harness.models.source import DecodedCandidates
+    from harness.nms.fast_mmyolo import MATRIX_BUDGET_BYTES, fast_mmyolo_nms
+
+    def on_device(value: Any) -> Any:
+        t = value if torch.is_tensor(value) else torch.from_numpy(np.asarray(value))
+        return t.to(device=device, dtype=torch.float32)
+
+    with torch.no_grad():
+        if "boxes" in outputs and "scores" in outputs:
+            boxes, scores = on_device(outputs["boxes"]), on_device(outputs["scores"])
+            obj = outputs.get("objectness")
+            obj = None if obj is None else on_device(obj)
+        else:
+            raw = {kind: [on_device(m) for m in maps]
+                   for kind, maps in grouped_head_maps(outputs).items()}
+            boxes, scores, obj = model.decode_torch(raw)
+        results = fast_mmyolo_nms(boxes, scores, obj, metas, **asdict(model.nms),
+                                  budget_bytes=budget_bytes or MATRIX_BUDGET_BYTES)
+        missing = [i for i, r in enumerate(results) if r is None]
+        if missing:  # too many candidates for one IoU matrix: the reference kernel
+            decoded = DecodedCandidates(
+                boxes=boxes[missing].cpu().numpy(), scores=scores[missing].cpu().numpy(),
+                objectness=None if obj is None else obj[missing].cpu().numpy())
+            for i, r in zip(missing, model.detections(decoded, [metas[i] for i in missing])):
+                results[i] = r
+    return results

@@ -1,0 +1,196 @@
+"""The fast path of harness.nms.mmyolo for accuracy runs: the same post-processing for a whole
+batch at once, in torch on the backend's device, without a trace.
+
+It gives what `mmyolo_nms(..., tie_order="stable")` gives on the same candidates, element for
+element (tests/nms/test_fast_mmyolo.py checks it against the reference kernel on the fixture's
+outputs, random candidate sets, tied scores and the split branch): the same filters in the
+same float32 arithmetic, one stable descending sort, and greedy suppression computed as the
+unique fixed point of "kept = valid and not hit by an earlier kept candidate" over the IoU
+matrix of the candidates (iterated from "all valid"; after t rounds the first t positions are
+final, so it ends in at most K + 1 rounds and in practice in a few). `harness compare` keeps
+the traced kernel: it needs every candidate's fate, this path only the survivors.
+
+Images whose candidate set is too large for one IoU matrix in the memory budget are left to
+the reference kernel (`None` in the returned list).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from harness.nms.mmyolo import MMCV_SPLIT_THR
+from harness.nms.trace import NmsResult
+
+# the IoU matrices of one call (B x K x K float32 plus its masks) stay below this
+MATRIX_BUDGET_BYTES = 1 << 30
+
+
+def fast_mmyolo_nms(boxes: Any, scores: Any, objectness: Optional[Any], metas: Sequence[Any],
+                    *, score_thr: float, nms_pre: int, iou_threshold: float, max_per_img: int,
+                    multi_label: bool, yolox_style: bool = False, min_bbox_size: float = -1.0,
+                    class_agnostic: bool = False, split_thr: int = MMCV_SPLIT_THR,
+                    budget_bytes: int = MATRIX_BUDGET_BYTES) -> list[Optional[NmsResult]]:
+    """mmyolo's detections for a batch. boxes (B, N, 4), scores (B, N, C), objectness (B, N)
+    or None: float32 torch tensors on one device, decoded as in mmyolo_nms. metas: per image
+    (pad_param, scale_factor, ori_shape). Returns per image an NmsResult (numpy, on the host)
+    or None where the image's candidates exceed `budget_bytes` (run the reference there)."""
+    import torch
+
+    b, n, c = scores.shape
+    dev = scores.device
+    thr = torch.tensor(score_thr, dtype=torch.float32, device=dev)
+    multi_label = bool(multi_label) and c > 1
+    if objectness is not None:
+        alive = objectness > thr if (score_thr > 0 and not yolox_style) else \
+            torch.ones_like(objectness, dtype=torch.bool)
+        scores = scores * objectness[..., None]
+    else:
+        alive = torch.ones((b, n), dtype=torch.bool, device=dev)
+    if multi_label:
+        valid = (scores > thr) & alive[..., None]
+        flat_scores = scores.reshape(b, n * c)
+        valid = valid.reshape(b, n * c)
+    else:
+        best_score, best = scores.max(dim=2)  # the first maximal class, as torch documents
+        valid = (best_score > thr) & alive
+        flat_scores = best_score
+    key = torch.where(valid, flat_scores, torch.full_like(flat_scores, -float("inf")))
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices
+    counts = valid.sum(dim=1).clamp(max=nms_pre)
+    k = int(counts.max().item()) if b else 0
+    results: list[Optional[NmsResult]] = [None] * b
+    if k == 0:
+        return [NmsResult.empty() for _ in range(b)]
+    order = order[:, :k]
+    in_top = torch.arange(k, device=dev)[None, :] < counts[:, None]
+    if multi_label:
+        cand_box, cand_cls = order // c, order % c
+    else:
+        cand_box, cand_cls = order, torch.gather(best, 1, order)
+    cand_score = torch.gather(flat_scores, 1, order)
+    pad = torch.tensor([_pad(m) for m in metas], dtype=torch.float32, device=dev)
+    scale = torch.tensor([[m.scale_factor[0], m.scale_factor[1]] * 2 for m in metas],
+                         dtype=torch.float32, device=dev)
+    xyxy = (torch.gather(boxes, 1, cand_box[..., None].expand(b, k, 4)) - pad[:, None, :]) \
+        / scale[:, None, :]
+    if min_bbox_size >= 0:
+        m = torch.tensor(min_bbox_size, dtype=torch.float32, device=dev)
+        in_top &= ((xyxy[..., 2] - xyxy[..., 0]) > m) & ((xyxy[..., 3] - xyxy[..., 1]) > m)
+    if yolox_style:
+        limits = in_top.sum(dim=1).tolist()
+    else:
+        limits = [max_per_img] * b
+    rows = _batch_rows(in_top, budget_bytes)
+    for idx in rows:
+        keep = _suppress(xyxy[idx], cand_cls[idx], in_top[idx], iou_threshold,
+                         class_agnostic, split_thr)
+        for j, i in enumerate(idx):
+            results[i] = _result(xyxy[i], cand_score[i], cand_cls[i], cand_box[i], keep[j],
+                                 limits[i], metas[i].ori_shape)
+    return results
+
+
+def _pad(meta: Any) -> list[float]:
+    pad = meta.pad_param
+    left, top = (pad[2], pad[0]) if pad is not None else (0.0, 0.0)
+    return [left, top, left, top]
+
+
+def _batch_rows(in_top: Any, budget_bytes: int) -> list[list[int]]:
+    """Images grouped, fewest candidates first, so that each group's IoU matrices fit the
+    budget (a group's matrices are as wide as its largest candidate count); an image too
+    large alone is in no group."""
+    counts = _widths(in_top).tolist()
+    groups: list[list[int]] = []
+    for i in sorted(range(len(counts)), key=lambda i: counts[i]):
+        if _matrix_bytes(1, counts[i]) > budget_bytes:
+            break
+        if groups and _matrix_bytes(len(groups[-1]) + 1, counts[i]) <= budget_bytes:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _widths(valid: Any) -> Any:
+    """Per row, the last valid position + 1 (0 if none): the candidates a matrix must span
+    (min_bbox_size leaves gaps, so this is not the count)."""
+    import torch
+
+    pos = torch.arange(1, valid.shape[1] + 1, device=valid.device)
+    return (valid * pos).amax(dim=1) if valid.shape[1] else valid.sum(dim=1)
+
+
+def _matrix_bytes(images: int, width: int) -> int:
+    # the peak of _suppress: about eight float32 / bool K x K temporaries at once
+    return images * width * width * 32
+
+
+def _suppress(xyxy: Any, labels: Any, valid: Any, iou_threshold: float,
+              class_agnostic: bool, split_thr: int) -> Any:
+    """(G, W) kept mask: mmcv 2.0.1 batched_nms over each row's valid candidates, which are
+    in descending score order (ties: lower position first, the reference's stable order)."""
+    import torch
+
+    w = int(_widths(valid).max().item())
+    xyxy, labels, valid = xyxy[:, :w], labels[:, :w], valid[:, :w]
+    if w == 0:
+        return valid
+    if class_agnostic:
+        for_nms = xyxy
+    else:
+        # boxes.max() over the image's candidates, float32 offsets label * (max + 1)
+        # (amax propagates NaN, as numpy's max does)
+        neg = torch.full_like(xyxy, -float("inf"))
+        top = torch.where(valid[..., None], xyxy, neg).amax(dim=(1, 2))
+        offsets = labels.to(torch.float32) * (top[:, None] + 1)
+        for_nms = xyxy + offsets[..., None]
+    x1, y1, x2, y2 = for_nms.unbind(dim=2)
+    areas = (x2 - x1) * (y2 - y1)
+    # mmcv/ops/csrc/pytorch/cpu/nms.cpp, row = the earlier (kept) box i, column = later j
+    xx1 = torch.where(x1[:, :, None] < x1[:, None, :], x1[:, None, :], x1[:, :, None])
+    yy1 = torch.where(y1[:, :, None] < y1[:, None, :], y1[:, None, :], y1[:, :, None])
+    xx2 = torch.where(x2[:, None, :] < x2[:, :, None], x2[:, None, :], x2[:, :, None])
+    yy2 = torch.where(y2[:, None, :] < y2[:, :, None], y2[:, None, :], y2[:, :, None])
+    zero = torch.zeros((), dtype=torch.float32, device=xyxy.device)
+    dw, dh = xx2 - xx1, yy2 - yy1
+    del xx1, yy1, xx2, yy2
+    inter = torch.where(zero < dw, dw, zero) * torch.where(zero < dh, dh, zero)
+    del dw, dh
+    iou = inter / (areas[:, :, None] + areas[:, None, :] - inter)
+    del inter
+    hit = iou > torch.tensor(iou_threshold, dtype=torch.float32, device=xyxy.device)
+    del iou
+    hit &= torch.ones((w, w), dtype=torch.bool, device=xyxy.device).triu(diagonal=1)
+    hit &= valid[:, :, None] & valid[:, None, :]
+    counts = valid.sum(dim=1)
+    if bool((counts >= split_thr).any()):
+        # mmcv's split branch: one NMS per class (on the same offset boxes), union re-sorted
+        # by score — the same survivors as hits restricted to one class, in the same order
+        split = (counts >= split_thr)[:, None, None]
+        hit &= ~split | (labels[:, :, None] == labels[:, None, :])
+    hit_f = hit.to(torch.float32)
+    keep = valid.clone()
+    for _ in range(w + 1):
+        suppressed = torch.bmm(keep.to(torch.float32)[:, None, :], hit_f)[:, 0, :] > 0
+        new = valid & ~suppressed
+        if torch.equal(new, keep):
+            break
+        keep = new
+    return keep
+
+
+def _result(xyxy: Any, score: Any, label: Any, box: Any, keep: Any, limit: int,
+            ori_shape: Sequence[int]) -> NmsResult:
+    import torch
+
+    pos = torch.nonzero(keep, as_tuple=False)[:, 0][:limit]
+    out = xyxy[pos].clone()
+    h, w = float(ori_shape[0]), float(ori_shape[1])
+    out[:, 0::2] = out[:, 0::2].clamp(0.0, w)
+    out[:, 1::2] = out[:, 1::2].clamp(0.0, h)
+    return NmsResult(boxes=out.cpu().numpy().astype(np.float32, copy=False),
+                     scores=score[pos].cpu().numpy().astype(np.float32, copy=False),
+                     labels=label[pos].cpu().numpy().astype(np.int64),
+                     box_index=box[pos].cpu().numpy().astype(np.int64))
