@@ -5,11 +5,15 @@ For each backend × batch size it runs, on the same split and in one process:
   harness    the pipelined pass of `harness coco` (harness.eval.coco_pass.run_pass):
              reading ahead and post-processing behind inference, in threads;
 and prints side by side: the pass's wall time, the backend's summed inference time inside
-that pass, their ratio (target <= 1.10), and the wall time over the inference time of an
-isolated run (the same batches, inference only, nothing else running in the process).
+that pass, their ratio (target <= 1.10), the wall time over the inference time of an
+isolated run (the same batches, inference only, nothing else running in the process), and
+the pass's AP (pycocotools), so a faster post-processing path shows it changed nothing.
 
     python experiments/bench_coco_overhead.py                    # data/synth/val2017, or a
     python experiments/bench_coco_overhead.py --images DIR --count 60   # generated split
+    python experiments/bench_coco_overhead.py --device cuda --count 200 --post auto reference
+        # on the GPU machine: the fast batched post-processing (auto) and the numpy
+        # reference kernel side by side
 """
 from __future__ import annotations
 
@@ -32,6 +36,10 @@ def parse() -> argparse.Namespace:
                    help="where torch and onnxruntime run (tensorrt: always cuda)")
     p.add_argument("--repeats", type=int, default=2,
                    help="passes per mode; the fastest is reported (the machine is shared)")
+    p.add_argument("--post", nargs="+", default=["auto"], choices=("auto", "fast", "reference"),
+                   help="post-processing paths to time (harness.eval.coco_post)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="threads per pool of the pass (default: coco_pass.default_workers())")
     return p.parse_args()
 
 
@@ -71,25 +79,32 @@ def bench(args: argparse.Namespace, work: Path) -> None:
     info = machine_info()
     print(f"{len(split.images)} images of {split.images_dir}; {info['cpu']}, "
           f"{info['usable_cores']} usable cores, {info['threads']} torch threads")
-    print(f"{'configuration':<24} {'serial wall':>11} {'harness wall':>12} "
+    from harness.eval.coco_pass import default_workers
+
+    print(f"{args.workers or default_workers()} threads per pool")
+    print(f"{'configuration':<24} {'post':<10} {'serial wall':>11} {'harness wall':>12} "
           f"{'infer in pass':>13} {'wall/infer':>10} {'isolated infer':>14} "
-          f"{'wall/isolated':>13}")
+          f"{'wall/isolated':>13} {'AP':>7}")
     for config in matrix_configurations(args.backends, ["fp32"], args.batches, [args.device]):
         target = open_backend(config, model, files)
         if not target.available:
             print(f"{config.key:<24} {target.reason}")
             continue
-        print(compare_modes(config, target.backend, model, split, cat_ids, work, args.repeats))
+        for path in args.post:
+            print(compare_modes(config, target, model, split, cat_ids, work,
+                                args.repeats, path, args.workers))
 
 
-def compare_modes(config, backend, model, split, cat_ids, work: Path, repeats: int) -> str:
+def compare_modes(config, target, model, split, cat_ids, work: Path, repeats: int,
+                  post_path: str, workers) -> str:
     """One table line: serial, isolated-inference and pipelined timings of `config`."""
+    backend, sync = target.backend, target.sync
     from harness.eval.coco_pass import coco_entries, plan_batches, prepare_batch, run_pass
+    from harness.eval.coco_post import make_post
+    from harness.eval.coco_scores import evaluate
     from harness.eval.store import RunStore
-    from harness.export.outputs import detections_from_outputs
 
-    def post(outputs, metas):
-        return detections_from_outputs(model, outputs, metas)
+    post, how = make_post(model, config.device, post_path)
 
     stores = iter(range(10 ** 6))  # a fresh store file for every pass
     prepared = [prepare_batch(b, model.preprocess)
@@ -106,7 +121,8 @@ def compare_modes(config, backend, model, split, cat_ids, work: Path, repeats: i
 
     def serial() -> float:
         t0 = time.perf_counter()
-        store = RunStore(work / f"{config.key}_serial_{next(stores)}.jsonl", {}).open()
+        name = f"{config.key}_{post_path}_serial_{next(stores)}.jsonl"
+        store = RunStore(work / name, {}).open()
         for chunk in plan_batches(split.images, config.batch):
             p = prepare_batch(chunk, model.preprocess)
             dets = post(backend.infer(p.inputs), p.metas)
@@ -116,15 +132,22 @@ def compare_modes(config, backend, model, split, cat_ids, work: Path, repeats: i
         return time.perf_counter() - t0
 
     def pipelined():
-        store = RunStore(work / f"{config.key}_pass_{next(stores)}.jsonl", {}).open()
-        return run_pass(split.images, config.batch, model.preprocess, backend.infer, post,
-                        cat_ids, store, progress=False)
+        name = f"{config.key}_{post_path}_pass_{next(stores)}.jsonl"
+        store = RunStore(work / name, {}).open()
+        times = run_pass(split.images, config.batch, model.preprocess, backend.infer, post,
+                         cat_ids, store, progress=False, workers=workers, sync=sync)
+        return times, store
 
     iso = min(isolated() for _ in range(repeats))
     ser = min(serial() for _ in range(repeats))
-    best = min((pipelined() for _ in range(repeats)), key=lambda t: t.wall_s)
-    return (f"{config.key:<24} {ser:>10.2f}s {best.wall_s:>11.2f}s {best.infer_s:>12.2f}s "
-            f"{best.overhead_ratio:>10.3f} {iso:>13.2f}s {best.wall_s / iso:>13.3f}")
+    best, store = min((pipelined() for _ in range(repeats)), key=lambda t: t[0].wall_s)
+    ids = [im.image_id for im in split.images]
+    names = {c: n for c, n in zip(cat_ids, model.class_names) if c >= 0}
+    ap = evaluate(split.coco, store.detections(ids), ids, names).stats["AP"]
+    label = how.split(" ")[0]
+    return (f"{config.key:<24} {label:<10} {ser:>10.2f}s {best.wall_s:>11.2f}s "
+            f"{best.infer_s:>12.2f}s {best.overhead_ratio:>10.3f} {iso:>13.2f}s "
+            f"{best.wall_s / iso:>13.3f} {ap:>7.4f}")
 
 
 if __name__ == "__main__":

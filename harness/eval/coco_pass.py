@@ -1,6 +1,9 @@
-"""One configuration's pass over a COCO split, with inference on the critical path: images
-are read and preprocessed in a thread ahead of the backend, and decoded + NMS'd + written to
-the RunStore in a thread behind it, while the calling thread only runs inference.
+"""One configuration's pass over a COCO split, with inference on the critical path: batches
+are read and preprocessed by a pool of threads ahead of the backend (OpenCV's decode and
+resize and numpy's large operations release the GIL, so they run in parallel), and decoded +
+NMS'd by a second pool behind it, then written to the RunStore in batch order, while the
+calling thread only runs inference. On a fast GPU one reader and one post-processor starve it
+(H200, fixture: wall / inference 1.8–6.7 at batch 4); `workers` sets both pools' size.
 
 Batches are fixed by position in the split (batch k holds images k*B .. k*B+B-1, unreadable
 ones left out), so a resumed run feeds the backend the very same batches as an uninterrupted
@@ -8,10 +11,13 @@ one; a batch already stored is not run again and no image is written twice.
 """
 from __future__ import annotations
 
+import collections
+import os
 import queue
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -19,7 +25,8 @@ import numpy as np
 
 from harness.errors import UserError
 
-QUEUE_DEPTH = 2  # batches prepared ahead / waiting for post-processing
+QUEUE_DEPTH = 2  # batches prepared ahead / waiting for post-processing, beyond the workers
+MAX_WORKERS = 8  # per pool, by default: enough for the H200 at batch 4 (bench_coco_overhead)
 POLL_S = 0.1
 BOX_DECIMALS = 3  # stored boxes: 0.001 px
 SCORE_DECIMALS = 7
@@ -102,6 +109,15 @@ def coco_entries(image_id: int, det: Any, category_ids: Sequence[int]) -> list[d
     return entries
 
 
+def default_workers() -> int:
+    """Threads per pool: the usable cores less the inference thread, at most MAX_WORKERS."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_WORKERS, cores - 1))
+
+
 def _put(q: "queue.Queue[Any]", item: Any, stop: threading.Event) -> bool:
     """Put unless `stop` is set first (so no thread blocks forever on a full queue)."""
     while not stop.is_set():
@@ -130,7 +146,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
              progress: bool = True, on_batch: Optional[Callable[[int], None]] = None,
              warn: Optional[Callable[[str], None]] = None,
              post_reference: Optional[Callable[[Any, Sequence[Any], np.ndarray], list]] = None,
-             shard: tuple[int, int] = (0, 1)) -> PassTimes:
+             shard: tuple[int, int] = (0, 1), workers: Optional[int] = None) -> PassTimes:
     """Run every batch of `images` (SplitImage) not yet in `store` (RunStore).
 
     infer(inputs (B,3,H,W) float32, metas) → outputs; post(outputs, metas) → per image
@@ -141,6 +157,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     called after each batch is safely on disk (tests use it to interrupt a run).
     shard (rank, world): this process runs batches k with k % world == rank only (batches
     are planned on the whole of `images`, so every batch is the one a single process runs).
+    workers: threads reading ahead, and threads post-processing (default_workers()).
     """
     from tqdm import tqdm
 
@@ -159,36 +176,74 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     inferred: "queue.Queue[Any]" = queue.Queue(maxsize=QUEUE_DEPTH)
     errors: list[BaseException] = []
 
+    n_workers = workers or default_workers()
+    readers = ThreadPoolExecutor(n_workers, thread_name_prefix="coco-read")
+    posters = ThreadPoolExecutor(n_workers, thread_name_prefix="coco-post")
+
     def read_ahead() -> None:
+        # batches prepared in parallel, handed on in order; at most n_workers in flight
+        pending: "collections.deque[Future]" = collections.deque()
+        chunks = iter(todo)
         try:
-            for chunk in todo:
-                if not _put(ready, prepare_batch(chunk, spec), stop):
+            while True:
+                while len(pending) < n_workers and not stop.is_set():
+                    chunk = next(chunks, None)
+                    if chunk is None:
+                        break
+                    pending.append(readers.submit(prepare_batch, chunk, spec))
+                if not pending or stop.is_set():
+                    break
+                if not _put(ready, pending.popleft().result(), stop):
                     return
         except BaseException as exc:  # handed to the main thread, which raises it
             _put(ready, _Failure(exc), stop)
             return
         _put(ready, None, stop)
 
+    def post_batch(prepared: _Prepared, outputs: Any) -> tuple[Any, Any, float]:
+        t0 = clock()
+        dets = post(outputs, prepared.metas)
+        post_s = clock() - t0
+        refs = None if post_reference is None else \
+            post_reference(outputs, prepared.metas, prepared.inputs)
+        return dets, refs, post_s
+
     def write_behind() -> None:
+        # post-processing submitted as batches arrive (up to n_workers at once), written in
+        # arrival (= batch) order as each oldest one is done
         stored = 0
+        pending: "collections.deque[tuple[Any, float, Optional[Future]]]" = collections.deque()
+        finished = False
         try:
-            while not errors:
-                item = _get(inferred, stop)
-                if item is None:
+            while not errors and (pending or not finished):
+                oldest_done = pending and (pending[0][2] is None or pending[0][2].done())
+                if not oldest_done and not finished and len(pending) < n_workers:
+                    try:
+                        item = inferred.get(timeout=POLL_S)
+                    except queue.Empty:
+                        if stop.is_set():
+                            return  # interrupted: what is not written is computed on resume
+                        continue
+                    if item is None:
+                        finished = True
+                        continue
+                    prepared, outputs, infer_s = item
+                    job = None if outputs is None else \
+                        posters.submit(post_batch, prepared, outputs)
+                    pending.append((prepared, infer_s, job))
+                    continue
+                if stop.is_set() and not finished:
                     return
-                prepared, outputs, infer_s = item
+                prepared, infer_s, job = pending.popleft()
                 t0 = clock()
                 records = []
                 for im, reason in prepared.unreadable:
                     say(f"skipping unreadable image {im.file_name} (id {im.image_id}): {reason}")
                     records.append({"image_id": im.image_id, "file": im.file_name,
                                     "unreadable": reason})
-                if outputs is not None:
+                if job is not None:
                     n = len(prepared.images)
-                    dets = post(outputs, prepared.metas)
-                    post_s = clock() - t0
-                    refs = None if post_reference is None else \
-                        post_reference(outputs, prepared.metas, prepared.inputs)
+                    dets, refs, post_s = job.result()
                     ms = {"preprocess": prepared.seconds / n * 1e3, "infer": infer_s / n * 1e3,
                           "post": post_s / n * 1e3}
                     for i, (im, det) in enumerate(zip(prepared.images, dets)):
@@ -200,7 +255,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
                             records[-1]["reference_nms"] = coco_entries(
                                 im.image_id, refs[i], category_ids)
                 store.append_images(records)
-                times.post_s += clock() - t0
+                times.post_s += clock() - t0 + (post_s if job is not None else 0.0)
                 times.preprocess_s += prepared.seconds
                 times.images += len(prepared.images)
                 times.unreadable += len(prepared.unreadable)
@@ -246,6 +301,8 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
         stop.set()
         writer.join(timeout=60)
         reader.join(timeout=5)
+        readers.shutdown(wait=False, cancel_futures=True)
+        posters.shutdown(wait=False, cancel_futures=True)
         bar.close()
     times.wall_s = clock() - started
     return times
