@@ -81,6 +81,8 @@ class Mismatch:
     # the NMS setting whose difference decided it (nms_settings, and top-k / max-det cuts
     # where the two sides' limits differ)
     setting: Optional[str] = None
+    # a matched pair (side "both"): the target's candidate row, when not `box`
+    target_box: Optional[int] = None
 
 
 @dataclass
@@ -297,15 +299,18 @@ class Explainer:
         score = float(ref.scores[r])
         bad = None if box < 0 else self._nonfinite(box, cls)
         if not (np.isfinite(ds) and np.isfinite(db)) or bad:
-            return self._mismatch("both", cls, score, box,
-                                  Why("nonfinite", f"{moved}; {bad or 'non-finite values'}"))
-        if box < 0 or other < 0 or (other, int(tgt.labels[t])) == (box, cls) \
+            m = self._mismatch("both", cls, score, box,
+                               Why("nonfinite", f"{moved}; {bad or 'non-finite values'}"))
+        elif box < 0 or other < 0 or (other, int(tgt.labels[t])) == (box, cls) \
                 or not self.aligned:
-            return self._mismatch("both", cls, score, box, Why("drift", moved))
-        why = self.explain("reference", box, cls)
-        return self._mismatch("both", cls, score, box, why,
-                              f"matched to another candidate (row {other}), {moved}; "
-                              f"{why.detail}")
+            m = self._mismatch("both", cls, score, box, Why("drift", moved))
+        else:
+            why = self.explain("reference", box, cls)
+            m = self._mismatch("both", cls, score, box, why,
+                               f"matched to another candidate (row {other}), {moved}; "
+                               f"{why.detail}")
+        m.target_box = other
+        return m
 
     def mismatch(self, present: str, row: int) -> Mismatch:
         res = self.sides[present].result

@@ -118,6 +118,22 @@ def default_workers() -> int:
     return max(1, min(MAX_WORKERS, cores - 1))
 
 
+def reference_records(image_id: int, det: Any, ref: Any,
+                      category_ids: Sequence[int]) -> dict[str, Any]:
+    """What a row with a ΔAP split stores beside its detections: `reference_nms` (its
+    candidates through the reference's NMS) and, where the two NMS were diffed
+    (delta_ap.ReferenceNms), `nms_causes`: per entry of each list its mismatch cause."""
+    from harness.eval.delta_ap import entry_causes
+
+    result = getattr(ref, "result", ref)
+    out: dict[str, Any] = {"reference_nms": coco_entries(image_id, result, category_ids)}
+    if result is not ref:
+        out["nms_causes"] = {
+            "detections": entry_causes(det, ref.target_causes, category_ids),
+            "reference_nms": entry_causes(result, ref.reference_causes, category_ids)}
+    return out
+
+
 def _put(q: "queue.Queue[Any]", item: Any, stop: threading.Event) -> bool:
     """Put unless `stop` is set first (so no thread blocks forever on a full queue)."""
     while not stop.is_set():
@@ -150,9 +166,10 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     """Run every batch of `images` (SplitImage) not yet in `store` (RunStore).
 
     infer(inputs (B,3,H,W) float32, metas) → outputs; post(outputs, metas) → per image
-    NmsResult; post_reference(outputs, metas, inputs) → per image NmsResult of the same
-    candidates through the reference's NMS (a file with its own NMS: the ΔAP split), stored
-    beside the detections as `reference_nms`;
+    NmsResult; post_reference(outputs, metas, inputs) → per image the same candidates
+    through the reference's NMS (a file with its own NMS: the ΔAP split; an NmsResult or a
+    delta_ap.ReferenceNms with the mismatch causes), stored beside the detections
+    (reference_records);
     sync: device synchronisation around inference (GPU). on_batch(batches stored so far) is
     called after each batch is safely on disk (tests use it to interrupt a run).
     shard (rank, world): this process runs batches k with k % world == rank only (batches
@@ -252,8 +269,8 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
                                                                    category_ids),
                                         "ms": {k: round(v, 4) for k, v in ms.items()}})
                         if refs is not None:
-                            records[-1]["reference_nms"] = coco_entries(
-                                im.image_id, refs[i], category_ids)
+                            records[-1].update(reference_records(im.image_id, det, refs[i],
+                                                                 category_ids))
                 store.append_images(records)
                 times.post_s += clock() - t0 + (post_s if job is not None else 0.0)
                 times.preprocess_s += prepared.seconds

@@ -13,12 +13,98 @@ at the same batch,
 which add up to ΔAP exactly. A row whose NMS is the reference's (raw / decoded outputs, the
 harness runs the source's NMS) has nms = 0 by construction. Rows whose candidates cannot be
 read without a debug engine (TensorRT) are not split.
+
+The NMS part is split further by mismatch cause: both NMS are replayed in trace mode on the
+file's candidates and diffed as `harness compare` diffs them (harness.align.detections), each
+stored detection labelled with the cause of its mismatch (none when matched); then for each
+cause, AP with that cause's detections restored to the reference's (its target detections
+removed, its reference-NMS detections added):
+
+    nms_by_cause[c] = AP − AP(restored c)        (what cause c cost)
+
+Causes interact a little (a restored box may suppress or be matched differently), so they
+sum to the NMS part up to `unattributed`, which the report shows.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
+
+
+@dataclass
+class ReferenceNms:
+    """One image's candidates through the reference's NMS (`result`), and the cause of each
+    mismatch between it and the file's own NMS, by (candidate row, class) on each side."""
+
+    result: Any
+    target_causes: dict[tuple[int, int], str] = field(default_factory=dict)
+    reference_causes: dict[tuple[int, int], str] = field(default_factory=dict)
+
+
+def causes_by_candidate(mismatches: Sequence[Any]) -> tuple[dict, dict]:
+    """(target, reference) maps (candidate row, class) → cause of DetectionDiff mismatches;
+    a matched pair beyond tolerance is labelled on both sides."""
+    target: dict[tuple[int, int], str] = {}
+    reference: dict[tuple[int, int], str] = {}
+    for m in mismatches:
+        if m.side in ("reference", "both"):
+            reference[(int(m.box), int(m.cls))] = m.cause
+        if m.side == "target":
+            target[(int(m.box), int(m.cls))] = m.cause
+        elif m.side == "both":
+            other = m.box if m.target_box is None else m.target_box
+            target[(int(other), int(m.cls))] = m.cause
+    return target, reference
+
+
+def entry_causes(det: Any, causes: Mapping[tuple[int, int], str],
+                 category_ids: Sequence[int]) -> list[Optional[str]]:
+    """Per COCO entry of `det` (coco_pass.coco_entries drops classes without a category, so
+    this does too), its mismatch cause or None."""
+    return [causes.get((int(b), int(k))) for b, k in zip(det.box_index, det.labels)
+            if category_ids[int(k)] >= 0]
+
+
+def restored(records: Mapping[int, Mapping[str, Any]], image_ids: Sequence[int],
+             cause: str) -> list[dict]:
+    """COCO entries of `image_ids` with `cause`'s detections restored to the reference's."""
+    out: list[dict] = []
+    for i in image_ids:
+        rec = records[i]
+        causes = rec.get("nms_causes") or {}
+        mine, theirs = causes.get("detections"), causes.get("reference_nms")
+        dets, refs = rec.get("detections") or [], rec.get("reference_nms") or []
+        if mine is None or theirs is None:
+            out += dets
+            continue
+        out += [e for e, c in zip(dets, mine) if c != cause]
+        out += [e for e, c in zip(refs, theirs) if c == cause]
+    return out
+
+
+def cause_scores(coco: Any, records: Mapping[int, Mapping[str, Any]], image_ids: Sequence[int],
+                 class_names: Mapping[int, str], evaluator: str) -> Optional[dict[str, Any]]:
+    """{cause: {"detections": mismatched detections of the cause (both sides), "AP_restored"}}
+    for every cause the stored `nms_causes` name; None when none were stored."""
+    from harness.eval.coco_scores import evaluate
+
+    counts: dict[str, int] = {}
+    stored = False
+    for i in image_ids:
+        causes = records[i].get("nms_causes")
+        if causes is None:
+            continue
+        stored = True
+        for c in (causes.get("detections") or []) + (causes.get("reference_nms") or []):
+            if c:
+                counts[c] = counts.get(c, 0) + 1
+    if not stored:
+        return None
+    return {c: {"detections": n, "AP_restored": evaluate(
+        coco, restored(records, image_ids, c), image_ids, class_names, evaluator).stats["AP"]}
+        for c, n in sorted(counts.items(), key=lambda kv: -kv[1])}
 
 
 def reference_nms_post(model: Any, backend: Any
@@ -27,7 +113,8 @@ def reference_nms_post(model: Any, backend: Any
     """(post_reference for coco_pass.run_pass or None, how the row's ΔAP will be split)."""
     import onnx
 
-    from harness.align.pipelines import SourcePipeline, pipeline_for
+    from harness.align.detections import DetectionDiff
+    from harness.align.pipelines import Candidates, SourcePipeline, pipeline_for
     from harness.models.source import DecodedCandidates
 
     same = "its NMS is the reference's (the harness runs it on the outputs)"
@@ -53,10 +140,18 @@ def reference_nms_post(model: Any, backend: Any
         return None, ("not split: its NMS candidates are read from the engine's source ONNX "
                       "only through a debug engine (harness compare does that)")
 
+    reference = SourcePipeline(model)
+
     def post(outputs: Any, metas: Sequence[Any], inputs: np.ndarray) -> list:
         cands = pipeline.candidates(outputs, backend, inputs)
         decoded = DecodedCandidates(boxes=cands.boxes, scores=cands.scores, objectness=None)
-        return model.detections(decoded, metas)
+        theirs = reference.replay(Candidates(cands.boxes, cands.scores, decoded=decoded), metas)
+        out = []
+        for meta, ref, own in zip(metas, theirs, pipeline.replay(cands, metas)):
+            found = DetectionDiff().add_image(str(getattr(meta, "path", "")), ref, own)
+            target, reference_side = causes_by_candidate(found)
+            out.append(ReferenceNms(ref.result, target, reference_side))
+        return out
 
     return post, ("its own candidates through the reference's NMS "
                   f"({pipeline.describe().get('kind')} in the file)")
@@ -81,6 +176,10 @@ def split(row: Any, reference: Any) -> Optional[dict[str, Any]]:
                             for c, v in (through.get("per_class") or {}).items()}
         out["sizes"] = {k: v for k, v in out["sizes"].items() if v}
         out["per_class"] = {k: v for k, v in out["per_class"].items() if v}
+    causes = (row.delta_AP_parts or {}).get("nms_causes")
+    if causes:
+        out["nms_by_cause"] = {c: row.AP - v["AP_restored"] for c, v in causes.items()}
+        out["nms_unattributed"] = nms - sum(out["nms_by_cause"].values())
     return out
 
 

@@ -5,6 +5,8 @@ evaluation, gathered into the `coco` section of results.json (docs/results-schem
 Each configuration's detections and timings live in `<cache>/runs/<key>.jsonl` (RunStore);
 a second run with the same model, files and data reuses what is there and computes only
 what is missing, so an interrupted experiment resumes without recomputing or duplicating.
+Under torchrun (harness.eval.distributed) each rank runs its shard into
+`<key>.rank<R>.jsonl` and rank 0 merges and scores; the other ranks return no results.
 """
 from __future__ import annotations
 
@@ -15,6 +17,9 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Optional, Sequence
 
 from harness.errors import UserError
+from harness.eval.distributed import (
+    Ranks, agree, first_problem, member, merge_records, store_view,
+)
 from harness.experiment import Configuration
 from harness.results import COCO_STATS, CocoDataset, CocoResult, CocoRow, Unreadable
 from harness.settings import CocoSettings
@@ -30,20 +35,26 @@ class ConfigurationRun:
     pass_times: Any = None  # coco_pass.PassTimes of this invocation, None if not run
     resumed: bool = False
     unreadable: dict[int, str] = field(default_factory=dict)  # image id → why
+    # each rank's pass: {"rank", "computed", "found_stored", "wall_s"} (one entry alone)
+    passes: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
+    """A log line that does not break the progress bars."""
     from tqdm import tqdm
 
     tqdm.write(message, file=sys.stderr)
 
 
-def run_coco(settings: CocoSettings, log: Callable[[str], None] = _say,
-             on_batch: Optional[Callable[[Configuration, int], None]] = None
-             ) -> tuple[CocoResult, list[ConfigurationRun]]:
+def run_coco(settings: CocoSettings, log: Callable[[str], None] = say,
+             on_batch: Optional[Callable[[Configuration, int], None]] = None,
+             ranks: Optional[Ranks] = None
+             ) -> tuple[Optional[CocoResult], list[ConfigurationRun]]:
     """Run the matrix; returns (the `coco` results section, per-configuration run info).
 
     on_batch(config, batches stored) runs after each stored batch (tests interrupt with it).
+    ranks: this process's part of a distributed run (harness.eval.distributed.start); the
+    results section is rank 0's only (None on the other ranks).
     """
     from harness.eval.coco_backends import ModelFiles
     from harness.eval.coco_scores import resolve_evaluator
@@ -52,6 +63,7 @@ def run_coco(settings: CocoSettings, log: Callable[[str], None] = _say,
     from harness.models.config import load_model_source
 
     started = time.perf_counter()
+    ranks = ranks or Ranks()
     if not settings.configurations:
         raise UserError("the experiment matrix is empty: no backend has any of the precisions "
                         "asked for")
@@ -63,12 +75,15 @@ def run_coco(settings: CocoSettings, log: Callable[[str], None] = _say,
     files = ModelFiles(model, settings.cache_dir, settings.onnx, settings.engines,
                        calib_images=settings.images_dir, calib_count=settings.calib_count,
                        batches=[c.batch for c in settings.configurations], log=log)
+    members = ranks.all_gather(member(ranks), "starting") if ranks.distributed else None
     rows, runs = [], []
     for config in settings.configurations:
         row, run = _run_configuration(config, model, files, split, category_ids,
-                                      names_by_cat, settings, evaluator, log, on_batch)
+                                      names_by_cat, settings, evaluator, log, on_batch, ranks)
         rows.append(row)
         runs.append(run)
+    if not ranks.main:
+        return None, runs
     add_delta_ap(rows)
     unreadable = max((r.unreadable or 0 for r in rows if r.ok), default=0)
     # listed as compare lists them: the file and why it could not be read
@@ -83,8 +98,15 @@ def run_coco(settings: CocoSettings, log: Callable[[str], None] = _say,
         machine=machine_info(), model=model.describe(),
         evaluator={"name": evaluator, "max_dets": [1, 10, 100],
                    "per_class": "AP@[.50:.95], area all, maxDets 100"},
-        latency={"unit": "ms per batch", "images_per_s": "batch / mean total latency"},
-        rows=rows)
+        latency={"unit": "ms per batch", "images_per_s": "batch / mean total latency",
+                 "measured_on": "every rank in turn" if ranks.latency_per_rank else
+                 f"rank {ranks.latency_rank}" if ranks.distributed else "this process"},
+        rows=rows,
+        distributed=None if members is None else {
+            "launcher": ranks.launcher, "world_size": ranks.world, "backend": "gloo",
+            "timeout_s": ranks.timeout_s, "latency_rank": ranks.latency_rank,
+            "latency_per_rank": ranks.latency_per_rank, "ranks": members,
+            "passes": {run.config.key: run.passes for run in runs if run.passes}})
     return doc, runs
 
 
@@ -97,11 +119,11 @@ def _empty_row(config: Configuration, status: str) -> CocoRow:
 def _run_configuration(config: Configuration, model: Any, files: Any, split: Any,
                        category_ids: list[int], names_by_cat: dict[int, str],
                        settings: CocoSettings, evaluator: str, log: Callable[[str], None],
-                       on_batch: Optional[Callable[[Configuration, int], None]]
-                       ) -> tuple[CocoRow, ConfigurationRun]:
-    from harness.eval.coco_backends import open_backend
+                       on_batch: Optional[Callable[[Configuration, int], None]],
+                       ranks: Ranks) -> tuple[CocoRow, ConfigurationRun]:
     from harness.eval.coco_pass import run_pass
     from harness.eval.coco_scores import evaluate
+    from harness.eval.delta_ap import reference_nms_post
     from harness.eval.latency import LatencyResult, default_settings
     from harness.eval.store import RunStore
     from harness.export.metadata import file_sha256
@@ -109,60 +131,81 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
 
     run = ConfigurationRun(config)
     model = model.with_nms(nms_pre=config.nms_pre)  # the row's point on an nms_pre axis
-    try:
-        target = open_backend(config, model, files)
-    except UserError as exc:  # an export or engine build that failed: the other rows go on
-        log(f"{config.key}: failed: {exc}")
-        return _empty_row(config, f"failed: {exc}"), run
-    if not target.available:
-        log(f"{config.key}: {target.reason}")
-        return _empty_row(config, target.reason or "not available"), run
-    # what the stored records depend on; not the image count, so a longer run after a
-    # shorter one (--count) keeps what the shorter one computed
-    header = {"configuration": config.key,
-              "model": target.fingerprint,
-              "nms": asdict(model.nms),  # post-processing settings (with_nms, nms_pre axis)
-              "annotations_sha256": file_sha256(split.annotations),
-              "images_dir": str(split.images_dir.resolve())}
-    store = RunStore(RunStore.path_for(settings.cache_dir, config.key), header).open()
-    run.resumed = store.resumed
-    if store.resumed:
-        done = sum(im.image_id in store.images for im in split.images)
-        log(f"{config.key}: resuming, {done} of {len(split.images)} images already done")
+    target, problem = ranks.in_turn(lambda: _open(config, model, files),
+                                    f"opening {config.key}")
+    header, store, images, batch = None, None, [], config.batch
+    split_ids = [im.image_id for im in split.images]
+    if problem is None:
+        # what the stored records depend on; not the image count, so a longer run after a
+        # shorter one (--count) keeps what the shorter one computed
+        header = {"configuration": config.key,
+                  "model": target.fingerprint,
+                  "nms": asdict(model.nms),  # post-processing (with_nms, nms_pre axis)
+                  "annotations_sha256": file_sha256(split.annotations),
+                  "images_dir": str(split.images_dir.resolve())}
+        store = RunStore(RunStore.path_for(settings.cache_dir, config.key, ranks.store_rank),
+                         header).open()
+        try:
+            images, batch = images_for(config, split, model)
+        except UserError as exc:
+            problem = f"not available: {exc}"
+    # every rank's view of the stores: a batch any rank stored is done for all of them
+    agreed = agree(ranks.all_gather(store_view(store, split_ids, header, problem),
+                                    f"opening {config.key}'s run files"))
+    if agreed.problem:
+        log(f"{config.key}: {agreed.problem}")
+        return _empty_row(config, agreed.problem), run
+    store.elsewhere = agreed.stored - set(store.images)
+    run.resumed = bool(agreed.stored) or store.resumed
+    if run.resumed:
+        log(f"{config.key}: resuming, {len(agreed.stored)} of {len(split.images)} images "
+            "already done" + (f" (read from {len(store.beside) + 1} run files)"
+                              if store.beside else ""))
     backend = target.backend
     timing = default_settings(config.device, settings.warmup, settings.runs)
-    try:
-        images, batch = images_for(config, split, model)
-    except UserError as exc:
-        log(f"{config.key}: {exc}")
-        return _empty_row(config, f"not available: {exc}"), run
 
     def post(outputs: Any, metas: Sequence[Any]) -> list:
         return detections_from_outputs(model, outputs, metas)
 
-    from harness.eval.delta_ap import reference_nms_post
-
+    spec = None
     try:
         post_reference, split_how = reference_nms_post(model, backend)
-        if post_reference is not None and store.images and not store.has("reference_nms"):
+        if post_reference is not None and agreed.reference_nms is False:
             post_reference = None  # stored before the split was kept: not split on resume
             split_how = "not split: its stored detections predate the ΔAP split"
         spec = spec_for(model, backend)
         run.pass_times = run_pass(
             images, batch, spec, backend.infer, post, category_ids,
-            store, sync=target.sync, desc=config.key, progress=settings.progress,
+            store, sync=target.sync, desc=config.key if ranks.world == 1 else
+            f"{config.key} [rank {ranks.rank}/{ranks.world}]",
+            progress=settings.progress and ranks.main,
             on_batch=None if on_batch is None else (lambda n: on_batch(config, n)),
-            warn=log, post_reference=post_reference)
-        stored = store.latency or {}
-        if (stored.get("warmup"), stored.get("runs")) != (timing.warmup, timing.runs) or \
-                "inference" not in stored:
-            measured = _measure(images, batch, spec, backend, post, target.sync, timing)
-            store.append_latency(measured.to_json())
+            warn=log, post_reference=post_reference, shard=ranks.shard)
     except UserError as exc:  # a backend that loads but cannot run these inputs
-        log(f"{config.key}: failed: {exc}")
-        return _empty_row(config, f"failed: {exc}"), run
-    latency = LatencyResult.from_json(store.latency)
-    ids = [im.image_id for im in split.images if im.image_id in store.images]
+        problem = f"failed: {exc}"
+    times = run.pass_times
+    reports = ranks.all_gather(
+        {"rank": ranks.rank, "problem": problem,
+         "computed": times.images if times else 0, "found_stored": times.skipped if times else 0,
+         "wall_s": round(times.wall_s, 3) if times else None},
+        f"finishing {config.key}'s accuracy pass")
+    problem = first_problem(reports)
+    run.passes = [{k: v for k, v in r.items() if k != "problem"} for r in reports]
+    if problem is None:  # timed on one named device, or on every rank one after the other
+        timed = ranks.take_turns(ranks.latency_ranks, lambda: _latency_on(
+            ranks.where(config.device), store, images, batch, spec, backend, post,
+            target.sync, timing), f"timing {config.key}")
+        problem = first_problem([timed[r] for r in sorted(timed)])
+    if problem:
+        log(f"{config.key}: {problem}")
+        return _empty_row(config, problem), run
+    if ranks.distributed:
+        merge_records(ranks, store, split_ids, f"gathering {config.key}'s detections")
+    if not ranks.main:
+        return _empty_row(config, "ok"), run
+    chosen = timed[ranks.latency_rank]
+    latency = LatencyResult.from_json(chosen["result"])
+    ids = [i for i in split_ids if i in store.images]
     readable = [i for i in ids if not store.images[i].get("unreadable")]
     run.unreadable = store.unreadable()
     scores = evaluate(split.coco, store.detections(readable), readable, names_by_cat,
@@ -179,6 +222,11 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
         row.AP_reference_nms = through.stats["AP"]
         row.delta_AP_parts["reference_nms"] = {
             "sizes": {k: through.stats[k] for k in SIZES}, "per_class": through.per_class}
+        from harness.eval.delta_ap import cause_scores
+
+        causes = cause_scores(split.coco, store.images, readable, names_by_cat, evaluator)
+        if causes:
+            row.delta_AP_parts["nms_causes"] = causes
     elif split_how.startswith("its NMS is the reference's"):
         row.AP_reference_nms = row.AP
         row.delta_AP_parts["reference_nms"] = {
@@ -186,13 +234,70 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
     row.latency_ms = latency.stages
     row.latency_stability = latency.stability.to_json()
     row.images_per_s = latency.images_per_s
-    row.inference = (store.latency or {}).get("inference")
+    row.inference = chosen["result"].get("inference")
+    row.latency_device = device_label(chosen["measured_on"])
+    if ranks.latency_per_rank:
+        row.latency_per_rank = [per_rank_latency(timed[r]) for r in sorted(timed)]
     row.images = len(readable)
     row.unreadable = len(ids) - len(readable)
     log(f"{config.key}: AP {row.AP:.4f}  latency {latency.stages['total']['mean']:.2f} "
         f"ms/batch  {latency.images_per_s:.1f} img/s"
         + ("" if latency.stability else f"  ⚠ unstable latency: {latency.stability.reason}"))
     return row, run
+
+
+def _open(config: Configuration, model: Any, files: Any) -> tuple[Any, Optional[str]]:
+    """(the row's backend, None) or (None, the row's status saying why it cannot run)."""
+    from harness.eval.coco_backends import open_backend
+
+    try:
+        target = open_backend(config, model, files)
+    except UserError as exc:  # an export or engine build that failed: the other rows go on
+        return None, f"failed: {exc}"
+    if not target.available:
+        return None, target.reason or "not available"
+    return target, None
+
+
+def _latency_on(where: dict[str, Any], store: Any, images: Sequence[Any], batch: int,
+                spec: Any, backend: Any, post: Callable[..., Any],
+                sync: Optional[Callable[[], None]], timing: Any) -> dict[str, Any]:
+    """{"result": latency JSON, "measured_on": where, "problem": None | status}: the stored
+    timing of this device of this host at these settings, else a new one, stored."""
+    for result, on, own in store.latency_records():  # this rank's own file first
+        same_place = (on is None and own) or (
+            on is not None and (on.get("host"), on.get("device")) ==
+            (where["host"], where["device"]))
+        if same_place and "inference" in result and \
+                (result.get("warmup"), result.get("runs")) == (timing.warmup, timing.runs):
+            return {"result": result, "measured_on": on or where, "problem": None}
+    try:
+        measured = _measure(images, batch, spec, backend, post, sync, timing).to_json()
+    except UserError as exc:
+        return {"result": None, "measured_on": where, "problem": f"failed: {exc}"}
+    store.append_latency(measured, where)
+    return {"result": measured, "measured_on": where, "problem": None}
+
+
+def device_label(on: dict[str, Any]) -> str:
+    """`rank 0: cuda:3 (NVIDIA H200), host gpu-a` (no rank without a launcher)."""
+    device = on.get("device") or "?"
+    text = f"{device} ({on['gpu']})" if on.get("gpu") else device
+    text = f"{text}, host {on.get('host')}"
+    return text if on.get("rank") is None else f"rank {on['rank']}: {text}"
+
+
+def per_rank_latency(timed: dict[str, Any]) -> dict[str, Any]:
+    """One rank's latency of a row, as results.json's `latency_per_rank` lists it."""
+    from harness.eval.latency import LatencyResult
+
+    result = LatencyResult.from_json(timed["result"])
+    on = timed["measured_on"]
+    inference = result.inference or {}
+    return {"rank": on.get("rank"), "host": on.get("host"), "device": on.get("device"),
+            "gpu": on.get("gpu"), "total_ms": result.stages["total"],
+            "inference_ms": inference.get("host"), "compute_ms": inference.get("compute"),
+            "images_per_s": result.images_per_s, "stable": bool(result.stability)}
 
 
 def spec_for(model: Any, backend: Any) -> Any:

@@ -95,10 +95,22 @@ def delta_split_table(doc: CocoResult) -> Optional[str]:
         rows.append([_label(r, doc), f"{r.delta_AP:+.4f}",
                      None if "numeric" not in parts else f"{parts['numeric']:+.4f}",
                      None if "nms" not in parts else f"{parts['nms']:+.4f}",
-                     parts.get("how", "—")])
+                     _by_cause(parts), parts.get("how", "—")])
     if not any(row[2] is not None for row in rows):
         return None
-    return table(["configuration", "ΔAP", "numbers", "NMS", "how"], rows, align="lrrrl")
+    return table(["configuration", "ΔAP", "numbers", "NMS", "NMS by cause", "how"], rows,
+                 align="lrrrll")
+
+
+def _by_cause(parts: dict) -> str:
+    """"topk_cut −0.0090 (412), iou_edge −0.0010 (7); unattributed +0.0002", or —."""
+    by = parts.get("nms_by_cause")
+    if not by:
+        return "—"
+    counts = {c: v.get("detections") for c, v in (parts.get("nms_causes") or {}).items()}
+    cells = [f"{c} {v:+.4f}" + (f" ({counts[c]})" if counts.get(c) is not None else "")
+             for c, v in by.items()]
+    return ", ".join(cells) + f"; unattributed {parts.get('nms_unattributed', 0.0):+.4f}"
 
 
 def stability_text(doc: CocoResult) -> Optional[str]:
@@ -226,7 +238,11 @@ def render_coco(doc: CocoResult, plot: Optional[str] = None) -> str:
                   "Against PyTorch fp32 at the same batch: *numbers* = AP of the row's own "
                   "candidates through the reference's NMS − the reference's AP; *NMS* = the "
                   "row's AP − that AP (its TopK, thresholds, ties, caps). They add up to ΔAP; "
-                  "a row whose NMS is the reference's has an NMS part of 0.", "",
+                  "a row whose NMS is the reference's has an NMS part of 0. *NMS by cause*: "
+                  "both NMS replayed on the row's candidates and diffed as `harness compare` "
+                  "does; per mismatch cause, the row's AP − its AP with that cause's "
+                  "detections restored to the reference's (mismatched detections in "
+                  "brackets); causes interact a little, the rest is *unattributed*.", "",
                   split_rows, ""]
     if ok:
         lines += ["## Latency by stage (ms per batch)", "", stage_table(doc), ""]

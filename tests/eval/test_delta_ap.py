@@ -45,7 +45,19 @@ def test_planted_topk_cut_is_nms_and_fp16_is_numbers(synth_val, tmp_path):
         assert p["numeric"] + p["nms"] == pytest.approx(topk.per_class[name] -
                                                         ref.per_class[name])
         assert abs(p["numeric"]) <= 0.01, (name, p)
+    # by cause: a TopK of 30 costs AP through top-k cuts; restoring each cause's detections
+    # gives back the NMS part, up to the causes' interaction
+    by = parts["nms_by_cause"]
+    assert max(by, key=lambda c: -by[c]) == "topk_cut", by
+    assert parts["nms_causes"]["topk_cut"]["detections"] > 50
+    assert sum(by.values()) + parts["nms_unattributed"] == pytest.approx(parts["nms"])
+    assert abs(parts["nms_unattributed"]) <= 0.1 * abs(parts["nms"]), parts
+    from harness.report.coco_report import delta_split_table
+
+    split_md = delta_split_table(doc)
+    assert "topk_cut -" in split_md.replace("−", "-") and "unattributed" in split_md, split_md
     f16 = fp16.delta_AP_parts
     assert f16["nms"] == 0.0 and f16["numeric"] == pytest.approx(fp16.delta_AP, abs=1e-12)
+    assert "nms_by_cause" not in f16  # nothing to split: its NMS is the reference's
     assert "its NMS is the reference's" in f16["how"]
     assert ref.delta_AP_parts["nms"] == 0.0 and ref.delta_AP_parts["numeric"] == 0.0
