@@ -145,6 +145,13 @@ def _put(q: "queue.Queue[Any]", item: Any, stop: threading.Event) -> bool:
     return False
 
 
+def _get_nowait(q: "queue.Queue[Any]") -> Any:
+    try:
+        return q.get_nowait()
+    except queue.Empty:
+        return None
+
+
 def _get(q: "queue.Queue[Any]", stop: threading.Event) -> Any:
     while True:
         try:
@@ -231,26 +238,30 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
         stored = 0
         pending: "collections.deque[tuple[Any, float, Optional[Future]]]" = collections.deque()
         finished = False
+
+        def take(item: Any) -> None:
+            prepared, outputs, infer_s = item
+            job = None if outputs is None else posters.submit(post_batch, prepared, outputs)
+            pending.append((prepared, infer_s, job))
+
         try:
             while not errors and (pending or not finished):
+                if stop.is_set() and not finished:
+                    # interrupted or failed: write what inference already produced, no more
+                    while (item := _get_nowait(inferred)) is not None:
+                        take(item)
+                    finished = True
                 oldest_done = pending and (pending[0][2] is None or pending[0][2].done())
                 if not oldest_done and not finished and len(pending) < n_workers:
                     try:
                         item = inferred.get(timeout=POLL_S)
                     except queue.Empty:
-                        if stop.is_set():
-                            return  # interrupted: what is not written is computed on resume
                         continue
                     if item is None:
                         finished = True
-                        continue
-                    prepared, outputs, infer_s = item
-                    job = None if outputs is None else \
-                        posters.submit(post_batch, prepared, outputs)
-                    pending.append((prepared, infer_s, job))
+                    else:
+                        take(item)
                     continue
-                if stop.is_set() and not finished:
-                    return
                 prepared, infer_s, job = pending.popleft()
                 t0 = clock()
                 records = []
