@@ -8,7 +8,10 @@ the same model, session and preprocessed batch, it alternates rounds of
             output back to numpy),
 
 and prints per backend the median of each, their ratio (target <= 1.03), and the compute
-figure (IO binding / CUDA events) beside them.
+figure (IO binding / CUDA events) beside them. Then, because a GPU's speed drifts between
+rounds by more than 3 % (reports/latency-h200), it alternates the two calls one by one (the
+order swapped every pair), so each harness call has a bare call next to it in the same
+machine state, and prints the median of the per-pair ratios ("interleaved").
 
     python experiments/bench_latency.py                       # CPU, the fixture, batch 1 and 4
     python experiments/bench_latency.py --device cuda --runs 500 --warmup 50
@@ -60,6 +63,32 @@ def bare_loop(name: str, backend, inputs, metas, device: str):
     return call
 
 
+def interleaved(ours, theirs, runs: int, sync) -> float:
+    """Median over `runs` pairs of (harness call time / bare call time), the two calls of a
+    pair back to back, which one goes first alternating pair by pair."""
+    import numpy as np
+
+    clock = time.perf_counter
+
+    def timed(fn) -> float:
+        t0 = clock()
+        fn()
+        if sync is not None:
+            sync()
+        return clock() - t0
+
+    ratios = []
+    for k in range(runs):
+        if k % 2 == 0:
+            a = timed(ours)
+            b = timed(theirs)
+        else:
+            b = timed(theirs)
+            a = timed(ours)
+        ratios.append(a / b)
+    return float(np.median(ratios))
+
+
 def main() -> None:
     import numpy as np
 
@@ -77,7 +106,7 @@ def main() -> None:
     model = load_model_source(FIXTURE_CONFIG, FIXTURE_CHECKPOINT, device=device)
     per_round = max(1, args.runs // args.rounds)
     print(f"{'backend':<12} {'batch':>5} {'harness ms':>11} {'bare ms':>9} {'ratio':>7} "
-          f"{'compute ms':>11}  compute method")
+          f"{'compute ms':>11} {'interleaved':>11}  compute method")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         onnx_path = export_onnx(model, work / "model.onnx", ExportSettings()).path
@@ -109,8 +138,10 @@ def main() -> None:
                 # the median of the rounds' medians, the same way for both methods
                 h, b = float(np.median(ours)), float(np.median(theirs))
                 c = f"{np.median(compute):11.2f}" if compute else f"{'—':>11}"
-                print(f"{name:<12} {size:>5} {h:11.2f} {b:9.2f} {h / b:7.3f} {c}  "
-                      f"{method or ''}", flush=True)
+                paired = interleaved(lambda: backend.infer(data.inputs, data.metas), bare,
+                                     args.runs, sync)
+                print(f"{name:<12} {size:>5} {h:11.2f} {b:9.2f} {h / b:7.3f} {c} "
+                      f"{paired:11.3f}  {method or ''}", flush=True)
                 time.sleep(0.1)
 
 
