@@ -10,6 +10,8 @@ A file with its own NMS (end2end) has nothing to run: both paths rescale its out
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import asdict
 from typing import Any, Callable, Optional, Sequence
 
@@ -17,6 +19,7 @@ import numpy as np
 
 Post = Callable[[Any, Sequence[Any]], list]
 POST_PATHS = ("auto", "fast", "reference")
+_local = threading.local()  # each post-processing thread's own CUDA stream
 
 
 def make_post(model: Any, device: str, path: str = "auto") -> tuple[Post, str]:
@@ -63,7 +66,7 @@ def fast_detections(model: Any, outputs: Any, metas: Sequence[Any], device: str,
         t = value if torch.is_tensor(value) else torch.from_numpy(np.asarray(value))
         return t.to(device=device, dtype=torch.float32)
 
-    with torch.no_grad():
+    with torch.no_grad(), _own_stream(device):
         if "boxes" in outputs and "scores" in outputs:
             boxes, scores = on_device(outputs["boxes"]), on_device(outputs["scores"])
             obj = outputs.get("objectness")
@@ -82,3 +85,16 @@ def fast_detections(model: Any, outputs: Any, metas: Sequence[Any], device: str,
             for i, r in zip(missing, model.detections(decoded, [metas[i] for i in missing])):
                 results[i] = r
     return results
+
+
+def _own_stream(device: str) -> Any:
+    """On a GPU, the calling thread's own stream: the default stream would wait for (and
+    hold up) the inference running in the other thread; elsewhere nothing."""
+    import torch
+
+    if not str(device).startswith("cuda"):
+        return contextlib.nullcontext()
+    stream = getattr(_local, "stream", None)
+    if stream is None:
+        stream = _local.stream = torch.cuda.Stream(device=device)
+    return torch.cuda.stream(stream)
