@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("harness.commands.compare",
                 "diff PyTorch against ONNX files / TensorRT engines, layer by layer and after NMS"),
     "coco": ("harness.commands.coco", "COCO mAP and latency across backends, precisions, batches"),
+    "sensitivity": ("harness.commands.sensitivity",
+                    "which layer groups to keep in fp32 under int8 / fp16, judged by mAP"),
 }
 
 

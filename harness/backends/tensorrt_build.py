@@ -29,6 +29,11 @@ MARKABLE_TYPES = ("FLOAT", "HALF")
 # layers whose outputs are never marked, as Polygraphy's mark_layerwise skips them
 # (tools/Polygraphy/polygraphy/backend/trt/util.py)
 UNMARKABLE_LAYERS = ("SHAPE", "CONSTANT")
+# layers a precision constraint is not put on: Q/DQ layers carry their own types (their
+# names come from the tensor they quantize, so they share its producer's prefix), shape and
+# constant layers compute no activations, plugins choose their own formats
+UNCONSTRAINED_LAYERS = ("QUANTIZE", "DEQUANTIZE", "SHAPE", "CONSTANT", "PLUGIN", "PLUGIN_V2",
+                        "PLUGIN_V3")
 # plugins deprecated since TensorRT 9.0 and absent from 11.0's plugin/README.md
 REMOVED_IN_11 = ("BatchedNMS_TRT", "BatchedNMSDynamic_TRT")
 
@@ -241,6 +246,35 @@ def mark_tensor_outputs(network: Any, names: Sequence[str]
     return marked, available, unmarked
 
 
+def constrain_fp32_layers(trt: Any, network: Any, prefixes: Sequence[str]
+                          ) -> tuple[list[str], dict[str, int]]:
+    """Keep the layers whose names start with any of `prefixes` in fp32: `layer.precision =
+    trt.float32` and `set_output_type(i, trt.float32)` on each float output (both are
+    honoured only with BuilderFlag.OBEY_PRECISION_CONSTRAINTS, which build_engine sets).
+    Layers of UNCONSTRAINED_LAYERS types and non-float outputs are left alone. Returns the
+    constrained layer names in network order and how many layers each prefix matched."""
+    constrained: list[str] = []
+    matched = dict.fromkeys(prefixes, 0)
+    wanted = tuple(prefixes)
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if not layer.name.startswith(wanted) or layer.type.name in UNCONSTRAINED_LAYERS:
+            continue
+        outputs = [j for j in range(layer.num_outputs)
+                   if layer.get_output(j) is not None
+                   and layer.get_output(j).dtype.name in MARKABLE_TYPES]
+        if not outputs:  # integer / bool arithmetic: its precision is not float's
+            continue
+        layer.precision = trt.float32
+        for j in outputs:
+            layer.set_output_type(j, trt.float32)
+        constrained.append(layer.name)
+        for prefix in prefixes:
+            if layer.name.startswith(prefix):
+                matched[prefix] += 1
+    return constrained, matched
+
+
 def build_engine(onnx_path: Union[str, Path], engine_path: Union[str, Path],
                  precision: str = "fp32", min_batch: int = 1, opt_batch: int = 4,
                  max_batch: int = 4, workspace_gb: float = 4.0,
@@ -249,7 +283,8 @@ def build_engine(onnx_path: Union[str, Path], engine_path: Union[str, Path],
                  timing_cache: Union[str, Path, None] = None,
                  mark_layers: Union[Sequence[str], None] = None,
                  mark_tensors: Union[Sequence[str], None] = None,
-                 tf32: bool = False) -> BuildResult:
+                 tf32: bool = False,
+                 fp32_layers: Union[Sequence[str], None] = None) -> BuildResult:
     """Build `engine_path` from `onnx_path` and write its sidecar next to it.
 
     precision int8: a QDQ ONNX is built as it is (explicit quantization); otherwise
@@ -262,6 +297,12 @@ def build_engine(onnx_path: Union[str, Path], engine_path: Union[str, Path],
     extra outputs (`harness build --mark`); mark_tensors: ONNX tensor names marked exactly as
     given, in that order (the layer diff's chunked debug engines, tensorrt_marking); the
     sidecar's build["requested"] records the tensors asked for, in order.
+
+    fp32_layers: layer-name prefixes (ONNX node scopes, `harness sensitivity`'s
+    fp32_layers.json) kept in fp32 in an fp16 / int8 engine as per-layer precision
+    constraints (constrain_fp32_layers, OBEY_PRECISION_CONSTRAINTS); a prefix no ONNX node
+    has is an error before TensorRT is loaded. TensorRT 11 networks are strongly typed: the
+    ONNX's own types decide there, and no constraint is set.
     """
     from harness.backends.onnxruntime_backend import _dims, graph_precision, read_onnx
     from harness.export.metadata import file_sha256, read_metadata
@@ -295,6 +336,11 @@ def build_engine(onnx_path: Union[str, Path], engine_path: Union[str, Path],
             raise UserError(f"{onnx_path.name} has no node output named {missing[0]!r}"
                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         wanted = list(dict.fromkeys([*wanted, *mark_tensors]))
+    if fp32_layers:
+        stray = [p for p in fp32_layers if not any(name.startswith(p) for name, _ in nodes)]
+        if stray:
+            raise UserError(f"no node of {onnx_path.name} starts with {stray[0]!r} (fp32 "
+                            "layers); were the constraints written for this ONNX?")
     plugins = sorted({n.op_type for n in model.graph.node if n.domain == "TRT"})
     export_record = read_metadata(model)
     del model, nodes
@@ -382,6 +428,19 @@ def build_engine(onnx_path: Union[str, Path], engine_path: Union[str, Path],
         trt_cache = config.create_timing_cache(b"")
         config.set_timing_cache(trt_cache, ignore_mismatch=False)
 
+    constrained: list[str] = []
+    if fp32_layers and major >= 11:
+        notes.append("fp32 layers: TensorRT 11 networks are strongly typed, so the ONNX's "
+                     "own types keep them in fp32 (no per-layer constraints)")
+    elif fp32_layers and precision == "fp32":
+        notes.append("fp32 layers: an fp32 engine keeps every layer in fp32 already")
+    elif fp32_layers:
+        constrained, matched = constrain_fp32_layers(trt, network, fp32_layers)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        idle = [p for p, n in matched.items() if not n]
+        notes.append(f"{len(constrained)} layers under {len(fp32_layers)} prefixes kept in "
+                     "fp32 (OBEY_PRECISION_CONSTRAINTS)"
+                     + (f"; no float layer under {', '.join(idle)}" if idle else ""))
     marked, layer_tensors, unmarked = mark_tensor_outputs(network, wanted) if wanted \
         else ([], [], {})
     if wanted:
@@ -417,6 +476,8 @@ def build_engine(onnx_path: Union[str, Path], engine_path: Union[str, Path],
         build={"workspace_gb": workspace_gb, "timing_cache": str(cache_file or ""),
                "calibration_cache": str(calib_cache or ""),
                "explicit_int8": explicit_int8, "tf32": tf32,
-               "requested": wanted, "layer_tensors": layer_tensors, "unmarked": unmarked})
+               "requested": wanted, "layer_tensors": layer_tensors, "unmarked": unmarked,
+               **({"fp32_layers": {"prefixes": list(fp32_layers), "layers": constrained}}
+                  if fp32_layers else {})})
     side = write_sidecar(engine_path, sidecar)
     return BuildResult(engine_path, side, sidecar, time.perf_counter() - started, notes)

@@ -30,6 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="debug engine: mark the ONNX output tensors of these modules' nodes "
                         "(module paths, ONNX scopes or node names) as outputs for the layer "
                         "diff")
+    p.add_argument("--fp32-layers", type=Path, default=None, metavar="FILE",
+                   help="keep these layers in fp32 in an fp16 / int8 engine (per-layer "
+                        "precision constraints): the fp32_layers.json 'harness sensitivity' "
+                        "writes, or a JSON list of layer-name prefixes")
     p.add_argument("--force", action="store_true",
                    help="build even when 'harness check' finds an error (a TopK K > 3840, an "
                         "operator the ONNX parser lacks, ...)")
@@ -46,6 +50,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"ONNX file not found: {args.onnx}")
     if args.calib is not None and args.config is None:
         raise UserError("--calib needs --config (the model's preprocessing feeds calibration)")
+    fp32_layers = None
+    if args.fp32_layers is not None:
+        from harness.sensitivity.constraints import read_constraints
+
+        fp32_layers = read_constraints(args.fp32_layers)
     trt = import_tensorrt()
     if refused_by_check(args.onnx, str(trt.__version__), args.force):
         return 1
@@ -61,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         args.onnx, args.output, precision=args.precision, min_batch=args.min_batch,
         opt_batch=args.opt_batch, max_batch=args.max_batch, workspace_gb=args.workspace_gb,
         calib_images=images, preprocess=preprocess, calib_cache_dir=args.calib_cache,
-        timing_cache=args.timing_cache, mark_layers=args.mark)
+        timing_cache=args.timing_cache, mark_layers=args.mark, fp32_layers=fp32_layers)
     for note in result.notes:
         print(f"note: {note}")
     side = result.sidecar

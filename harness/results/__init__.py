@@ -1,8 +1,8 @@
-"""The results schema: what `harness compare` and `harness coco` produce, as dataclasses that
-the commands write, the reports render and the gates check — one definition of every key in
-`results.json` (docs/results-schema.md describes it for readers). A file of another schema
-version is refused in one line; a value a reader needs and the file lacks is named
-(`Missing`), never guessed.
+"""The results schema: what `harness compare`, `harness coco` and `harness sensitivity`
+produce, as dataclasses that the commands write, the reports render and the gates check — one
+definition of every key in `results.json` (docs/results-schema.md describes it for
+readers). A file of another schema version is refused in one line; a value a reader needs
+and the file lacks is named (`Missing`), never guessed.
 """
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from harness.results.compare import (
     LayerSummary, MismatchExample, NonfiniteLayer, SettingDifference, TargetResult,
     Unreadable,
 )
+from harness.results.sensitivity import (
+    SensitivityGroup, SensitivityHoldout, SensitivityResult, SensitivityStep,
+)
 from harness.results.file import (
     RESULTS_NAME, SCHEMA_VERSION, SECTIONS, ExperimentSection, Results, read_results,
     write_section,
@@ -22,6 +25,8 @@ __all__ = [
     "COCO_STATS", "RESULTS_NAME", "SCHEMA_VERSION", "SECTIONS", "CandidateSummary",
     "CocoDataset", "CocoResult", "CocoRow", "CompareInputs", "CompareResult",
     "DetectionSummary", "ExperimentSection", "LayerPoint", "LayerRow", "LayerSummary",
-    "MismatchExample", "Missing", "NonfiniteLayer", "Results", "Schema", "SettingDifference",
-    "TargetResult", "Unreadable", "atomic_write_text", "read_results", "write_section",
+    "MismatchExample", "Missing", "NonfiniteLayer", "Results", "Schema",
+    "SensitivityGroup", "SensitivityHoldout", "SensitivityResult", "SensitivityStep",
+    "SettingDifference", "TargetResult", "Unreadable", "atomic_write_text", "read_results",
+    "write_section",
 ]

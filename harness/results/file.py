@@ -10,6 +10,7 @@ from harness.errors import UserError
 from harness.results.base import Schema, atomic_write_text
 from harness.results.coco import CocoResult
 from harness.results.compare import CompareResult
+from harness.results.sensitivity import SensitivityResult
 
 RESULTS_NAME = "results.json"
 # 2: compare targets gained status / ties / settings / non-finite fields, coco rows their
@@ -34,9 +35,11 @@ class Results(Schema):
     experiment: Optional[ExperimentSection] = None
     compare: Optional[CompareResult] = None
     coco: Optional[CocoResult] = None
+    sensitivity: Optional[SensitivityResult] = None
 
 
-SECTIONS = {"experiment": ExperimentSection, "compare": CompareResult, "coco": CocoResult}
+SECTIONS = {"experiment": ExperimentSection, "compare": CompareResult, "coco": CocoResult,
+            "sensitivity": SensitivityResult}
 
 
 def read_results(path: Union[str, Path], missing_ok: bool = False) -> Results:

@@ -73,6 +73,11 @@ class Enum(types.SimpleNamespace):
     """A pybind11 enum member: named by `.name`."""
 
 
+# the LayerType the ONNX parser gives these nodes (others: ACTIVATION, plugins PLUGIN_V2)
+LAYER_TYPES = {"Conv": "CONVOLUTION", "QuantizeLinear": "QUANTIZE",
+               "DequantizeLinear": "DEQUANTIZE", "Shape": "SHAPE"}
+
+
 class Tensor:
     def __init__(self, name, dtype="FLOAT", is_input=False):
         self.name, self.shape, self.dtype = name, (-1, 3, 8, 8), Enum(name=dtype)
@@ -84,6 +89,11 @@ class Layer:
     def __init__(self, name, type_, inputs, outputs):
         self.name, self.type = name, Enum(name=type_)
         self._in, self._out = inputs, outputs
+        # per-layer precision constraints (ILayer.precision, set_output_type)
+        self.precision, self.output_types = None, {}
+
+    def set_output_type(self, j, dtype):
+        self.output_types[j] = dtype
 
     num_inputs = property(lambda self: len(self._in))
     num_outputs = property(lambda self: len(self._out))
@@ -120,8 +130,11 @@ class Network:
 
 def fake_trt(version: str = "10.13.0"):
     """(module, builds): `builds` gets, per build_serialized_network call, the tensor names
-    that build marked, in the order mark_output was called."""
+    that build marked, in the order mark_output was called; the module's `flags` every
+    BuilderFlag set and `networks` the network of each build (its layers' precision)."""
     builds: list[list[str]] = []
+    flags: list[str] = []  # every BuilderFlag set, in order
+    networks: list[Network] = []  # the network of each build
 
     class Parser:
         def __init__(self, network, logger):
@@ -138,8 +151,9 @@ def fake_trt(version: str = "10.13.0"):
                         for o in node.output]
                 tensors.update({t.name: t for t in outs})
                 self.network.layers.append(Layer(
-                    node.name, "PLUGIN_V2" if node.domain == "TRT" else "ACTIVATION",
-                    [tensors[i] for i in node.input], outs))
+                    node.name, "PLUGIN_V2" if node.domain == "TRT" else
+                    LAYER_TYPES.get(node.op_type, "ACTIVATION"),
+                    [tensors[i] for i in node.input if i in tensors], outs))
             for value in graph.output:
                 tensors[value.name].is_network_output = True
                 self.network.outputs.append(tensors[value.name])
@@ -148,7 +162,7 @@ def fake_trt(version: str = "10.13.0"):
     class Config:
         def set_memory_pool_limit(self, pool, size): pass
         def add_optimization_profile(self, profile): pass
-        def set_flag(self, flag): pass
+        def set_flag(self, flag): flags.append(flag)
         def clear_flag(self, flag): pass
         def create_timing_cache(self, data): return types.SimpleNamespace(data=bytes(data))
         def set_timing_cache(self, cache, ignore_mismatch): return True
@@ -164,6 +178,7 @@ def fake_trt(version: str = "10.13.0"):
 
         def build_serialized_network(self, network, config):
             builds.append(list(network.marked))
+            networks.append(network)
             return b"PLAN"
 
     class Logger:
@@ -174,7 +189,10 @@ def fake_trt(version: str = "10.13.0"):
         __version__=version, Logger=Logger, Builder=Builder, OnnxParser=Parser,
         init_libnvinfer_plugins=lambda logger, namespace: None,
         MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"),
-        BuilderFlag=types.SimpleNamespace(TF32="TF32", FP16="FP16", INT8="INT8"))
+        BuilderFlag=types.SimpleNamespace(
+            TF32="TF32", FP16="FP16", INT8="INT8",
+            OBEY_PRECISION_CONSTRAINTS="OBEY_PRECISION_CONSTRAINTS"),
+        float32=Enum(name="FLOAT"), flags=flags, networks=networks)
     add_runtime(trt)
     return trt, builds
 
