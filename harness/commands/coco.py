@@ -1,7 +1,8 @@
 """`harness coco DATASET_SPLIT_DIR`: COCO mAP and latency of the model across backends ×
 precisions × batch sizes (flags, or an experiment file with --experiment); writes `coco.md`,
 `coco.csv`, `coco_ap_vs_latency.png` and the `coco` section of `results.json` into --out.
-Interrupted runs resume: run the same command again."""
+Interrupted runs resume: run the same command again. Under torchrun (`--launcher torchrun`)
+every rank runs its shard of the images and rank 0 writes the report."""
 from __future__ import annotations
 
 import argparse
@@ -60,6 +61,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="test_cfg.nms.iou_threshold for every row (default: the config's)")
     p.add_argument("--max-per-img", type=int, default=None,
                    help="test_cfg.max_per_img for every row (default: the config's)")
+    from harness.eval.distributed import DEFAULT_TIMEOUT_S, LAUNCHERS
+
+    p.add_argument("--launcher", choices=LAUNCHERS, default="none",
+                   help="torchrun: one process per GPU, started by torchrun --nproc_per_node N "
+                        "-m harness coco ... --launcher torchrun; each rank runs a shard of "
+                        "the images, rank 0 merges, scores and writes the report")
+    p.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
+                   help="seconds a rank waits for the others at a synchronisation point "
+                        "before it gives up with an error (a rank that dies is noticed at "
+                        "once; default %(default)g)")
+    p.add_argument("--latency-rank", type=int, default=0, metavar="R",
+                   help="the rank whose device times every configuration (default 0)")
+    p.add_argument("--latency-per-rank", action="store_true",
+                   help="every rank times every configuration on its own device, one rank "
+                        "after the other; the report shows them side by side")
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
@@ -77,29 +93,63 @@ def settings_from_args(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from harness.cli import writable_dir
+    import os
+
+    from harness.eval.distributed import RankFailure, prepare, ranks_from_env
     from harness.eval.latency import default_settings
-    from harness.eval.runner import run_coco
-    from harness.eval.store import RunStore
-    from harness.report.coco_report import write_coco_report
 
     settings = settings_from_args(args)
     default_settings("cpu", settings.warmup, settings.runs)  # reject bad numbers early
-    out = writable_dir(settings.out)
-    if args.fresh:
-        for c in settings.configurations:
-            RunStore.path_for(settings.cache_dir, c.key).unlink(missing_ok=True)
-    print(f"{len(settings.configurations)} configurations on {settings.images_dir}")
+    uses_cuda = any(c.device.startswith("cuda") for c in settings.configurations)
+    ranks = ranks_from_env(args.launcher, os.environ, uses_cuda=uses_cuda,
+                           timeout_s=args.dist_timeout, latency_rank=args.latency_rank,
+                           latency_per_rank=args.latency_per_rank)
     try:
-        doc, _ = run_coco(settings)
+        ranks = prepare(ranks, uses_cuda)
+        return _run(args, settings, ranks)
+    except RankFailure as exc:  # not bad input: the run stopped; what was stored is kept
+        print(f"harness coco: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        ranks.close()
+
+
+def _run(args: argparse.Namespace, settings: Any, ranks: Any) -> int:
+    from harness.cli import writable_dir
+    from harness.eval.runner import run_coco, say
+    from harness.eval.store import RunStore
+    from harness.report.coco_report import write_coco_report
+
+    out = writable_dir(settings.out) if ranks.main else settings.out
+    # every rank's file too, whatever the world that wrote it, by each host's first rank (the
+    # hosts may not share the folder); before the ranks join, so no rank has opened one yet
+    if args.fresh and ranks.local_rank == 0:
+        for c in settings.configurations:
+            for path in RunStore.files_of(RunStore.path_for(settings.cache_dir, c.key)):
+                path.unlink(missing_ok=True)
+    if ranks.main:
+        print(f"{len(settings.configurations)} configurations on {settings.images_dir}"
+              + (f", {ranks.world} ranks" if ranks.distributed else ""))
+    try:
+        doc, runs = run_coco(settings, log=say if ranks.main else _quiet, ranks=ranks)
     except KeyboardInterrupt:
         print("finished batches are kept: run the same command again to resume",
               file=sys.stderr)
         raise
+    if doc is None:  # a rank other than 0: rank 0 reports
+        computed = sum(r.pass_times.images for r in runs if r.pass_times)
+        found = sum(r.pass_times.skipped for r in runs if r.pass_times)
+        print(f"rank {ranks.rank} of {ranks.world}: {computed} images computed, {found} found "
+              "stored; rank 0 writes the report")
+        return 0
     written = write_coco_report(doc, out, settings.experiment)
     print_rows(doc)
     print("wrote " + ", ".join(str(p) for p in written))
     return coco_exit_status(doc)
+
+
+def _quiet(message: str) -> None:
+    """Ranks other than 0 print little: rank 0 logs what the ranks agreed on."""
 
 
 def print_rows(doc: Any) -> None:

@@ -27,6 +27,13 @@ from harness.errors import UserError
 
 QUEUE_DEPTH = 2  # batches prepared ahead / waiting for post-processing, beyond the workers
 MAX_WORKERS = 8  # per pool, by default: enough for the H200 at batch 4 (bench_coco_overhead)
+# post-processing runs on groups of at least this many images (several inference batches
+# concatenated), so its fixed per-call cost — ~150 device ops on the fast path — is shared
+POST_GROUP_IMAGES = 16
+# During a pass the interpreter hands the GIL over after this long instead of 5 ms: the
+# inference thread re-takes it after every kernel launch / session.run, and with busy worker
+# threads waiting out 5 ms each time cost PyTorch CUDA 2.6x its inference at batch 4 (H200)
+SWITCH_INTERVAL_S = 0.0002
 POLL_S = 0.1
 BOX_DECIMALS = 3  # stored boxes: 0.001 px
 SCORE_DECIMALS = 7
@@ -109,6 +116,33 @@ def coco_entries(image_id: int, det: Any, category_ids: Sequence[int]) -> list[d
     return entries
 
 
+_PROCESS_POOLS: dict[int, Any] = {}
+
+
+def reader_pool(workers: int) -> Any:
+    """A pool of `workers` processes that read and preprocess, kept for the life of the
+    process (a pass of a few hundred images on a fast GPU is shorter than starting them).
+    Spawned, not forked: the parent may hold a CUDA context, which a fork cannot share."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = _PROCESS_POOLS.get(workers)
+    if pool is None:
+        pool = _PROCESS_POOLS[workers] = ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_reader_started)
+    return pool
+
+
+def _reader_started() -> None:
+    import importlib
+
+    import cv2
+
+    cv2.setNumThreads(1)  # the pool is the parallelism; OpenCV's own threads would fight it
+    importlib.import_module("harness.data.preprocess")  # once, not with the first batch
+
+
 def default_workers() -> int:
     """Threads per pool: the usable cores less the inference thread, at most MAX_WORKERS."""
     try:
@@ -145,6 +179,23 @@ def _put(q: "queue.Queue[Any]", item: Any, stop: threading.Event) -> bool:
     return False
 
 
+def _concatenated(outputs: Sequence[Any]) -> Optional[dict[str, Any]]:
+    """The batches' outputs joined along the batch axis, or None where they cannot be (one
+    batch, different names or shapes beyond the batch axis, not numpy)."""
+    if len(outputs) < 2 or not all(isinstance(o, dict) for o in outputs):
+        return None
+    names = list(outputs[0])
+    joined = {}
+    for name in names:
+        parts = [o.get(name) for o in outputs]
+        if not all(isinstance(v, np.ndarray) and v.ndim >= 1 for v in parts) or \
+                len({v.shape[1:] for v in parts}) != 1 or \
+                any(set(o) != set(names) for o in outputs):
+            return None
+        joined[name] = np.concatenate(parts, axis=0)
+    return joined
+
+
 def _get_nowait(q: "queue.Queue[Any]") -> Any:
     try:
         return q.get_nowait()
@@ -169,11 +220,13 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
              progress: bool = True, on_batch: Optional[Callable[[int], None]] = None,
              warn: Optional[Callable[[str], None]] = None,
              post_reference: Optional[Callable[[Any, Sequence[Any], np.ndarray], list]] = None,
-             shard: tuple[int, int] = (0, 1), workers: Optional[int] = None) -> PassTimes:
+             shard: tuple[int, int] = (0, 1), workers: Optional[int] = None,
+             processes: bool = False, post_group: int = POST_GROUP_IMAGES) -> PassTimes:
     """Run every batch of `images` (SplitImage) not yet in `store` (RunStore).
 
     infer(inputs (B,3,H,W) float32, metas) → outputs; post(outputs, metas) → per image
-    NmsResult; post_reference(outputs, metas, inputs) → per image the same candidates
+    NmsResult, image by image (it gets several batches' outputs joined on the batch axis,
+    POST_GROUP_IMAGES at a time, where their shapes allow); post_reference(outputs, metas, inputs) → per image the same candidates
     through the reference's NMS (a file with its own NMS: the ΔAP split; an NmsResult or a
     delta_ap.ReferenceNms with the mismatch causes), stored beside the detections
     (reference_records);
@@ -182,6 +235,9 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     shard (rank, world): this process runs batches k with k % world == rank only (batches
     are planned on the whole of `images`, so every batch is the one a single process runs).
     workers: threads reading ahead, and threads post-processing (default_workers()).
+    processes: read and preprocess in `workers` processes instead (reader_pool), which the
+    GIL does not bind; worth it where the backend is fast enough to wait for the host (GPU).
+    post_group: images gathered per post-processing call (1: every batch on its own).
     """
     from tqdm import tqdm
 
@@ -201,7 +257,8 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     errors: list[BaseException] = []
 
     n_workers = workers or default_workers()
-    readers = ThreadPoolExecutor(n_workers, thread_name_prefix="coco-read")
+    readers = reader_pool(n_workers) if processes else \
+        ThreadPoolExecutor(n_workers, thread_name_prefix="coco-read")
     posters = ThreadPoolExecutor(n_workers, thread_name_prefix="coco-post")
 
     def read_ahead() -> None:
@@ -224,35 +281,69 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
             return
         _put(ready, None, stop)
 
-    def post_batch(prepared: _Prepared, outputs: Any) -> tuple[Any, Any, float]:
+    def post_batches(group: list[tuple[_Prepared, Any]]) -> list[tuple[Any, Any, float]]:
+        """(detections, reference-NMS results, seconds) per batch of `group`, post-processed
+        in one call where the batches' outputs can be concatenated."""
         t0 = clock()
-        dets = post(outputs, prepared.metas)
-        post_s = clock() - t0
-        refs = None if post_reference is None else \
-            post_reference(outputs, prepared.metas, prepared.inputs)
-        return dets, refs, post_s
+        joined = _concatenated([outputs for _, outputs in group])
+        if joined is not None:
+            dets = post(joined, [m for prepared, _ in group for m in prepared.metas])
+            per_batch, at = [], 0
+            for prepared, _ in group:
+                per_batch.append(dets[at:at + len(prepared.metas)])
+                at += len(prepared.metas)
+        else:
+            per_batch = [post(outputs, prepared.metas) for prepared, outputs in group]
+        images = sum(len(prepared.metas) for prepared, _ in group)
+        share = (clock() - t0) / images
+        out = []
+        for (prepared, outputs), dets in zip(group, per_batch):
+            refs = None if post_reference is None else \
+                post_reference(outputs, prepared.metas, prepared.inputs)
+            out.append((dets, refs, share * len(prepared.metas)))
+        return out
 
     def write_behind() -> None:
-        # post-processing submitted as batches arrive (up to n_workers at once), written in
+        # inferred batches gathered into groups of POST_GROUP_IMAGES, each group
+        # post-processed by a worker (up to n_workers groups at once), the batches written in
         # arrival (= batch) order as each oldest one is done
         stored = 0
-        pending: "collections.deque[tuple[Any, float, Optional[Future]]]" = collections.deque()
+        # (prepared, infer_s, group job or None, index in the group)
+        pending: "collections.deque[tuple[Any, float, Optional[Future], int]]" = \
+            collections.deque()
+        gathering: list[tuple[Any, Any, float]] = []
         finished = False
+
+        def submit() -> None:
+            if not gathering:
+                return
+            job = posters.submit(post_batches, [(p, o) for p, o, _ in gathering])
+            for k, (prepared, _, infer_s) in enumerate(gathering):
+                pending.append((prepared, infer_s, job, k))
+            gathering.clear()
 
         def take(item: Any) -> None:
             prepared, outputs, infer_s = item
-            job = None if outputs is None else posters.submit(post_batch, prepared, outputs)
-            pending.append((prepared, infer_s, job))
+            if outputs is None:  # nothing readable in the batch: nothing to post-process
+                submit()
+                pending.append((prepared, infer_s, None, 0))
+                return
+            gathering.append((prepared, outputs, infer_s))
+            if sum(len(p.metas) for p, _, _ in gathering) >= post_group:
+                submit()
 
         try:
-            while not errors and (pending or not finished):
+            while not errors and (pending or gathering or not finished):
                 if stop.is_set() and not finished:
                     # interrupted or failed: write what inference already produced, no more
                     while (item := _get_nowait(inferred)) is not None:
                         take(item)
                     finished = True
+                if finished:
+                    submit()
                 oldest_done = pending and (pending[0][2] is None or pending[0][2].done())
-                if not oldest_done and not finished and len(pending) < n_workers:
+                groups_running = len({id(job) for _, _, job, _ in pending if job is not None})
+                if not oldest_done and not finished and groups_running < n_workers:
                     try:
                         item = inferred.get(timeout=POLL_S)
                     except queue.Empty:
@@ -262,7 +353,9 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
                     else:
                         take(item)
                     continue
-                prepared, infer_s, job = pending.popleft()
+                if not pending:
+                    continue
+                prepared, infer_s, job, k = pending.popleft()
                 t0 = clock()
                 records = []
                 for im, reason in prepared.unreadable:
@@ -271,7 +364,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
                                     "unreadable": reason})
                 if job is not None:
                     n = len(prepared.images)
-                    dets, refs, post_s = job.result()
+                    dets, refs, post_s = job.result()[k]
                     ms = {"preprocess": prepared.seconds / n * 1e3, "infer": infer_s / n * 1e3,
                           "post": post_s / n * 1e3}
                     for i, (im, det) in enumerate(zip(prepared.images, dets)):
@@ -298,6 +391,8 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
 
     reader = threading.Thread(target=read_ahead, name="coco-read-ahead", daemon=True)
     writer = threading.Thread(target=write_behind, name="coco-write-behind", daemon=True)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(min(switch, SWITCH_INTERVAL_S))
     reader.start()
     writer.start()
     try:
@@ -329,8 +424,10 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
         stop.set()
         writer.join(timeout=60)
         reader.join(timeout=5)
-        readers.shutdown(wait=False, cancel_futures=True)
+        if not processes:
+            readers.shutdown(wait=False, cancel_futures=True)
         posters.shutdown(wait=False, cancel_futures=True)
+        sys.setswitchinterval(switch)
         bar.close()
     times.wall_s = clock() - started
     return times

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from harness.errors import UserError
 from harness.eval.distributed import (
-    Ranks, agree, first_problem, member, merge_records, store_view,
+    Ranks, agree, first_problem, join, member, merge_records, store_view,
 )
 from harness.experiment import Configuration
 from harness.results import COCO_STATS, CocoDataset, CocoResult, CocoRow, Unreadable
@@ -53,7 +53,7 @@ def run_coco(settings: CocoSettings, log: Callable[[str], None] = say,
     """Run the matrix; returns (the `coco` results section, per-configuration run info).
 
     on_batch(config, batches stored) runs after each stored batch (tests interrupt with it).
-    ranks: this process's part of a distributed run (harness.eval.distributed.start); the
+    ranks: this process's part of a distributed run (harness.eval.distributed); the
     results section is rank 0's only (None on the other ranks).
     """
     from harness.eval.coco_backends import ModelFiles
@@ -70,6 +70,7 @@ def run_coco(settings: CocoSettings, log: Callable[[str], None] = say,
     split = open_split(settings.images_dir, settings.annotations, settings.count)
     evaluator = resolve_evaluator(settings.evaluator)
     model = load_model_source(settings.config, settings.checkpoint).with_nms(**settings.test_cfg)
+    join(ranks)  # after the model is built: see harness.eval.distributed.join
     category_ids = category_ids_for(split, model.class_names)
     names_by_cat = {c: n for c, n in zip(category_ids, model.class_names) if c >= 0}
     files = ModelFiles(model, settings.cache_dir, settings.onnx, settings.engines,
@@ -127,7 +128,7 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
     from harness.eval.latency import LatencyResult, default_settings
     from harness.eval.store import RunStore
     from harness.export.metadata import file_sha256
-    from harness.export.outputs import detections_from_outputs
+    from harness.eval.coco_post import make_post
 
     run = ConfigurationRun(config)
     model = model.with_nms(nms_pre=config.nms_pre)  # the row's point on an nms_pre axis
@@ -164,8 +165,9 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
     backend = target.backend
     timing = default_settings(config.device, settings.warmup, settings.runs)
 
-    def post(outputs: Any, metas: Sequence[Any]) -> list:
-        return detections_from_outputs(model, outputs, metas)
+    # on a GPU row: the batched post-processing on that GPU, and images read in processes
+    post, _ = make_post(model, config.device)
+    on_gpu = str(config.device).startswith("cuda")
 
     spec = None
     try:
@@ -180,7 +182,7 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
             f"{config.key} [rank {ranks.rank}/{ranks.world}]",
             progress=settings.progress and ranks.main,
             on_batch=None if on_batch is None else (lambda n: on_batch(config, n)),
-            warn=log, post_reference=post_reference, shard=ranks.shard)
+            warn=log, post_reference=post_reference, shard=ranks.shard, processes=on_gpu)
     except UserError as exc:  # a backend that loads but cannot run these inputs
         problem = f"failed: {exc}"
     times = run.pass_times
@@ -238,6 +240,10 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
     row.latency_device = device_label(chosen["measured_on"])
     if ranks.latency_per_rank:
         row.latency_per_rank = [per_rank_latency(timed[r]) for r in sorted(timed)]
+    if times is not None and times.images and times.infer_s > 0:
+        row.accuracy_pass = {"images": times.images, "wall_s": round(times.wall_s, 4),
+                             "inference_s": round(times.infer_s, 4),
+                             "ratio": round(times.overhead_ratio, 3)}
     row.images = len(readable)
     row.unreadable = len(ids) - len(readable)
     log(f"{config.key}: AP {row.AP:.4f}  latency {latency.stages['total']['mean']:.2f} "

@@ -9,11 +9,17 @@ image's share of its batch's preprocess / infer / post milliseconds} or {"image_
 "unreadable": reason}), and a `latency` line when timing finished (the last one counts).
 A file whose header differs (another checkpoint, export or annotation file) is set aside
 as `<name>.stale` and started anew; a truncated last line is dropped.
+
+Under torchrun each rank writes a file of its own (`<key>.rank<R>.jsonl`) and reads, besides
+its own, every other file of the configuration (the single process's `<key>.jsonl` and every
+rank's, whatever the world size that wrote them) without touching them: a batch any run
+stored is never computed again, by any world size.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -21,6 +27,8 @@ from typing import Any, Iterable, Optional
 from harness.errors import UserError
 
 FORMAT = 1
+# `<key>.jsonl` (one process) or `<key>.rank<R>.jsonl` (rank R of a distributed run)
+RUN_FILE = re.compile(r"^(?P<key>.+?)(?:\.rank(?P<rank>\d+))?\.jsonl$")
 
 
 class RunStore:
@@ -30,17 +38,42 @@ class RunStore:
     def __init__(self, path: Path, header: dict[str, Any]):
         self.path = Path(path)
         self.header = json.loads(json.dumps({"kind": "header", "format": FORMAT, **header}))
-        self.images: dict[int, dict[str, Any]] = {}
+        self.images: dict[int, dict[str, Any]] = {}  # this file's and the other files'
         self.latency: Optional[dict[str, Any]] = None
+        self.latency_measured_on: Optional[dict[str, Any]] = None
         self.resumed = False
         self.dropped_partial_line = False
+        # ids done by a rank whose files this process cannot see (another host's disk)
+        self.elsewhere: set[int] = set()
+        self.beside: dict[Path, int] = {}  # other file of the configuration → images read
+        # (result, measured_on) of the last latency line of each other file
+        self.beside_latency: list[tuple[dict[str, Any], Optional[dict[str, Any]]]] = []
 
     # -- opening ---------------------------------------------------------------------------
 
     @staticmethod
-    def path_for(cache_dir: Path, configuration_key: str) -> Path:
-        """Where the run file of one matrix configuration lives under a report's cache."""
-        return Path(cache_dir) / "runs" / f"{configuration_key}.jsonl"
+    def path_for(cache_dir: Path, configuration_key: str, rank: Optional[int] = None) -> Path:
+        """Where the run file of one matrix configuration lives under a report's cache; with
+        `rank`, the file of that rank of a distributed run."""
+        suffix = "" if rank is None else f".rank{rank}"
+        return Path(cache_dir) / "runs" / f"{configuration_key}{suffix}.jsonl"
+
+    @staticmethod
+    def files_of(path: Path) -> list[Path]:
+        """Every run file of the configuration `path` is a file of (the one-process file,
+        then the rank files by rank), existing ones only, `path` itself included if it
+        exists."""
+        path = Path(path)
+        match = RUN_FILE.match(path.name)
+        if match is None or not path.parent.is_dir():
+            return [path] if path.exists() else []
+        key = match["key"]
+        found = []
+        for other in path.parent.iterdir():
+            m = RUN_FILE.match(other.name)
+            if m is not None and m["key"] == key and other.is_file():
+                found.append((-1 if m["rank"] is None else int(m["rank"]), other))
+        return [p for _, p in sorted(found)]
 
     @classmethod
     def read(cls, path: Path) -> "RunStore":
@@ -59,12 +92,56 @@ class RunStore:
         """Read what a previous run left (if it was made by the same header), else start the
         file with the header."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists() and self._read_existing():
-            self.resumed = bool(self.images) or self.latency is not None
-            return self
-        self.images, self.latency = {}, None
-        self._write_lines([self.header], truncate=True)
+        if not (self.path.exists() and self._read_existing()):
+            self.images, self.latency, self.latency_measured_on = {}, None, None
+            self._write_lines([self.header], truncate=True)
+        self.read_beside()
+        self.resumed = bool(self.images) or self.latency is not None or \
+            bool(self.beside_latency)
         return self
+
+    def read_beside(self) -> int:
+        """Read what the configuration's other files (other ranks', the one-process run's)
+        hold that this store does not have yet; returns how many images were new. Those files
+        are only read: a torn last line is left to its writer, and a file of another header
+        (another model or data) is ignored."""
+        new = 0
+        latency = {}
+        for other in self.files_of(self.path):
+            if other == self.path:
+                continue
+            records = self._records_of(other)
+            if records is None:
+                continue
+            read = 0
+            for record in records:
+                if record.get("kind") == "image":
+                    image_id = int(record["image_id"])
+                    read += 1
+                    if image_id not in self.images:
+                        self.images[image_id] = record
+                        new += 1
+                elif record.get("kind") == "latency":
+                    latency[other] = (record["result"], record.get("measured_on"))
+            self.beside[other] = read
+        self.beside_latency = list(latency.values())
+        return new
+
+    def _records_of(self, path: Path) -> Optional[list[dict[str, Any]]]:
+        """The whole lines after the header of another file of this header; None when it is
+        not one (or is gone)."""
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        lines = data[:data.rfind(b"\n") + 1].splitlines()
+        try:
+            if not lines or json.loads(lines[0]) != self.header:
+                return None
+            return [json.loads(line) for line in lines[1:]]
+        except json.JSONDecodeError:
+            raise UserError(f"{path} is damaged (a line is not JSON); delete it to recompute "
+                            "what it holds") from None
 
     def _read_existing(self) -> bool:
         """True when the file belongs to this header (its records are loaded and a partial last
@@ -97,6 +174,7 @@ class RunStore:
                 self.images[int(record["image_id"])] = record
             elif kind == "latency":
                 self.latency = record["result"]
+                self.latency_measured_on = record.get("measured_on")
         if self.dropped_partial_line:
             with open(self.path, "r+b") as f:
                 f.truncate(end)
@@ -120,9 +198,14 @@ class RunStore:
         if new:
             self._write_lines(new)
 
-    def append_latency(self, result: dict[str, Any]) -> None:
-        self.latency = result
-        self._write_lines([{"kind": "latency", "result": result}])
+    def append_latency(self, result: dict[str, Any],
+                       measured_on: Optional[dict[str, Any]] = None) -> None:
+        """measured_on: which device of which host timed it (harness.eval.distributed)."""
+        self.latency, self.latency_measured_on = result, measured_on
+        line = {"kind": "latency", "result": result}
+        if measured_on is not None:
+            line["measured_on"] = measured_on
+        self._write_lines([line])
 
     def _write_lines(self, records: list[dict[str, Any]], truncate: bool = False) -> None:
         text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
@@ -134,7 +217,13 @@ class RunStore:
     # -- reading ---------------------------------------------------------------------------
 
     def done(self, image_id: int) -> bool:
-        return image_id in self.images
+        return image_id in self.images or image_id in self.elsewhere
+
+    def latency_records(self) -> list[tuple[dict[str, Any], Optional[dict[str, Any]], bool]]:
+        """(result, measured_on, in this file) of the last latency line of this file and of
+        each other file of the configuration."""
+        own = [] if self.latency is None else [(self.latency, self.latency_measured_on, True)]
+        return own + [(r, on, False) for r, on in self.beside_latency]
 
     def detections(self, image_ids: Optional[Iterable[int]] = None,
                    key: str = "detections") -> list[dict[str, Any]]:

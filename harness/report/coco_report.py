@@ -113,6 +113,29 @@ def _by_cause(parts: dict) -> str:
     return ", ".join(cells) + f"; unattributed {parts.get('nms_unattributed', 0.0):+.4f}"
 
 
+HOST_BOUND_RATIO = 1.10  # an accuracy pass whose wall time exceeds its inference by more
+
+
+def pass_table(doc: CocoResult) -> Optional[str]:
+    """Per row run in this invocation: whether its accuracy pass kept the backend busy
+    (wall / inference ≤ HOST_BOUND_RATIO: inference-bound) or waited on the host (reading,
+    preprocessing, NMS, writing) and by how much; None when no row computed images."""
+    rows = []
+    for r in doc.rows:
+        p = r.accuracy_pass
+        if not r.ok or not p:
+            continue
+        ratio = p["ratio"]
+        verdict = "inference-bound" if ratio <= HOST_BOUND_RATIO else \
+            f"host-bound: {ratio:.2f}× its inference time"
+        rows.append([_label(r, doc), p["images"], p["wall_s"], p["inference_s"], ratio,
+                     verdict])
+    if not rows:
+        return None
+    return table(["configuration", "images", "wall s", "inference s", "wall / inference",
+                  "verdict"], rows, align="lrrrrl", digits=3)
+
+
 def stability_text(doc: CocoResult) -> Optional[str]:
     """What the reader must know about the latency figures' steadiness: which configurations
     were unstable, by how much, against which limits, and what to do; or that all were
@@ -230,6 +253,10 @@ def render_coco(doc: CocoResult, plot: Optional[str] = None) -> str:
     lines += [main_table(doc), ""]
     if stability:
         lines += [stability, ""]
+    from harness.report.coco_ranks import latency_device_text, ranks_sections
+
+    where = latency_device_text(doc)
+    lines += [where, ""] if where else []
     if plot:
         lines += [f"![AP vs latency]({plot})", ""]
     split_rows = delta_split_table(doc)
@@ -244,8 +271,17 @@ def render_coco(doc: CocoResult, plot: Optional[str] = None) -> str:
                   "detections restored to the reference's (mismatched detections in "
                   "brackets); causes interact a little, the rest is *unattributed*.", "",
                   split_rows, ""]
+    passes = pass_table(doc)
+    if passes:
+        lines += ["## Accuracy pass: inference-bound or host-bound", "",
+                  "The pass over the split in this run: its wall time over the inference "
+                  "inside it. Up to 1.10 the backend was the bottleneck (inference-bound); "
+                  "above, the GPU waited on reading, preprocessing, NMS or writing "
+                  "(host-bound), by that factor. Rows resumed from stored results have no "
+                  "line.", "", passes, ""]
     if ok:
         lines += ["## Latency by stage (ms per batch)", "", stage_table(doc), ""]
+    lines += ranks_sections(doc)
     by_nms_pre = nms_pre_table(doc)
     if by_nms_pre:
         lines += ["## AP by nms_pre", "", "COCO AP of each configuration with the pre-NMS "

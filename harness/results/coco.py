@@ -48,6 +48,16 @@ class CocoRow(Schema):
     # inference in its own phase (harness.eval.inference_timing.InferenceTiming.to_json():
     # host end-to-end, compute, transfers, each mean / median / p90 / p99 ms per batch)
     inference: Optional[dict[str, Any]] = None
+    # where the latency was timed: `rank 0: cuda:3 (NVIDIA H200), host gpu-a` (never an
+    # average over GPUs); with --latency-per-rank every rank's figures, by rank: {"rank",
+    # "host", "device", "gpu", "total_ms", "inference_ms", "compute_ms" (statistics),
+    # "images_per_s", "stable"}
+    latency_device: Optional[str] = None
+    latency_per_rank: Optional[list[dict[str, Any]]] = None
+    # the accuracy pass of this invocation (rank 0's under torchrun; None when every image
+    # was already stored): {"images", "wall_s", "inference_s", "ratio" (wall / inference:
+    # about 1 when the backend was the bottleneck, more when the host could not feed it)}
+    accuracy_pass: Optional[dict[str, Any]] = None
     images: Optional[int] = None
     unreadable: Optional[int] = None
 
@@ -80,3 +90,7 @@ class CocoResult(Schema):
     evaluator: dict[str, Any]
     latency: dict[str, Any]
     rows: list[CocoRow]
+    # a run under torchrun: launcher, world_size, backend, timeout_s, latency_rank,
+    # latency_per_rank, ranks [{rank, host, local_rank, gpu, threads}], passes {configuration
+    # key: [{rank, computed, found_stored, wall_s}]}; None for one process
+    distributed: Optional[dict[str, Any]] = None

@@ -36,7 +36,8 @@ RUNS_HERE = {f"{b}_cpu_{p}_b{n}" for b, ps in (("torch", ("fp32", "fp16", "bf16"
 ROW_KEYS = {"backend", "device", "precision", "batch", "nms_pre", "preprocess", "status",
             "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "delta_AP",
             "per_class", "latency_ms", "latency_stability", "images_per_s", "images",
-            "unreadable", "inference", "AP_reference_nms", "delta_AP_parts"}
+            "unreadable", "inference", "AP_reference_nms", "delta_AP_parts",
+            "latency_device", "latency_per_rank", "accuracy_pass"}
 
 
 # the tests that share the one full matrix run (about 40 s on 2 cores)
@@ -109,6 +110,13 @@ def test_every_row_that_can_run_here(matrix_run):
             assert r["images_per_s"] == pytest.approx(
                 r["batch"] * 1000 / r["latency_ms"]["total"]["mean"])
             assert set(r["per_class"]) == {"disc", "rectangle", "triangle", "cross", "ring"}
+            # timed on this process's device (no rank: no launcher), never averaged
+            assert r["latency_device"].startswith("cpu, host ")
+            assert r["latency_per_rank"] is None
+            # the pass of this run: 8 images, its wall time over the inference in it
+            p = r["accuracy_pass"]
+            assert p["images"] == 8 and p["wall_s"] >= p["inference_s"] > 0
+            assert p["ratio"] == pytest.approx(p["wall_s"] / p["inference_s"], rel=0.05)
         else:
             assert r["AP"] is None and r["latency_ms"] is None
             assert r["latency_stability"] is None
@@ -165,6 +173,14 @@ def test_report_files_carry_the_same_numbers(matrix_run):
     # what each latency column times
     assert "inference median (ms/batch)" in md and "compute median (ms/batch)" in md
     assert "*Inference*: the backend alone in its own phase" in md
+    # each row's pass judged inference-bound or host-bound, by its own ratio
+    assert "## Accuracy pass: inference-bound or host-bound" in md
+    section = md.split("## Accuracy pass")[1].split("\n## ")[0]
+    verdicts = [line.rsplit("|", 2)[-2].strip() for line in section.splitlines()
+                if line.startswith("| ") and "bound" in line.rsplit("|", 2)[-2]]
+    expected = ["inference-bound" if r["accuracy_pass"]["ratio"] <= 1.10 else "host-bound"
+                for r in rows if r["status"] == "ok"]
+    assert [v.split(":")[0] for v in verdicts] == expected, section
     assert md.count("not available: TensorRT is not available") == 6
     table_lines = [x for x in md.splitlines() if x.startswith("| torch") or
                    x.startswith("| onnxruntime") or x.startswith("| tensorrt")]

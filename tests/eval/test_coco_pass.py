@@ -36,7 +36,8 @@ def spec():
 
 
 class Stages:
-    """infer: the per-image mean of the input; post: one box per image from it."""
+    """infer: the per-image mean of the input; post: one box per image from it (image by
+    image, as run_pass requires: it may hand post several batches at once)."""
 
     def __init__(self, infer_sleep: float = 0.0, post_sleep: float = 0.0, fail_at: int = 0):
         self.shapes: list[tuple] = []
@@ -52,8 +53,8 @@ class Stages:
     def post(self, outputs: dict, metas) -> list:
         time.sleep(self.post_sleep)
         return [FakeDetections(np.array([[1, 2, 30 + 10 * m, 40]], np.float32),
-                               np.array([0.5], np.float32), np.array([i % 5]))
-                for i, m in enumerate(outputs["mean"])]
+                               np.array([0.5], np.float32), np.array([int(m * 1e3) % 5]))
+                for m in outputs["mean"]]
 
 
 def store_for(tmp_path, name="run"):
@@ -146,8 +147,27 @@ def test_a_failing_post_step_stops_the_pass(synth_val, spec, tmp_path):
 
     with pytest.raises(ValueError, match="bug in decoding"):
         run_pass(split.images, 2, spec, stages.infer, bad_post, CATEGORY_IDS,
-                 store_for(tmp_path), progress=False)
+                 store_for(tmp_path), progress=False, post_group=1)
     assert len(stages.shapes) <= 4  # stopped soon, not after all 6 batches
+
+
+def test_grouped_post_processing_stores_what_batch_by_batch_does(synth_val, spec, tmp_path):
+    split = open_split(synth_val)
+    calls: dict[int, list[int]] = {1: [], 16: []}
+    stores = {}
+    for group in (1, 16):
+        stages = Stages()
+
+        def post(outputs, metas, group=group, stages=stages):
+            calls[group].append(len(metas))
+            return stages.post(outputs, metas)
+
+        stores[group] = store_for(tmp_path, f"group{group}")
+        run_pass(split.images, 2, spec, stages.infer, post, CATEGORY_IDS, stores[group],
+                 progress=False, post_group=group, workers=2)
+    assert calls[1] == [2] * 6 and max(calls[16]) > 2  # batches were joined
+    assert stores[16].detections() == stores[1].detections()
+    assert stores[16].detections() and len(stores[16].images) == 12
 
 
 def test_post_processing_overlaps_the_next_inference(synth_val, spec, tmp_path):
@@ -172,6 +192,19 @@ def test_post_processing_overlaps_the_next_inference(synth_val, spec, tmp_path):
         return post(outputs, metas)
 
     times = run_pass(split.images, 2, spec, infer_marking, post_waiting, CATEGORY_IDS,
-                     store_for(tmp_path), progress=False)
+                     store_for(tmp_path), progress=False, post_group=1)
     assert times.batches == 6 and times.images == len(split.images)
     assert waited == [True] * 6, "post-processing never overlapped the next inference"
+
+
+def test_reading_in_processes_stores_what_threads_do(synth_val, spec, tmp_path):
+    split = open_split(synth_val)
+    stores = {}
+    for processes in (False, True):
+        stages = Stages()
+        stores[processes] = store_for(tmp_path, f"processes{processes}")
+        run_pass(split.images, 4, spec, stages.infer, stages.post, CATEGORY_IDS,
+                 stores[processes], progress=False, workers=2, processes=processes)
+        assert len(stages.shapes) == 3
+    assert stores[True].detections() == stores[False].detections()
+    assert len(stores[True].images) == 12
