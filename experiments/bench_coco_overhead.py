@@ -135,7 +135,8 @@ def compare_modes(config, target, model, split, cat_ids, work: Path, repeats: in
         name = f"{config.key}_{post_path}_pass_{next(stores)}.jsonl"
         store = RunStore(work / name, {}).open()
         times = run_pass(split.images, config.batch, model.preprocess, backend.infer, post,
-                         cat_ids, store, progress=False, workers=workers, sync=sync)
+                         cat_ids, store, progress=False, workers=workers, sync=sync,
+                         processes=str(config.device).startswith("cuda"))
         return times, store
 
     iso = min(isolated() for _ in range(repeats))

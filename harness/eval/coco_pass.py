@@ -143,6 +143,10 @@ def _reader_started() -> None:
     importlib.import_module("harness.data.preprocess")  # once, not with the first batch
 
 
+def _started(_: int) -> bool:
+    return True
+
+
 def default_workers() -> int:
     """Threads per pool: the usable cores less the inference thread, at most MAX_WORKERS."""
     try:
@@ -242,6 +246,13 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     from tqdm import tqdm
 
     clock = time.perf_counter
+    n_workers = workers or default_workers()
+    if processes:  # started (once per process) before the pass is timed, like the model
+        readers = reader_pool(n_workers)
+        list(readers.map(_started, range(n_workers)))
+    else:
+        readers = ThreadPoolExecutor(n_workers, thread_name_prefix="coco-read")
+    posters = ThreadPoolExecutor(n_workers, thread_name_prefix="coco-post")
     started = clock()
     times = PassTimes()
     rank, world = shard
@@ -256,10 +267,6 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     inferred: "queue.Queue[Any]" = queue.Queue(maxsize=QUEUE_DEPTH)
     errors: list[BaseException] = []
 
-    n_workers = workers or default_workers()
-    readers = reader_pool(n_workers) if processes else \
-        ThreadPoolExecutor(n_workers, thread_name_prefix="coco-read")
-    posters = ThreadPoolExecutor(n_workers, thread_name_prefix="coco-post")
 
     def read_ahead() -> None:
         # batches prepared in parallel, handed on in order; at most n_workers in flight
