@@ -220,6 +220,10 @@ def prepare(ranks: Ranks, uses_cuda: bool) -> Ranks:
         if torch.cuda.is_initialized():  # too late to choose the device
             raise RuntimeError("CUDA was initialised before the rank chose its GPU")
         os.environ["CUDA_VISIBLE_DEVICES"] = ranks.gpu
+        # mmengine's logger (built with every model) reads LOCAL_RANK as an index into
+        # CUDA_VISIBLE_DEVICES, which now lists this rank's GPU only: rank 1 of two got
+        # "list index out of range" building the fixture on the two-GPU machine
+        os.environ["LOCAL_RANK"] = "0"
     threads = max(1, usable_cores() // max(1, ranks.local_world))
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)

@@ -4,6 +4,8 @@ what is stored, the run files of every rank read as one store, what the ranks ag
 rank 0 merging records it cannot see on its disk."""
 from __future__ import annotations
 
+import os
+
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -257,3 +259,30 @@ def test_coco_md_names_the_latency_device():
     md = "\n".join(ranks_sections(doc))
     assert "| torch_cuda_fp32_b4 | 8 + 0, 4 + 4 | 1.5, 0.750 | 1.5 |" in md
     assert "| torch cuda fp32 b4 | 0 | cuda:0 (H200) | a | 2 | 1.5 | 9 | 400 | yes | 10.0% |" in md
+
+
+def test_a_gpu_rank_sees_its_gpu_only_and_mmengine_can_still_name_it(monkeypatch):
+    """prepare() narrows CUDA_VISIBLE_DEVICES to the rank's GPU; mmengine's logger (built
+    with every model) indexes CUDA_VISIBLE_DEVICES by LOCAL_RANK, so LOCAL_RANK becomes 0
+    (rank 1 of two failed to build the model on the two-GPU machine before)."""
+    import torch
+    from mmengine.logging.logger import _get_device_id
+
+    from harness.eval.distributed import prepare, ranks_from_env
+
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    threads = torch.get_num_threads()
+    try:
+        ranks = prepare(ranks_from_env("torchrun", dict(env), uses_cuda=True), uses_cuda=True)
+        assert ranks.gpu == "1" and os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+        assert os.environ["LOCAL_RANK"] == "0"
+        assert _get_device_id() == 1  # the host's GPU 1, named without an IndexError
+    finally:
+        torch.set_num_threads(threads)
