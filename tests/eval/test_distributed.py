@@ -4,9 +4,8 @@ what is stored, the run files of every rank read as one store, what the ranks ag
 rank 0 merging records it cannot see on its disk."""
 from __future__ import annotations
 
-import os
-
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 

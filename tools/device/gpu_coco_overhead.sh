@@ -16,7 +16,7 @@ if python3 -c "import torch, onnxruntime as o, sys; sys.exit('CUDAExecutionProvi
   backends="torch onnxruntime"
 fi
 python3 experiments/bench_coco_overhead.py --device cuda --count "${COUNT:-200}" \
-  --backends $backends --batches 1 4 --post auto reference --repeats 2 2>&1 \
+  --backends $backends --batches 1 4 --post ${POSTS:-auto reference} --repeats 2 2>&1 \
   | grep -v "^$" | tee "$OUT/bench_coco_overhead.txt"
 if [ "${LATENCY:-1}" = 1 ]; then
   python3 experiments/bench_latency.py --device cuda --backends $backends --warmup 100 \
