@@ -18,13 +18,12 @@ stored is never computed again, by any world size.
 from __future__ import annotations
 
 import json
-import os
 import re
-import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from harness.errors import UserError
+from harness.jsonl import read_own, write_lines
 
 FORMAT = 1
 # `<key>.jsonl` (one process) or `<key>.rank<R>.jsonl` (rank R of a distributed run)
@@ -146,40 +145,18 @@ class RunStore:
     def _read_existing(self) -> bool:
         """True when the file belongs to this header (its records are loaded and a partial last
         line is cut off); False when it must be started anew (a stale one is set aside)."""
-        data = self.path.read_bytes()
-        end = data.rfind(b"\n") + 1  # everything after the last newline is a torn write
-        if end < len(data):
-            self.dropped_partial_line = True
-        lines = data[:end].splitlines()
-        try:
-            first = json.loads(lines[0]) if lines else None
-        except json.JSONDecodeError:
-            first = None
-        if first != self.header:
-            if lines:  # another run's file: keep it aside rather than mix the two
-                stale = self.path.with_name(self.path.name + ".stale")
-                os.replace(self.path, stale)
-                warnings.warn(f"{self.path.name} was written by another model, export or "
-                              f"data set; moved it to {stale.name} and started over",
-                              stacklevel=3)
+        records, self.dropped_partial_line = read_own(
+            self.path, self.header, made_by="model, export or data set",
+            redo="recompute this configuration")
+        if records is None:
             return False
-        for number, line in enumerate(lines[1:], start=2):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{self.path} is damaged at line {number} (not JSON); delete "
-                                "it to recompute this configuration") from None
+        for record in records:
             kind = record.get("kind")
             if kind == "image":
                 self.images[int(record["image_id"])] = record
             elif kind == "latency":
                 self.latency = record["result"]
                 self.latency_measured_on = record.get("measured_on")
-        if self.dropped_partial_line:
-            with open(self.path, "r+b") as f:
-                f.truncate(end)
-                f.flush()
-                os.fsync(f.fileno())
         return True
 
     # -- appending -------------------------------------------------------------------------
@@ -208,11 +185,7 @@ class RunStore:
         self._write_lines([line])
 
     def _write_lines(self, records: list[dict[str, Any]], truncate: bool = False) -> None:
-        text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
-        with open(self.path, "wb" if truncate else "ab") as f:
-            f.write(text.encode())
-            f.flush()
-            os.fsync(f.fileno())
+        write_lines(self.path, records, truncate)
 
     # -- reading ---------------------------------------------------------------------------
 

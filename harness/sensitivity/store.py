@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-from harness.errors import UserError
+from harness.jsonl import read_own, write_lines
 
 FORMAT = 1
 
@@ -48,33 +46,11 @@ class MeasurementStore:
         return self
 
     def _read(self) -> bool:
-        data = self.path.read_bytes()
-        end = data.rfind(b"\n") + 1  # past the last newline: a write cut short
-        lines = data[:end].splitlines()
-        try:
-            first = json.loads(lines[0]) if lines else None
-        except json.JSONDecodeError:
-            first = None
-        if first != self.header:
-            if lines:
-                stale = self.path.with_name(self.path.name + ".stale")
-                os.replace(self.path, stale)
-                warnings.warn(f"{self.path.name} was written for another model, calibration "
-                              f"or subset; moved it to {stale.name}", stacklevel=3)
+        records, _ = read_own(self.path, self.header,
+                              made_by="model, calibration or subset", redo="measure again")
+        if records is None:
             return False
-        for number, line in enumerate(lines[1:], start=2):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{self.path} is damaged at line {number}; delete it to "
-                                "measure again") from None
-            if record.get("kind") == "ap":
-                self.records[record["key"]] = record
-        if end < len(data):
-            with open(self.path, "r+b") as f:
-                f.truncate(end)
-                f.flush()
-                os.fsync(f.fileno())
+        self.records = {r["key"]: r for r in records if r.get("kind") == "ap"}
         return True
 
     def get(self, key: str) -> Optional[dict[str, Any]]:
@@ -88,8 +64,4 @@ class MeasurementStore:
         return line
 
     def _write(self, records: list[dict[str, Any]], truncate: bool = False) -> None:
-        text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
-        with open(self.path, "wb" if truncate else "ab") as f:
-            f.write(text.encode())
-            f.flush()
-            os.fsync(f.fileno())
+        write_lines(self.path, records, truncate)
