@@ -162,6 +162,10 @@ class OnnxruntimeBackend(Backend):
     def source_onnx(self) -> Path:
         return self.path
 
+    # intra-op threads of a backend made without `threads`: None is onnxruntime's default
+    # (every core); a torchrun rank sets its share of the host (harness.eval.distributed)
+    default_threads: Optional[int] = None
+
     def __init__(self, path: Union[str, Path], *, provider: str = "auto", device_id: int = 0,
                  use_tf32: bool = False, threads: Union[int, None] = None,
                  optimization: str = "all", allow_spinning: bool = False,
@@ -176,7 +180,7 @@ class OnnxruntimeBackend(Backend):
         self.provider = provider
         self.device_id = device_id
         self.use_tf32 = use_tf32
-        self.threads = threads
+        self.threads = threads if threads is not None else self.default_threads
         self.optimization = optimization
         self.allow_spinning = allow_spinning
         self.plugin_trace = plugin_trace

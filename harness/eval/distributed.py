@@ -211,7 +211,8 @@ def ranks_from_env(launcher: str, environ: Mapping[str, str], *, uses_cuda: bool
 def prepare(ranks: Ranks, uses_cuda: bool) -> Ranks:
     """Give this rank its own GPU and its share of the host's cores, before anything touches
     CUDA: CUDA_VISIBLE_DEVICES is the rank's GPU, so "cuda" is its cuda:LOCAL_RANK for
-    PyTorch, onnxruntime and TensorRT alike; threads = usable cores // local world size."""
+    PyTorch, onnxruntime and TensorRT alike; threads = usable cores // local world size, for
+    PyTorch, OpenCV and onnxruntime's sessions."""
     if not ranks.distributed:
         return ranks
     import torch
@@ -227,6 +228,9 @@ def prepare(ranks: Ranks, uses_cuda: bool) -> Ranks:
     threads = max(1, usable_cores() // max(1, ranks.local_world))
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
+    from harness.backends.onnxruntime_backend import OnnxruntimeBackend
+
+    OnnxruntimeBackend.default_threads = threads  # its sessions would take every core
     try:
         import cv2
 

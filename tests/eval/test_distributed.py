@@ -260,7 +260,7 @@ def test_coco_md_names_the_latency_device():
     assert "| torch cuda fp32 b4 | 0 | cuda:0 (H200) | a | 2 | 1.5 | 9 | 400 | yes | 10.0% |" in md
 
 
-def test_a_gpu_rank_sees_its_gpu_only_and_mmengine_can_still_name_it(monkeypatch):
+def test_a_gpu_rank_gets_its_gpu_and_its_share_of_the_cores(monkeypatch):
     """prepare() narrows CUDA_VISIBLE_DEVICES to the rank's GPU; mmengine's logger (built
     with every model) indexes CUDA_VISIBLE_DEVICES by LOCAL_RANK, so LOCAL_RANK becomes 0
     (rank 1 of two failed to build the model on the two-GPU machine before)."""
@@ -277,11 +277,21 @@ def test_a_gpu_rank_sees_its_gpu_only_and_mmengine_can_still_name_it(monkeypatch
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    from harness.backends.onnxruntime_backend import OnnxruntimeBackend
+
+    monkeypatch.setattr(OnnxruntimeBackend, "default_threads", None)
     threads = torch.get_num_threads()
     try:
         ranks = prepare(ranks_from_env("torchrun", dict(env), uses_cuda=True), uses_cuda=True)
         assert ranks.gpu == "1" and os.environ["CUDA_VISIBLE_DEVICES"] == "1"
         assert os.environ["LOCAL_RANK"] == "0"
         assert _get_device_id() == 1  # the host's GPU 1, named without an IndexError
+        # onnxruntime sessions take the rank's share of the host's cores, not every core
+        from harness.eval.distributed import usable_cores
+
+        share = max(1, usable_cores() // 2)
+        assert OnnxruntimeBackend.default_threads == share == int(os.environ["OMP_NUM_THREADS"])
+        assert OnnxruntimeBackend("x.onnx").threads == share
+        assert OnnxruntimeBackend("x.onnx", threads=3).threads == 3
     finally:
         torch.set_num_threads(threads)
