@@ -127,6 +127,8 @@ def reader_pool(workers: int) -> Any:
     from concurrent.futures import ProcessPoolExecutor
 
     pool = _PROCESS_POOLS.get(workers)
+    if pool is not None and getattr(pool, "_broken", False):  # a worker died: start anew
+        pool = None
     if pool is None:
         pool = _PROCESS_POOLS[workers] = ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context("spawn"),

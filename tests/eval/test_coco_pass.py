@@ -208,3 +208,18 @@ def test_reading_in_processes_stores_what_threads_do(synth_val, spec, tmp_path):
         assert len(stages.shapes) == 3
     assert stores[True].detections() == stores[False].detections()
     assert len(stores[True].images) == 12
+
+
+def test_a_reader_pool_whose_worker_died_is_started_anew():
+    import os
+    import signal
+
+    from harness.eval.coco_pass import reader_pool
+
+    pool = reader_pool(1)
+    pid = pool.submit(os.getpid).result()
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(Exception):
+        pool.submit(os.getpid).result(timeout=30)
+    again = reader_pool(1)
+    assert again is not pool and again.submit(os.getpid).result(timeout=30) != pid
