@@ -232,10 +232,10 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
 
     infer(inputs (B,3,H,W) float32, metas) → outputs; post(outputs, metas) → per image
     NmsResult, image by image (it gets several batches' outputs joined on the batch axis,
-    POST_GROUP_IMAGES at a time, where their shapes allow); post_reference(outputs, metas, inputs) → per image the same candidates
-    through the reference's NMS (a file with its own NMS: the ΔAP split; an NmsResult or a
-    delta_ap.ReferenceNms with the mismatch causes), stored beside the detections
-    (reference_records);
+    `post_group` images at a time, where their shapes allow); post_reference(outputs, metas,
+    inputs) → per image the same candidates through the reference's NMS (a file with its own
+    NMS: the ΔAP split; an NmsResult or a delta_ap.ReferenceNms with the mismatch causes),
+    stored beside the detections (reference_records);
     sync: device synchronisation around inference (GPU). on_batch(batches stored so far) is
     called after each batch is safely on disk (tests use it to interrupt a run).
     shard (rank, world): this process runs batches k with k % world == rank only (batches
@@ -268,7 +268,6 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     ready: "queue.Queue[Any]" = queue.Queue(maxsize=QUEUE_DEPTH)
     inferred: "queue.Queue[Any]" = queue.Queue(maxsize=QUEUE_DEPTH)
     errors: list[BaseException] = []
-
 
     def read_ahead() -> None:
         # batches prepared in parallel, handed on in order; at most n_workers in flight
@@ -303,8 +302,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
                 at += len(prepared.metas)
         else:
             per_batch = [post(outputs, prepared.metas) for prepared, outputs in group]
-        images = sum(len(prepared.metas) for prepared, _ in group)
-        share = (clock() - t0) / images
+        share = (clock() - t0) / sum(len(prepared.metas) for prepared, _ in group)
         out = []
         for (prepared, outputs), dets in zip(group, per_batch):
             refs = None if post_reference is None else \
@@ -313,7 +311,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
         return out
 
     def write_behind() -> None:
-        # inferred batches gathered into groups of POST_GROUP_IMAGES, each group
+        # inferred batches gathered into groups of `post_group` images, each group
         # post-processed by a worker (up to n_workers groups at once), the batches written in
         # arrival (= batch) order as each oldest one is done
         stored = 0
