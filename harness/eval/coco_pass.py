@@ -185,10 +185,14 @@ def _put(q: "queue.Queue[Any]", item: Any, stop: threading.Event) -> bool:
     return False
 
 
-def _concatenated(outputs: Sequence[Any]) -> Optional[dict[str, Any]]:
-    """The batches' outputs joined along the batch axis, or None where they cannot be (one
-    batch, different names or shapes beyond the batch axis, not numpy)."""
-    if len(outputs) < 2 or not all(isinstance(o, dict) for o in outputs):
+def _concatenated(outputs: Sequence[Any], post: Callable[..., Any]) -> Optional[dict[str, Any]]:
+    """The batches' outputs joined along the batch axis, or None where they cannot be: one
+    batch; a `post` that does not say its outputs are batch-major (`post.can_join(outputs)`:
+    an ONNX NonMaxSuppression's selected_indices (K, 3) carry batch numbers instead); other
+    names or shapes beyond the batch axis; not numpy."""
+    can_join = getattr(post, "can_join", None)
+    if len(outputs) < 2 or can_join is None or not all(isinstance(o, dict) for o in outputs) \
+            or not all(can_join(o) for o in outputs):
         return None
     names = list(outputs[0])
     joined = {}
@@ -231,8 +235,8 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     """Run every batch of `images` (SplitImage) not yet in `store` (RunStore).
 
     infer(inputs (B,3,H,W) float32, metas) → outputs; post(outputs, metas) → per image
-    NmsResult, image by image (it gets several batches' outputs joined on the batch axis,
-    `post_group` images at a time, where their shapes allow); post_reference(outputs, metas,
+    NmsResult, image by image (a post with `can_join(outputs) -> True` gets several batches'
+    outputs joined on the batch axis, `post_group` images at a time); post_reference(outputs, metas,
     inputs) → per image the same candidates through the reference's NMS (a file with its own
     NMS: the ΔAP split; an NmsResult or a delta_ap.ReferenceNms with the mismatch causes),
     stored beside the detections (reference_records);
@@ -293,7 +297,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
         """(detections, reference-NMS results, seconds) per batch of `group`, post-processed
         in one call where the batches' outputs can be concatenated."""
         t0 = clock()
-        joined = _concatenated([outputs for _, outputs in group])
+        joined = _concatenated([outputs for _, outputs in group], post)
         if joined is not None:
             dets = post(joined, [m for prepared, _ in group for m in prepared.metas])
             per_batch, at = [], 0

@@ -41,14 +41,19 @@ def make_post(model: Any, device: str, path: str = "auto") -> tuple[Post, str]:
         return reference, "reference"
     target = device if str(device).startswith("cuda") else "cpu"
 
-    def fast(outputs: Any, metas: Sequence[Any]) -> list:
+    def batch_major(outputs: Any) -> bool:
+        """raw / decoded outputs are (B, ...); an end2end file's NMS outputs may not be
+        (ONNX NonMaxSuppression's selected_indices hold batch numbers)."""
         from harness.export.outputs import variant_of
 
-        variant, _ = variant_of(list(outputs), model)
-        if variant == "end2end":
+        return variant_of(list(outputs), model)[0] != "end2end"
+
+    def fast(outputs: Any, metas: Sequence[Any]) -> list:
+        if not batch_major(outputs):
             return reference(outputs, metas)
         return fast_detections(model, outputs, metas, target)
 
+    fast.can_join = batch_major  # type: ignore[attr-defined]  (coco_pass groups batches)
     return fast, f"fast (batched torch on {target})"
 
 

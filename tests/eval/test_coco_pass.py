@@ -162,6 +162,8 @@ def test_grouped_post_processing_stores_what_batch_by_batch_does(synth_val, spec
             calls[group].append(len(metas))
             return stages.post(outputs, metas)
 
+        post.can_join = lambda outputs: True  # its outputs are batch-major
+
         stores[group] = store_for(tmp_path, f"group{group}")
         run_pass(split.images, 2, spec, stages.infer, post, CATEGORY_IDS, stores[group],
                  progress=False, post_group=group, workers=2)
@@ -223,3 +225,18 @@ def test_a_reader_pool_whose_worker_died_is_started_anew():
         pool.submit(os.getpid).result(timeout=30)
     again = reader_pool(1)
     assert again is not pool and again.submit(os.getpid).result(timeout=30) != pid
+
+
+def test_outputs_not_said_batch_major_are_never_joined(synth_val, spec, tmp_path):
+    """An ONNX NonMaxSuppression's selected_indices (K, 3) number the images of its batch:
+    joined with the next batch's they would give detections to the wrong images."""
+    split = open_split(synth_val)
+    stages, sizes = Stages(), []
+
+    def post(outputs, metas):  # no can_join: the pass may not join its batches
+        sizes.append(len(metas))
+        return stages.post(outputs, metas)
+
+    run_pass(split.images, 2, spec, stages.infer, post, CATEGORY_IDS, store_for(tmp_path),
+             progress=False, post_group=16, workers=2)
+    assert sizes == [2] * 6
