@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from harness.nms.fast_mmyolo import fast_mmyolo_nms  # noqa: E402
+from harness.models.zoo import SHIPPED_CONFIGS  # noqa: E402
 from harness.nms.mmyolo import mmyolo_nms  # noqa: E402
 
 
@@ -180,3 +181,42 @@ def test_fixture_outputs_through_both_paths_are_equal(tmp_path_factory):
         for r, f in zip(reference(named, p.metas), fast(named, p.metas)):
             assert_same(r, f, "fixture, decoded outputs")
     assert kept > 100
+
+
+FAMILY_CANDIDATES = 2000  # per image: mmyolo's random init ties at the class prior
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(SHIPPED_CONFIGS))
+def test_every_family_at_random_init_on_real_photos(family, real_photos):
+    """Every family's own decode and settings (objectness or not, yolox_style, multi-label),
+    on photos of real size and odd aspect batched together, at mmyolo's random init, where
+    most families score hundreds of thousands of (box, class) pairs equal to the class prior:
+    with the threshold just below the 2000th score and nms_pre 2000, the top-k cut falls in
+    the middle of that tie, and the fast kernel (no image left to the reference) gives the
+    reference kernel's detections element for element."""
+    from dataclasses import asdict
+
+    from harness.data.preprocess import preprocess_files
+    from harness.eval.coco_post import make_post
+    from harness.models.mmyolo import flat_head_outputs, load_mmyolo_model
+    from harness.models.zoo import shipped_config
+
+    model = load_mmyolo_model(shipped_config(family), seed=0)
+    batch = preprocess_files(real_photos, model.preprocess)
+    raw = model.raw_outputs(batch.inputs)
+    boxes, scores, obj = model.decode_torch(raw)
+    s = scores if obj is None else scores * obj[..., None]
+    top = np.sort(s.reshape(len(real_photos), -1).numpy(), axis=1)[:, ::-1]
+    kth = top[:, FAMILY_CANDIDATES].min()
+    model = model.with_nms(score_thr=float(min(model.nms.score_thr,
+                                               np.nextafter(kth, np.float32(0)))),
+                           nms_pre=FAMILY_CANDIDATES)
+    reference, _ = make_post(model, "cpu", "reference")
+    refs = reference({k: v.numpy() for k, v in flat_head_outputs(raw).items()}, batch.metas)
+    fast = fast_mmyolo_nms(boxes, scores, obj, batch.metas, **asdict(model.nms))
+    assert sum(len(r) for r in refs) > 0
+    ties = sum(len(r.scores) - len(np.unique(r.scores)) for r in refs)
+    for i, (r, f) in enumerate(zip(refs, fast)):
+        assert f is not None, f"{family} photo {i}: left to the reference, nothing tested"
+        assert_same(r, f, f"{family} photo {i} ({ties} tied detections)")
