@@ -10,7 +10,7 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 import numpy as np
 
@@ -30,6 +30,13 @@ class ImageMeta:
     img_shape: tuple[int, int]  # (h, w) after resize/pad, before batch padding
     scale_factor: tuple[float, float]  # (sx, sy)
     pad_param: Union[tuple[float, float, float, float], None] = None  # top, bottom, left, right
+
+
+def pad_left_top(meta: Any) -> tuple[float, float]:
+    """(left, top) letterbox padding of an image meta (0, 0 without padding): what mmyolo
+    subtracts before dividing by the scale factor."""
+    pad = meta.pad_param
+    return (pad[2], pad[0]) if pad is not None else (0.0, 0.0)
 
 
 @dataclass

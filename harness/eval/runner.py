@@ -123,12 +123,12 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
                        on_batch: Optional[Callable[[Configuration, int], None]],
                        ranks: Ranks) -> tuple[CocoRow, ConfigurationRun]:
     from harness.eval.coco_pass import run_pass
+    from harness.eval.coco_post import make_post
     from harness.eval.coco_scores import evaluate
-    from harness.eval.delta_ap import reference_nms_post
+    from harness.eval.delta_ap import cause_scores, reference_nms_post
     from harness.eval.latency import LatencyResult, default_settings
     from harness.eval.store import RunStore
     from harness.export.metadata import file_sha256
-    from harness.eval.coco_post import make_post
 
     run = ConfigurationRun(config)
     model = model.with_nms(nms_pre=config.nms_pre)  # the row's point on an nms_pre axis
@@ -224,8 +224,6 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
         row.AP_reference_nms = through.stats["AP"]
         row.delta_AP_parts["reference_nms"] = {
             "sizes": {k: through.stats[k] for k in SIZES}, "per_class": through.per_class}
-        from harness.eval.delta_ap import cause_scores
-
         causes = cause_scores(split.coco, store.images, readable, names_by_cat, evaluator)
         if causes:
             row.delta_AP_parts["nms_causes"] = causes

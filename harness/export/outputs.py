@@ -54,8 +54,9 @@ def head_maps_from_outputs(outputs: dict[str, np.ndarray]) -> dict[str, list[Any
 def to_original_pixels(boxes: np.ndarray, meta: Any) -> np.ndarray:
     """boxes (K, 4) xyxy in network-input pixels → original-image pixels, clamped (mmyolo's
     rescale and clamp, docs/nms-semantics.md "mmyolo predict_by_feat" steps 4 and 6)."""
-    pad = meta.pad_param
-    left, top = (pad[2], pad[0]) if pad is not None else (0.0, 0.0)
+    from harness.data.preprocess import pad_left_top
+
+    left, top = pad_left_top(meta)
     sx, sy = meta.scale_factor
     shift = np.asarray([left, top, left, top], np.float32)
     scale = np.asarray([sx, sy, sx, sy], np.float32)

@@ -271,16 +271,15 @@ class MmyoloModel:
     def detections(self, decoded: DecodedCandidates, metas: Sequence[Any],
                    trace: bool = False) -> list[Any]:
         """mmyolo-style NMS per image (harness.nms reference); boxes in original pixels."""
+        from harness.data.preprocess import pad_left_top
         from harness.nms import mmyolo_nms
 
         results = []
         for i, meta in enumerate(metas):
-            pad = meta.pad_param
             results.append(mmyolo_nms(
                 decoded.boxes[i], decoded.scores[i],
                 None if decoded.objectness is None else decoded.objectness[i],
-                **asdict(self.nms),
-                pad_left_top=(pad[2], pad[0]) if pad is not None else (0.0, 0.0),
+                **asdict(self.nms), pad_left_top=pad_left_top(meta),
                 scale_factor=meta.scale_factor, clamp_hw=meta.ori_shape, trace=trace))
         return results
 

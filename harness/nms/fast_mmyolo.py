@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from harness.data.preprocess import pad_left_top
 from harness.nms.mmyolo import MMCV_SPLIT_THR
 from harness.nms.trace import NmsResult
 
@@ -71,7 +72,7 @@ def fast_mmyolo_nms(boxes: Any, scores: Any, objectness: Optional[Any], metas: S
         cand_box, cand_cls = order, torch.gather(best, 1, order)
     cand_score = torch.gather(flat_scores, 1, order)
     per_image = torch.from_numpy(np.asarray(
-        [_pad(m) + [m.scale_factor[0], m.scale_factor[1]] * 2 + [m.ori_shape[1], m.ori_shape[0]]
+        [[*pad_left_top(m)] * 2 + [*m.scale_factor] * 2 + [m.ori_shape[1], m.ori_shape[0]]
          for m in metas], np.float32)).to(dev)
     pad, scale, wh = per_image[:, None, 0:4], per_image[:, None, 4:8], per_image[:, 8:10]
     xyxy = (torch.gather(boxes, 1, cand_box[..., None].expand(b, k, 4)) - pad) / scale
@@ -81,14 +82,13 @@ def fast_mmyolo_nms(boxes: Any, scores: Any, objectness: Optional[Any], metas: S
     # one transfer: per image the candidates a matrix must span and how many there are
     widths, sizes = torch.stack([_widths(in_top), in_top.sum(dim=1)]).tolist()
     keep = torch.zeros_like(in_top)
-    done = [False] * b
-    for idx in _groups(widths, budget_bytes):
+    groups = _groups(widths, budget_bytes)
+    for idx in groups:
         w = max(widths[i] for i in idx)
         keep[idx, :w] = _suppress(xyxy[idx, :w], cand_cls[idx, :w], in_top[idx, :w],
                                   iou_threshold, class_agnostic,
                                   [sizes[i] >= split_thr for i in idx])
-        for i in idx:
-            done[i] = True
+    done = {i for idx in groups for i in idx}
     if not yolox_style:  # results[:max_per_img]
         keep &= keep.cumsum(dim=1) <= max_per_img
     # clamp to the original image, after NMS
@@ -107,14 +107,8 @@ def fast_mmyolo_nms(boxes: Any, scores: Any, objectness: Optional[Any], metas: S
             boxes=np.ascontiguousarray(floats[lo:hi, :4]),
             scores=np.ascontiguousarray(floats[lo:hi, 4]),
             labels=ints[lo:hi, 1].astype(np.int64), box_index=ints[lo:hi, 2].astype(np.int64))
-            if done[i] else None)
+            if i in done else None)
     return results
-
-
-def _pad(meta: Any) -> list[float]:
-    pad = meta.pad_param
-    left, top = (pad[2], pad[0]) if pad is not None else (0.0, 0.0)
-    return [left, top, left, top]
 
 
 def _groups(widths: Sequence[int], budget_bytes: int) -> list[list[int]]:
