@@ -160,18 +160,15 @@ def default_workers() -> int:
 
 def reference_records(image_id: int, det: Any, ref: Any,
                       category_ids: Sequence[int]) -> dict[str, Any]:
-    """What a row with a ΔAP split stores beside its detections: `reference_nms` (its
-    candidates through the reference's NMS) and, where the two NMS were diffed
-    (delta_ap.ReferenceNms), `nms_causes`: per entry of each list its mismatch cause."""
+    """What a row with a ΔAP split stores beside its detections `det`, from its
+    delta_ap.ReferenceNms `ref`: `reference_nms` (its candidates through the reference's NMS)
+    and `nms_causes` (per entry of each list, its mismatch cause or None)."""
     from harness.eval.delta_ap import entry_causes
 
-    result = getattr(ref, "result", ref)
-    out: dict[str, Any] = {"reference_nms": coco_entries(image_id, result, category_ids)}
-    if result is not ref:
-        out["nms_causes"] = {
-            "detections": entry_causes(det, ref.target_causes, category_ids),
-            "reference_nms": entry_causes(result, ref.reference_causes, category_ids)}
-    return out
+    return {"reference_nms": coco_entries(image_id, ref.result, category_ids),
+            "nms_causes": {
+                "detections": entry_causes(det, ref.target_causes, category_ids),
+                "reference_nms": entry_causes(ref.result, ref.reference_causes, category_ids)}}
 
 
 def _put(q: "queue.Queue[Any]", item: Any, stop: threading.Event) -> bool:
@@ -235,10 +232,10 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     """Run every batch of `images` (SplitImage) not yet in `store` (RunStore).
 
     infer(inputs (B,3,H,W) float32, metas) → outputs; post(outputs, metas) → per image
-    NmsResult, image by image (a post with `can_join(outputs) -> True` gets several batches'
-    outputs joined on the batch axis, `post_group` images at a time); post_reference(outputs, metas,
-    inputs) → per image the same candidates through the reference's NMS (a file with its own
-    NMS: the ΔAP split; an NmsResult or a delta_ap.ReferenceNms with the mismatch causes),
+    NmsResult, image by image (a post with `can_join(outputs) -> True` gets several
+    batches' outputs joined on the batch axis, `post_group` images at a time);
+    post_reference(outputs, metas, inputs) → per image a delta_ap.ReferenceNms (a file with
+    its own NMS: its candidates through the reference's NMS, and the mismatch causes),
     stored beside the detections (reference_records);
     sync: device synchronisation around inference (GPU). on_batch(batches stored so far) is
     called after each batch is safely on disk (tests use it to interrupt a run).
