@@ -84,7 +84,8 @@ def bench(args: argparse.Namespace, work: Path) -> None:
     print(f"{args.workers or default_workers()} threads per pool")
     print(f"{'configuration':<24} {'post':<10} {'serial wall':>11} {'harness wall':>12} "
           f"{'infer in pass':>13} {'wall/infer':>10} {'isolated infer':>14} "
-          f"{'wall/isolated':>13} {'AP':>7}")
+          f"{'wall/isolated':>13} {'AP':>7} {'waited read':>11} {'waited post':>11} "
+          f"{'fill':>7} {'drain':>7}")
     for config in matrix_configurations(args.backends, ["fp32"], args.batches, [args.device]):
         target = open_backend(config, model, files)
         if not target.available:
@@ -148,7 +149,8 @@ def compare_modes(config, target, model, split, cat_ids, work: Path, repeats: in
     label = how.split(" ")[0]
     return (f"{config.key:<24} {label:<10} {ser:>10.2f}s {best.wall_s:>11.2f}s "
             f"{best.infer_s:>12.2f}s {best.overhead_ratio:>10.3f} {iso:>13.2f}s "
-            f"{best.wall_s / iso:>13.3f} {ap:>7.4f}")
+            f"{best.wall_s / iso:>13.3f} {ap:>7.4f} {best.wait_read_s:>10.3f}s "
+            f"{best.wait_post_s:>10.3f}s {best.first_infer_s:>6.3f}s {best.after_infer_s:>6.3f}s")
 
 
 if __name__ == "__main__":

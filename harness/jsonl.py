@@ -19,9 +19,19 @@ from harness.errors import UserError
 
 def write_lines(path: Path, records: list[dict[str, Any]], truncate: bool = False) -> None:
     """Append `records` (or start the file with them) in one write, flushed and fsynced."""
-    text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+    write_bytes(path, b"".join(encode_line(r) for r in records), truncate)
+
+
+def encode_line(record: dict[str, Any]) -> bytes:
+    """One record as the line the files hold."""
+    return (json.dumps(record, separators=(",", ":")) + "\n").encode()
+
+
+def write_bytes(path: Path, data: bytes, truncate: bool = False) -> None:
+    """Append already encoded lines (or start the file with them) in one write, flushed and
+    fsynced."""
     with open(path, "wb" if truncate else "ab") as f:
-        f.write(text.encode())
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
 

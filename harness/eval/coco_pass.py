@@ -17,7 +17,7 @@ import queue
 import sys
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -35,6 +35,7 @@ POST_GROUP_IMAGES = 16
 # threads waiting out 5 ms each time cost PyTorch CUDA 2.6x its inference at batch 4 (H200)
 SWITCH_INTERVAL_S = 0.0002
 POLL_S = 0.1
+WAKE_S = 0.002  # the writer's wait for a new batch while others are being post-processed
 BOX_DECIMALS = 3  # stored boxes: 0.001 px
 SCORE_DECIMALS = 7
 
@@ -52,6 +53,12 @@ class PassTimes:
     images: int = 0  # computed in this pass
     skipped: int = 0  # already in the store
     unreadable: int = 0  # found unreadable in this pass
+    # inference waiting: for the next batch to be read / for room behind it (post-processing
+    # and writing not keeping up) — which side binds a host-bound pass
+    wait_read_s: float = 0.0
+    wait_post_s: float = 0.0
+    first_infer_s: float = 0.0  # from the pass's start to its first inference (the fill)
+    after_infer_s: float = 0.0  # from its last inference to its end (the drain)
 
     @property
     def overhead_ratio(self) -> float:
@@ -66,6 +73,8 @@ class _Prepared:
     inputs: Optional[np.ndarray] = None
     metas: list[Any] = field(default_factory=list)
     seconds: float = 0.0
+    slot: Optional[int] = None  # read in a process: the InputSlots slot it was given
+    slot_shape: Optional[tuple[int, ...]] = None  # the inputs' shape, where they are there
 
 
 @dataclass
@@ -114,39 +123,6 @@ def coco_entries(image_id: int, det: Any, category_ids: Sequence[int]) -> list[d
         e["bbox"] = [round(v, BOX_DECIMALS) for v in e["bbox"]]
         e["score"] = round(e["score"], SCORE_DECIMALS)
     return entries
-
-
-_PROCESS_POOLS: dict[int, Any] = {}
-
-
-def reader_pool(workers: int) -> Any:
-    """A pool of `workers` processes that read and preprocess, kept for the life of the
-    process (a pass of a few hundred images on a fast GPU is shorter than starting them).
-    Spawned, not forked: the parent may hold a CUDA context, which a fork cannot share."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    pool = _PROCESS_POOLS.get(workers)
-    if pool is not None and getattr(pool, "_broken", False):  # a worker died: start anew
-        pool = None
-    if pool is None:
-        pool = _PROCESS_POOLS[workers] = ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_reader_started)
-    return pool
-
-
-def _reader_started() -> None:
-    import importlib
-
-    import cv2
-
-    cv2.setNumThreads(1)  # the pool is the parallelism; OpenCV's own threads would fight it
-    importlib.import_module("harness.data.preprocess")  # once, not with the first batch
-
-
-def _started(_: int) -> bool:
-    return True
 
 
 def default_workers() -> int:
@@ -242,17 +218,30 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     shard (rank, world): this process runs batches k with k % world == rank only (batches
     are planned on the whole of `images`, so every batch is the one a single process runs).
     workers: threads reading ahead, and threads post-processing (default_workers()).
-    processes: read and preprocess in `workers` processes instead (reader_pool), which the
-    GIL does not bind; worth it where the backend is fast enough to wait for the host (GPU).
+    processes: read and preprocess in `workers` processes instead, the inputs handed over in
+    shared memory, and encode the stored records in a second small pool
+    (harness.eval.pass_processes), which the GIL does not bind; worth it where the backend is
+    fast enough to wait for the host (GPU).
     post_group: images gathered per post-processing call (1: every batch on its own).
     """
     from tqdm import tqdm
 
+    from harness.eval import pass_processes as pp
+    from harness.eval.store import image_line
+
     clock = time.perf_counter
     n_workers = workers or default_workers()
+    slots, free_slots, encoders = None, None, None
     if processes:  # started (once per process) before the pass is timed, like the model
-        readers = reader_pool(n_workers)
-        list(readers.map(_started, range(n_workers)))
+        readers = pp.process_pool(n_workers, "read")
+        n_encoders = max(1, min(4, n_workers // 2))
+        encoders = pp.process_pool(n_encoders, "encode")
+        pp.warm(readers, n_workers)
+        pp.warm(encoders, n_encoders)
+        slots = pp.InputSlots(n_workers + QUEUE_DEPTH + 3, pp.slot_capacity(batch_size, spec))
+        free_slots = queue.Queue()
+        for k in range(slots.count):
+            free_slots.put(k)
     else:
         readers = ThreadPoolExecutor(n_workers, thread_name_prefix="coco-read")
     posters = ThreadPoolExecutor(n_workers, thread_name_prefix="coco-post")
@@ -270,6 +259,36 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     inferred: "queue.Queue[Any]" = queue.Queue(maxsize=QUEUE_DEPTH)
     errors: list[BaseException] = []
 
+    def submit_read(chunk: list[Any]) -> Optional[Future]:
+        if slots is None:
+            return readers.submit(prepare_batch, chunk, spec)
+        slot = _get(free_slots, stop)  # a slot comes back as each batch is inferred
+        if slot is None:
+            return None
+        job = readers.submit(pp.prepare_into, chunk, spec, slots.path, slot, slots.capacity)
+        job.slot = slot  # type: ignore[attr-defined]
+        return job
+
+    def received(job: Future) -> _Prepared:
+        prepared = job.result()
+        if slots is not None:
+            prepared.slot = job.slot  # type: ignore[attr-defined]
+            if prepared.slot_shape is not None:
+                prepared.inputs = slots.view(prepared.slot, prepared.slot_shape)
+            else:  # nothing readable, or too large for a slot: came through the pipe
+                release(prepared)
+        return prepared
+
+    def release(prepared: _Prepared) -> None:
+        """Give the batch's slot back once inference has taken its inputs (a copy kept where
+        the reference NMS of a ΔAP split still needs them)."""
+        if prepared.slot is None:
+            return
+        if prepared.slot_shape is not None:
+            prepared.inputs = None if post_reference is None else np.array(prepared.inputs)
+        free_slots.put(prepared.slot)
+        prepared.slot = None
+
     def read_ahead() -> None:
         # batches prepared in parallel, handed on in order; at most n_workers in flight
         pending: "collections.deque[Future]" = collections.deque()
@@ -280,10 +299,13 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
                     chunk = next(chunks, None)
                     if chunk is None:
                         break
-                    pending.append(readers.submit(prepare_batch, chunk, spec))
+                    job = submit_read(chunk)
+                    if job is None:
+                        return
+                    pending.append(job)
                 if not pending or stop.is_set():
                     break
-                if not _put(ready, pending.popleft().result(), stop):
+                if not _put(ready, received(pending.popleft()), stop):
                     return
         except BaseException as exc:  # handed to the main thread, which raises it
             _put(ready, _Failure(exc), stop)
@@ -311,14 +333,58 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
             out.append((dets, refs, share * len(prepared.metas)))
         return out
 
+    def encode(done: list[tuple[_Prepared, float, Optional[tuple]]]) -> list[tuple]:
+        """Per batch of `done` ((prepared, infer seconds, its post result or None): batches
+        whose post-processing ended together, in order): (lines of its unreadable images,
+        its detection lines — or (one job encoding them all in a process, index) —, post
+        seconds)."""
+        out, jobs = [], []
+        for prepared, infer_s, result in done:
+            first = []
+            for im, reason in prepared.unreadable:
+                say(f"skipping unreadable image {im.file_name} (id {im.image_id}): {reason}")
+                first.append((im.image_id, image_line({"image_id": im.image_id,
+                                                       "file": im.file_name,
+                                                       "unreadable": reason})))
+            if result is None:
+                out.append((first, [], 0.0))
+                continue
+            dets, refs, post_s = result
+            n = len(prepared.images)
+            ms = {"preprocess": prepared.seconds / n * 1e3, "infer": infer_s / n * 1e3,
+                  "post": post_s / n * 1e3}
+            ms = {k: round(v, 4) for k, v in ms.items()}
+            if encoders is not None and refs is None:
+                jobs.append(([(im.image_id, im.file_name) for im in prepared.images],
+                             pp.detections_payload(dets), ms))
+                out.append((first, len(jobs) - 1, post_s))
+                continue
+            lines = []
+            for i, (im, det) in enumerate(zip(prepared.images, dets)):
+                record = {"image_id": im.image_id, "file": im.file_name,
+                          "detections": coco_entries(im.image_id, det, category_ids),
+                          "ms": ms}
+                if refs is not None:
+                    record.update(reference_records(im.image_id, det, refs[i], category_ids))
+                lines.append((im.image_id, image_line(record)))
+            out.append((first, lines, post_s))
+        if jobs:
+            job = encoders.submit(pp.encode_batches, jobs, category_ids)
+            out = [(first, (job, lines) if isinstance(lines, int) else lines, post_s)
+                   for first, lines, post_s in out]
+        return out
+
     def write_behind() -> None:
         # inferred batches gathered into groups of `post_group` images, each group
-        # post-processed by a worker (up to n_workers groups at once), the batches written in
-        # arrival (= batch) order as each oldest one is done
+        # post-processed by a worker (up to n_workers groups at once); each batch's records
+        # encoded (in a process where there are encoders) as its group is done, and written
+        # in arrival (= batch) order
         stored = 0
         # (prepared, infer_s, group job or None, index in the group)
         pending: "collections.deque[tuple[Any, float, Optional[Future], int]]" = \
             collections.deque()
+        # (prepared, unreadable lines, detection lines or (their encoding job, index), post s)
+        writing: "collections.deque[tuple[Any, list, Any, float]]" = collections.deque()
         gathering: list[tuple[Any, Any, float]] = []
         finished = False
 
@@ -340,8 +406,30 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
             if sum(len(p.metas) for p, _, _ in gathering) >= post_group:
                 submit()
 
+        def write_oldest() -> None:
+            nonlocal stored
+            prepared, first, lines, post_s = writing.popleft()
+            t0 = clock()
+            if isinstance(lines, tuple):
+                job, k = lines
+                lines = list(zip((im.image_id for im in prepared.images), job.result()[k]))
+            store.append_encoded(first + lines)
+            times.post_s += clock() - t0 + post_s
+            times.preprocess_s += prepared.seconds
+            times.images += len(prepared.images)
+            times.unreadable += len(prepared.unreadable)
+            times.batches += 1
+            stored += 1
+            bar.update(len(prepared.images) + len(prepared.unreadable))
+            if on_batch is not None:
+                on_batch(stored)
+
+        def ready_to_write() -> bool:
+            return bool(writing) and (not isinstance(writing[0][2], tuple) or
+                                      writing[0][2][0].done())
+
         try:
-            while not errors and (pending or gathering or not finished):
+            while not errors and (pending or gathering or writing or not finished):
                 if stop.is_set() and not finished:
                     # interrupted or failed: write what inference already produced, no more
                     while (item := _get_nowait(inferred)) is not None:
@@ -349,11 +437,26 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
                     finished = True
                 if finished:
                     submit()
-                oldest_done = pending and (pending[0][2] is None or pending[0][2].done())
+                if ready_to_write():
+                    write_oldest()
+                    continue
+                if pending and (pending[0][2] is None or pending[0][2].done()):
+                    # the oldest batch and those post-processed with it, encoded together
+                    done, job = [], pending[0][2]
+                    while pending and pending[0][2] is job:
+                        prepared, infer_s, _, k = pending.popleft()
+                        done.append((prepared, infer_s, None if job is None else
+                                     job.result()[k]))
+                    t0 = clock()
+                    encoded = encode(done)
+                    share = (clock() - t0) / len(done)
+                    for (prepared, _, _), (first, lines, post_s) in zip(done, encoded):
+                        writing.append((prepared, first, lines, post_s + share))
+                    continue
                 groups_running = len({id(job) for _, _, job, _ in pending if job is not None})
-                if not oldest_done and not finished and groups_running < n_workers:
-                    try:
-                        item = inferred.get(timeout=POLL_S)
+                if not finished and groups_running < n_workers:
+                    try:  # short waits while work is in flight: its end wakes nobody
+                        item = inferred.get(timeout=WAKE_S if pending or writing else POLL_S)
                     except queue.Empty:
                         continue
                     if item is None:
@@ -361,38 +464,10 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
                     else:
                         take(item)
                     continue
-                if not pending:
-                    continue
-                prepared, infer_s, job, k = pending.popleft()
-                t0 = clock()
-                records = []
-                for im, reason in prepared.unreadable:
-                    say(f"skipping unreadable image {im.file_name} (id {im.image_id}): {reason}")
-                    records.append({"image_id": im.image_id, "file": im.file_name,
-                                    "unreadable": reason})
-                if job is not None:
-                    n = len(prepared.images)
-                    dets, refs, post_s = job.result()[k]
-                    ms = {"preprocess": prepared.seconds / n * 1e3, "infer": infer_s / n * 1e3,
-                          "post": post_s / n * 1e3}
-                    for i, (im, det) in enumerate(zip(prepared.images, dets)):
-                        records.append({"image_id": im.image_id, "file": im.file_name,
-                                        "detections": coco_entries(im.image_id, det,
-                                                                   category_ids),
-                                        "ms": {k: round(v, 4) for k, v in ms.items()}})
-                        if refs is not None:
-                            records[-1].update(reference_records(im.image_id, det, refs[i],
-                                                                 category_ids))
-                store.append_images(records)
-                times.post_s += clock() - t0 + (post_s if job is not None else 0.0)
-                times.preprocess_s += prepared.seconds
-                times.images += len(prepared.images)
-                times.unreadable += len(prepared.unreadable)
-                times.batches += 1
-                stored += 1
-                bar.update(len(prepared.images) + len(prepared.unreadable))
-                if on_batch is not None:
-                    on_batch(stored)
+                if writing:  # nothing else to do: wait for the oldest batch's encoding
+                    wait([writing[0][2][0]], timeout=POLL_S)
+                elif pending:
+                    wait([pending[0][2]], timeout=POLL_S)
         except BaseException as exc:
             errors.append(exc)
             stop.set()
@@ -403,9 +478,12 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     sys.setswitchinterval(min(switch, SWITCH_INTERVAL_S))
     reader.start()
     writer.start()
+    last_infer = 0.0
     try:
         while not errors:
+            t0 = clock()
             item = _get(ready, stop)
+            times.wait_read_s += clock() - t0
             if item is None:
                 break
             if isinstance(item, _Failure):
@@ -415,13 +493,19 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
                 if sync:
                     sync()
                 t0 = clock()
+                if not times.first_infer_s:
+                    times.first_infer_s = t0 - started
                 outputs = infer(item.inputs, item.metas)
                 if sync:
                     sync()
-                infer_s = clock() - t0
+                last_infer = clock()
+                infer_s = last_infer - t0
                 times.infer_s += infer_s
+                release(item)
+            t0 = clock()
             if not _put(inferred, (item, outputs, infer_s), stop):
                 break
+            times.wait_post_s += clock() - t0
         _put(inferred, None, stop)
         writer.join()
         if errors:
@@ -434,8 +518,12 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
         reader.join(timeout=5)
         if not processes:
             readers.shutdown(wait=False, cancel_futures=True)
+        if slots is not None:
+            slots.close()
         posters.shutdown(wait=False, cancel_futures=True)
         sys.setswitchinterval(switch)
         bar.close()
     times.wall_s = clock() - started
+    if last_infer:
+        times.after_infer_s = started + times.wall_s - last_infer
     return times

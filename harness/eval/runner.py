@@ -241,7 +241,9 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
     if times is not None and times.images and times.infer_s > 0:
         row.accuracy_pass = {"images": times.images, "wall_s": round(times.wall_s, 4),
                              "inference_s": round(times.infer_s, 4),
-                             "ratio": round(times.overhead_ratio, 3)}
+                             "ratio": round(times.overhead_ratio, 3),
+                             "waited_for_reading_s": round(times.wait_read_s, 4),
+                             "waited_for_post_s": round(times.wait_post_s, 4)}
     row.images = len(readable)
     row.unreadable = len(ids) - len(readable)
     log(f"{config.key}: AP {row.AP:.4f}  latency {latency.stages['total']['mean']:.2f} "

@@ -19,15 +19,50 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import MutableMapping
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from harness.errors import UserError
-from harness.jsonl import read_own, write_lines
+from harness.jsonl import encode_line, read_own, write_bytes, write_lines
 
 FORMAT = 1
 # `<key>.jsonl` (one process) or `<key>.rank<R>.jsonl` (rank R of a distributed run)
 RUN_FILE = re.compile(r"^(?P<key>.+?)(?:\.rank(?P<rank>\d+))?\.jsonl$")
+
+
+def image_line(record: dict[str, Any]) -> bytes:
+    """The line an image record ({"image_id", "file", ...}) is stored as."""
+    return encode_line({"kind": "image", **record})
+
+
+class ImageRecords(MutableMapping):
+    """image_id → record; a record added as its encoded line (RunStore.append_encoded, made in
+    another process) is parsed the first time it is read."""
+
+    def __init__(self) -> None:
+        self._records: dict[int, Any] = {}
+
+    def __getitem__(self, image_id: int) -> dict[str, Any]:
+        record = self._records[image_id]
+        if isinstance(record, bytes):
+            record = self._records[image_id] = json.loads(record)
+        return record
+
+    def __setitem__(self, image_id: int, record: Any) -> None:
+        self._records[image_id] = record
+
+    def __delitem__(self, image_id: int) -> None:
+        del self._records[image_id]
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self._records
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._records)
+
+    def __len__(self) -> int:
+        return len(self._records)
 
 
 class RunStore:
@@ -37,7 +72,7 @@ class RunStore:
     def __init__(self, path: Path, header: dict[str, Any]):
         self.path = Path(path)
         self.header = json.loads(json.dumps({"kind": "header", "format": FORMAT, **header}))
-        self.images: dict[int, dict[str, Any]] = {}  # this file's and the other files'
+        self.images = ImageRecords()  # this file's and the other files'
         self.latency: Optional[dict[str, Any]] = None
         self.latency_measured_on: Optional[dict[str, Any]] = None
         self.resumed = False
@@ -92,7 +127,7 @@ class RunStore:
         file with the header."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not (self.path.exists() and self._read_existing()):
-            self.images, self.latency, self.latency_measured_on = {}, None, None
+            self.images, self.latency, self.latency_measured_on = ImageRecords(), None, None
             self._write_lines([self.header], truncate=True)
         self.read_beside()
         self.resumed = bool(self.images) or self.latency is not None or \
@@ -169,11 +204,21 @@ class RunStore:
             image_id = int(r["image_id"])
             if image_id in self.images:
                 continue
-            record = {"kind": "image", **r}
-            self.images[image_id] = record
-            new.append(record)
+            self.images[image_id] = {"kind": "image", **r}
+            new.append(image_line(r))
         if new:
-            self._write_lines(new)
+            write_bytes(self.path, b"".join(new))
+
+    def append_encoded(self, lines: Iterable[tuple[int, bytes]]) -> None:
+        """append_images for records already encoded (image_line) elsewhere: (image_id, line)
+        per image, written as they are and parsed only when read."""
+        new = []
+        for image_id, line in lines:
+            if image_id not in self.images:
+                self.images[image_id] = line
+                new.append(line)
+        if new:
+            write_bytes(self.path, b"".join(new))
 
     def append_latency(self, result: dict[str, Any],
                        measured_on: Optional[dict[str, Any]] = None) -> None:

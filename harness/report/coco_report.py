@@ -127,13 +127,23 @@ def pass_table(doc: CocoResult) -> Optional[str]:
             continue
         ratio = p["ratio"]
         verdict = "inference-bound" if ratio <= HOST_BOUND_RATIO else \
-            f"host-bound: {ratio:.2f}× its inference time"
+            f"host-bound: {ratio:.2f}× its inference time{_binding(p)}"
         rows.append([_label(r, doc), p["images"], p["wall_s"], p["inference_s"], ratio,
                      verdict])
     if not rows:
         return None
     return table(["configuration", "images", "wall s", "inference s", "wall / inference",
                   "verdict"], rows, align="lrrrrl", digits=3)
+
+
+def _binding(p: dict[str, Any]) -> str:
+    """Which side of the host held inference up, from the pass's waits (older results: no
+    waits, nothing said)."""
+    read, post = p.get("waited_for_reading_s"), p.get("waited_for_post_s")
+    if read is None or post is None or read + post <= 0:
+        return ""
+    side = "reading + preprocessing" if read >= post else "post-processing + writing"
+    return f"; inference waited {read + post:.3g} s, mostly for {side}"
 
 
 def stability_text(doc: CocoResult) -> Optional[str]:

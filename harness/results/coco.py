@@ -56,7 +56,9 @@ class CocoRow(Schema):
     latency_per_rank: Optional[list[dict[str, Any]]] = None
     # the accuracy pass of this invocation (rank 0's under torchrun; None when every image
     # was already stored): {"images", "wall_s", "inference_s", "ratio" (wall / inference:
-    # about 1 when the backend was the bottleneck, more when the host could not feed it)}
+    # about 1 when the backend was the bottleneck, more when the host could not feed it),
+    # "waited_for_reading_s" / "waited_for_post_s" (inference idle for want of the next read
+    # batch / of room behind it: which side of the host binds)}
     accuracy_pass: Optional[dict[str, Any]] = None
     images: Optional[int] = None
     unreadable: Optional[int] = None

@@ -216,14 +216,14 @@ def test_a_reader_pool_whose_worker_died_is_started_anew():
     import os
     import signal
 
-    from harness.eval.coco_pass import reader_pool
+    from harness.eval.pass_processes import process_pool
 
-    pool = reader_pool(1)
+    pool = process_pool(1)
     pid = pool.submit(os.getpid).result()
     os.kill(pid, signal.SIGKILL)
     with pytest.raises(Exception):
         pool.submit(os.getpid).result(timeout=30)
-    again = reader_pool(1)
+    again = process_pool(1)
     assert again is not pool and again.submit(os.getpid).result(timeout=30) != pid
 
 

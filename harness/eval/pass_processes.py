@@ -1,0 +1,163 @@
+"""The parts of a COCO pass that run in other processes on a GPU row, where the host must keep
+up with a fast accelerator and one interpreter's GIL cannot: reading + preprocessing, and
+turning detections into the JSON lines the RunStore writes.
+
+Measured on 2 cores (`python experiments/bench_coco_overhead.py` helpers, fixture, 320x320):
+a batch of 4 preprocessed inputs (4.9 MB) returned through a process pool's pipe costs the
+main process 6.2 ms of CPU — 1.5 ms per image, more than the H200 takes to infer it — so
+batches come back through `InputSlots` (a shared memory file both sides map) and only the
+image metas are pickled; building and JSON-encoding an image's ~100 COCO entries costs
+0.56 ms of the main interpreter, so `encode_batches` does that in the pool too.
+
+Pools are spawned, not forked (the parent may hold a CUDA context a fork cannot share), and
+kept for the life of the process: a pass of a few hundred images on a fast GPU is shorter
+than starting them.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+_POOLS: dict[tuple[str, int], Any] = {}
+_MAPPED: dict[str, Any] = {}  # in a worker: the slots file it has mapped (one at a time)
+SHM_DIR = Path("/dev/shm")
+
+
+def process_pool(workers: int, role: str = "read") -> Any:
+    """A spawned pool of `workers` processes for `role`, kept for the life of the process and
+    started anew when one of its workers died."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    key = (role, workers)
+    pool = _POOLS.get(key)
+    if pool is not None and getattr(pool, "_broken", False):
+        pool = None
+    if pool is None:
+        pool = _POOLS[key] = ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_started)
+    return pool
+
+
+def warm(pool: Any, workers: int) -> None:
+    """Start every worker of `pool` now (before a pass is timed), not with the first job."""
+    list(pool.map(_ready, range(workers)))
+
+
+def _started() -> None:
+    import importlib
+
+    import cv2
+
+    cv2.setNumThreads(1)  # the pool is the parallelism; OpenCV's own threads would fight it
+    for name in ("harness.data.preprocess", "harness.eval.coco"):  # once, not per job
+        importlib.import_module(name)
+
+
+def _ready(_: int) -> bool:
+    return True
+
+
+class InputSlots:
+    """`count` slots of `capacity` bytes in one file under /dev/shm (or the temp folder where
+    /dev/shm lacks the room) that the main process and the readers both map: a reader writes
+    a batch's float32 inputs into the slot it was given, the main process reads them in place
+    and gives the slot back once inference has taken them."""
+
+    def __init__(self, count: int, capacity: int):
+        self.count, self.capacity = count, int(capacity)
+        size = count * self.capacity
+        folder = SHM_DIR if _room(SHM_DIR) > 2 * size else Path(tempfile.gettempdir())
+        fd, name = tempfile.mkstemp(prefix="harness-inputs-", dir=folder)
+        self.path = name
+        try:
+            os.ftruncate(fd, size)
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+
+    def view(self, slot: int, shape: Sequence[int]) -> np.ndarray:
+        return np.ndarray(tuple(shape), dtype=np.float32, buffer=self._map,
+                          offset=slot * self.capacity)
+
+    def close(self) -> None:
+        """Remove the file (a reader still writing into its mapping is unaffected)."""
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def _room(folder: Path) -> int:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+def slot_capacity(batch_size: int, spec: Any) -> int:
+    """Bytes of a slot: a batch of the largest input `spec` makes (its fixed input, else its
+    largest resize scale, at least 640, rounded up to 32); a batch that does not fit comes
+    back through the pipe instead."""
+    if getattr(spec, "pad_to", None):
+        h, w = spec.pad_to
+    else:
+        scales = [max(s.scale) for s in spec.steps if getattr(s, "scale", None)]
+        side = max(scales + [640])
+        h = w = -(-side // 32) * 32
+    return batch_size * 3 * int(h) * int(w) * 4
+
+
+def prepare_into(chunk: Sequence[Any], spec: Any, slots_path: Optional[str], slot: int,
+                 capacity: int) -> Any:
+    """coco_pass.prepare_batch in a reader process; the inputs written into `slot` of the
+    slots file (and `inputs` left None, `slot_shape` set) when they fit."""
+    from harness.eval.coco_pass import prepare_batch
+
+    out = prepare_batch(chunk, spec)
+    if slots_path is not None and out.inputs is not None and out.inputs.nbytes <= capacity:
+        mapped = _MAPPED.get(slots_path)
+        if mapped is None:
+            for old in _MAPPED.values():
+                old.close()
+            _MAPPED.clear()
+            with open(slots_path, "r+b") as f:
+                mapped = _MAPPED[slots_path] = mmap.mmap(f.fileno(), 0)
+        view = np.ndarray(out.inputs.shape, dtype=np.float32, buffer=mapped,
+                          offset=slot * capacity)
+        view[...] = out.inputs
+        out.slot_shape, out.inputs = out.inputs.shape, None
+    return out
+
+
+def detections_payload(dets: Sequence[Any]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """What encode_records needs of each image's NmsResult, as plain arrays."""
+    return [(np.asarray(d.boxes), np.asarray(d.scores), np.asarray(d.labels)) for d in dets]
+
+
+def encode_batches(batches: Sequence[tuple[Sequence[tuple[int, str]], Sequence[Any],
+                                          dict[str, float]]],
+                   category_ids: Sequence[int]) -> list[list[bytes]]:
+    """The RunStore lines (kind "image") of each batch (its (image_id, file) pairs, their
+    detections_payload, the per-image share of its timings): per image its detections as
+    COCO entries (coco_pass.coco_entries) and the timings. One job for several batches: a
+    job costs the submitting process ~0.2 ms."""
+    from harness.eval.coco_pass import coco_entries
+    from harness.eval.store import image_line
+
+    return [[image_line({"image_id": image_id, "file": file_name,
+                         "detections": coco_entries(image_id, _Det(*arrays), category_ids),
+                         "ms": ms})
+             for (image_id, file_name), arrays in zip(images, payload)]
+            for images, payload, ms in batches]
+
+
+class _Det:
+    def __init__(self, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray):
+        self.boxes, self.scores, self.labels = boxes, scores, labels
