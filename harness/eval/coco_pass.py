@@ -78,6 +78,15 @@ class _Prepared:
 
 
 @dataclass
+class _Parts:
+    """A batch read image by image into one slot: a job per image, in batch order."""
+
+    jobs: list[Future]
+    chunk: list[Any]
+    slot: int
+
+
+@dataclass
 class _Failure:
     error: BaseException
 
@@ -231,7 +240,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
 
     clock = time.perf_counter
     n_workers = workers or default_workers()
-    slots, free_slots, encoders = None, None, None
+    slots, free_slots, encoders, n_encoders = None, None, None, 0
     if processes:  # started (once per process) before the pass is timed, like the model
         readers = pp.process_pool(n_workers, "read")
         n_encoders = max(1, min(4, n_workers // 2))
@@ -259,17 +268,35 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     inferred: "queue.Queue[Any]" = queue.Queue(maxsize=QUEUE_DEPTH)
     errors: list[BaseException] = []
 
-    def submit_read(chunk: list[Any]) -> Optional[Future]:
+    def submit_read(chunk: list[Any], by_image: bool = False) -> Any:
+        """The job reading `chunk`, or (by_image, in processes) one job per image, each
+        writing into its place of the batch's slot: the pass's first batch, which inference
+        waits for with nothing to do."""
         if slots is None:
             return readers.submit(prepare_batch, chunk, spec)
         slot = _get(free_slots, stop)  # a slot comes back as each batch is inferred
         if slot is None:
             return None
+        if by_image and len(chunk) > 1:
+            jobs = [readers.submit(pp.prepare_into, [im], spec, slots.path, slot,
+                                   slots.capacity, i) for i, im in enumerate(chunk)]
+            return _Parts(jobs, chunk, slot)
         job = readers.submit(pp.prepare_into, chunk, spec, slots.path, slot, slots.capacity)
         job.slot = slot  # type: ignore[attr-defined]
         return job
 
-    def received(job: Future) -> _Prepared:
+    def received(job: Any) -> _Prepared:
+        if isinstance(job, _Parts):
+            joined = pp.join_parts([part.result() for part in job.jobs])
+            if joined is not None:
+                joined.slot = job.slot
+                joined.inputs = slots.view(joined.slot, joined.slot_shape)
+                return joined
+            # the images did not stack in place: the batch read whole, into the same slot
+            slot = job.slot
+            job = readers.submit(pp.prepare_into, job.chunk, spec, slots.path, slot,
+                                 slots.capacity)
+            job.slot = slot  # type: ignore[attr-defined]
         prepared = job.result()
         if slots is not None:
             prepared.slot = job.slot  # type: ignore[attr-defined]
@@ -291,15 +318,17 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
 
     def read_ahead() -> None:
         # batches prepared in parallel, handed on in order; at most n_workers in flight
-        pending: "collections.deque[Future]" = collections.deque()
+        pending: "collections.deque[Any]" = collections.deque()
         chunks = iter(todo)
+        first = True
         try:
             while True:
                 while len(pending) < n_workers and not stop.is_set():
                     chunk = next(chunks, None)
                     if chunk is None:
                         break
-                    job = submit_read(chunk)
+                    job = submit_read(chunk, by_image=first)
+                    first = False
                     if job is None:
                         return
                     pending.append(job)
@@ -368,9 +397,14 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
                     record.update(reference_records(im.image_id, det, refs[i], category_ids))
                 lines.append((im.image_id, image_line(record)))
             out.append((first, lines, post_s))
-        if jobs:
-            job = encoders.submit(pp.encode_batches, jobs, category_ids)
-            out = [(first, (job, lines) if isinstance(lines, int) else lines, post_s)
+        if jobs:  # spread over the encoders: the last ones are on the pass's critical path
+            parts = np.array_split(np.arange(len(jobs)), min(n_encoders, len(jobs)))
+            where = {}
+            for part in parts:
+                job = encoders.submit(pp.encode_batches, [jobs[i] for i in part],
+                                      category_ids)
+                where.update({int(i): (job, k) for k, i in enumerate(part)})
+            out = [(first, where[lines] if isinstance(lines, int) else lines, post_s)
                    for first, lines, post_s in out]
         return out
 
@@ -387,6 +421,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
         writing: "collections.deque[tuple[Any, list, Any, float]]" = collections.deque()
         gathering: list[tuple[Any, Any, float]] = []
         finished = False
+        to_come = sum(len(b) for b in todo)  # images not yet taken from inference
 
         def submit() -> None:
             if not gathering:
@@ -397,32 +432,46 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
             gathering.clear()
 
         def take(item: Any) -> None:
+            nonlocal to_come
             prepared, outputs, infer_s = item
+            to_come -= len(prepared.images) + len(prepared.unreadable)
             if outputs is None:  # nothing readable in the batch: nothing to post-process
                 submit()
                 pending.append((prepared, infer_s, None, 0))
                 return
             gathering.append((prepared, outputs, infer_s))
-            if sum(len(p.metas) for p, _, _ in gathering) >= post_group:
+            # in the last stretch every batch on its own: what waits for the next batches
+            # then waits for the end of inference, and the pass with it
+            if sum(len(p.metas) for p, _, _ in gathering) >= post_group or \
+                    to_come < post_group:
                 submit()
 
-        def write_oldest() -> None:
+        def write_ready() -> None:
+            """Write every batch at the front of `writing` whose lines are there, in one
+            write (one fsync); then count them, batch by batch."""
             nonlocal stored
-            prepared, first, lines, post_s = writing.popleft()
             t0 = clock()
-            if isinstance(lines, tuple):
-                job, k = lines
-                lines = list(zip((im.image_id for im in prepared.images), job.result()[k]))
-            store.append_encoded(first + lines)
-            times.post_s += clock() - t0 + post_s
-            times.preprocess_s += prepared.seconds
-            times.images += len(prepared.images)
-            times.unreadable += len(prepared.unreadable)
-            times.batches += 1
-            stored += 1
-            bar.update(len(prepared.images) + len(prepared.unreadable))
-            if on_batch is not None:
-                on_batch(stored)
+            batches, lines = [], []
+            while writing and (not isinstance(writing[0][2], tuple) or
+                               writing[0][2][0].done()):
+                prepared, first, mine, post_s = writing.popleft()
+                if isinstance(mine, tuple):
+                    job, k = mine
+                    mine = list(zip((im.image_id for im in prepared.images), job.result()[k]))
+                lines += first + mine
+                batches.append((prepared, post_s))
+            store.append_encoded(lines)
+            share = (clock() - t0) / len(batches)
+            for prepared, post_s in batches:
+                times.post_s += share + post_s
+                times.preprocess_s += prepared.seconds
+                times.images += len(prepared.images)
+                times.unreadable += len(prepared.unreadable)
+                times.batches += 1
+                stored += 1
+                bar.update(len(prepared.images) + len(prepared.unreadable))
+                if on_batch is not None:
+                    on_batch(stored)
 
         def ready_to_write() -> bool:
             return bool(writing) and (not isinstance(writing[0][2], tuple) or
@@ -438,7 +487,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
                 if finished:
                     submit()
                 if ready_to_write():
-                    write_oldest()
+                    write_ready()
                     continue
                 if pending and (pending[0][2] is None or pending[0][2].done()):
                     # the oldest batch and those post-processed with it, encoded together

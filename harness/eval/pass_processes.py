@@ -103,25 +103,28 @@ def _room(folder: Path) -> int:
 
 def slot_capacity(batch_size: int, spec: Any) -> int:
     """Bytes of a slot: a batch of the largest input `spec` makes (its fixed input, else its
-    largest resize scale, at least 640, rounded up to 32); a batch that does not fit comes
-    back through the pipe instead."""
+    largest resize scale rounded up to 32); a batch that does not fit comes back through the
+    pipe instead."""
     if getattr(spec, "pad_to", None):
         h, w = spec.pad_to
     else:
         scales = [max(s.scale) for s in spec.steps if getattr(s, "scale", None)]
-        side = max(scales + [640])
+        side = max(scales or [1333])
         h = w = -(-side // 32) * 32
     return batch_size * 3 * int(h) * int(w) * 4
 
 
 def prepare_into(chunk: Sequence[Any], spec: Any, slots_path: Optional[str], slot: int,
-                 capacity: int) -> Any:
+                 capacity: int, index: int = 0) -> Any:
     """coco_pass.prepare_batch in a reader process; the inputs written into `slot` of the
-    slots file (and `inputs` left None, `slot_shape` set) when they fit."""
+    slots file (and `inputs` left None, `slot_shape` set) when they fit. index: `chunk` is
+    the image at that place of a batch read image by image (join_parts): written where it
+    lies in the stacked batch if all its images come out of the same shape."""
     from harness.eval.coco_pass import prepare_batch
 
     out = prepare_batch(chunk, spec)
-    if slots_path is not None and out.inputs is not None and out.inputs.nbytes <= capacity:
+    if slots_path is not None and out.inputs is not None and \
+            (index + 1) * out.inputs.nbytes <= capacity:
         mapped = _MAPPED.get(slots_path)
         if mapped is None:
             for old in _MAPPED.values():
@@ -130,9 +133,27 @@ def prepare_into(chunk: Sequence[Any], spec: Any, slots_path: Optional[str], slo
             with open(slots_path, "r+b") as f:
                 mapped = _MAPPED[slots_path] = mmap.mmap(f.fileno(), 0)
         view = np.ndarray(out.inputs.shape, dtype=np.float32, buffer=mapped,
-                          offset=slot * capacity)
+                          offset=slot * capacity + index * out.inputs.nbytes)
         view[...] = out.inputs
         out.slot_shape, out.inputs = out.inputs.shape, None
+    return out
+
+
+def join_parts(parts: Sequence[Any]) -> Optional[Any]:
+    """One batch of the _Prepared its images gave, each read alone (and so already padded as
+    stacking pads it) into its place of the slot (prepare_into with index), or None where
+    the slot does not hold the batch as prepare_batch stacks it (an image unreadable, or
+    shaped unlike the others): then the batch must be read whole."""
+    shapes = {p.slot_shape for p in parts}
+    if len(shapes) != 1 or None in shapes or any(p.unreadable for p in parts):
+        return None
+    _, c, h, w = shapes.pop()
+    out = parts[0]
+    for p in parts[1:]:
+        out.images += p.images
+        out.metas += p.metas
+        out.seconds += p.seconds
+    out.slot_shape = (len(parts), c, h, w)
     return out
 
 
