@@ -171,11 +171,30 @@ def test_grouped_post_processing_stores_what_batch_by_batch_does(synth_val, spec
         stores[group] = store_for(tmp_path, f"group{group}")
         run_pass(split.images, 2, spec, stages.infer, post, CATEGORY_IDS, stores[group],
                  progress=False, post_group=group, workers=2)
-    # batches joined in fours, but in the last stretch (fewer images to come than a group)
-    # each on its own: the end of the pass does not wait for a group to fill
-    assert calls[1] == [2] * 6 and calls[4] == [4, 4, 2, 2]
+    assert calls[1] == [2] * 6 and calls[4][:2] == [4, 4] and sum(calls[4]) == 12
     assert stores[4].detections() == stores[1].detections()
     assert stores[4].detections() and len(stores[4].images) == 12
+
+
+@pytest.mark.parametrize("slow", ["inference", "post"])
+def test_the_last_stretch_does_not_wait_for_a_group_to_fill(synth_val, spec, tmp_path, slow):
+    """With fewer images to come than a group, what has gathered is post-processed as soon
+    as no group is running (slow inference: batch by batch), and not call by call behind a
+    running one (slow post-processing: the rest joined)."""
+    split = open_split(synth_val)
+    stages = Stages(infer_sleep=0.1 if slow == "inference" else 0.0)
+    sizes: list[int] = []
+
+    def post(outputs, metas):
+        sizes.append(len(metas))
+        if slow == "post":  # the second group still runs when the first is written
+            time.sleep(0.2 if len(sizes) == 1 else 0.6)
+        return stages.post(outputs, metas)
+
+    post.can_join = lambda outputs: True
+    run_pass(split.images, 2, spec, stages.infer, post, CATEGORY_IDS, store_for(tmp_path),
+             progress=False, post_group=4, workers=2)
+    assert sizes == ([4, 4, 2, 2] if slow == "inference" else [4, 4, 4])
 
 
 def test_post_processing_overlaps_the_next_inference(synth_val, spec, tmp_path):
