@@ -4,26 +4,17 @@
 # setuptools 69.5.1 + wheel 0.43 from a side folder); install onnxruntime-gpu into
 # /tmp/ortsite when its wheel was reassembled in /root/wheels; set PYTHONPATH so that
 # onnxruntime-gpu comes before the machine's CPU-only onnxruntime. A second call on the same
-# warm machine skips the installs; a machine given .whl/prebuilt/mmcv-2.0.1-site-cp312.tgz
-# (what an earlier build wrote to $OUT) skips the ~150 s build. Expects $OUT (logs).
+# warm machine skips the installs. Expects $OUT (logs).
 if [ ! -d /tmp/site/mmcv ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   python3 -m pip install -q --no-index --no-deps --target /tmp/oldst .whl/build/*.whl
-  if [ -f .whl/prebuilt/mmcv-2.0.1-site-cp312.tgz ]; then
-    # built on an earlier machine of the same kind (the tarball below, carried back)
-    tar xzf .whl/prebuilt/mmcv-2.0.1-site-cp312.tgz -C /tmp/site
-    echo "mmcv from .whl/prebuilt"
-  else
-    mkdir -p /tmp/b && tar xzf .whl/mmcv-2.0.1.tar.gz -C /tmp/b
-    sed -i 's/-std=c++14/-std=c++17/' /tmp/b/mmcv-2.0.1/setup.py
-    t0=$(date +%s)
-    (cd /tmp/b/mmcv-2.0.1 && CUDA_VISIBLE_DEVICES= MMCV_WITH_OPS=1 MAX_JOBS=16 \
-      PYTHONPATH=/tmp/oldst:/tmp/site python3 -m pip install -q --no-index --no-deps \
-      --no-build-isolation --target /tmp/site . > "$OUT/mmcv_build.log" 2>&1)
-    echo "mmcv built in $(( $(date +%s) - t0 )) s"
-    # to skip the build next time: copy it to .whl/prebuilt/ here and carry .whl again
-    (cd /tmp/site && tar czf "$OUT/mmcv-2.0.1-site-cp312.tgz" mmcv mmcv-2.0.1.dist-info)
-  fi
+  mkdir -p /tmp/b && tar xzf .whl/mmcv-2.0.1.tar.gz -C /tmp/b
+  sed -i 's/-std=c++14/-std=c++17/' /tmp/b/mmcv-2.0.1/setup.py
+  t0=$(date +%s)
+  (cd /tmp/b/mmcv-2.0.1 && CUDA_VISIBLE_DEVICES= MMCV_WITH_OPS=1 MAX_JOBS=16 \
+    PYTHONPATH=/tmp/oldst:/tmp/site python3 -m pip install -q --no-index --no-deps \
+    --no-build-isolation --target /tmp/site . > "$OUT/mmcv_build.log" 2>&1)
+  echo "mmcv built in $(( $(date +%s) - t0 )) s"
 fi
 if [ ! -d /tmp/ortsite/onnxruntime ] && ls /root/wheels/onnxruntime_gpu-*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/ortsite \
