@@ -2,8 +2,12 @@
 are read and preprocessed by a pool of threads ahead of the backend (OpenCV's decode and
 resize and numpy's large operations release the GIL, so they run in parallel), and decoded +
 NMS'd by a second pool behind it, then written to the RunStore in batch order, while the
-calling thread only runs inference. On a fast GPU one reader and one post-processor starve it
-(H200, fixture: wall / inference 1.8–6.7 at batch 4); `workers` sets both pools' size.
+calling thread only runs inference. On a fast GPU the host must do better than one
+interpreter can (H200, fixture: wall / inference 1.8–6.7 at batch 4 with one reader and one
+post-processor): there reading and encoding the stored records run in processes
+(harness.eval.pass_processes), the first images are read one job each (the fill), and the
+last stretch is post-processed as soon as a worker is free (the drain). `workers` sets the
+pools' size.
 
 Batches are fixed by position in the split (batch k holds images k*B .. k*B+B-1, unreadable
 ones left out), so a resumed run feeds the backend the very same batches as an uninterrupted
@@ -457,8 +461,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
             nonlocal stored
             t0 = clock()
             batches, lines = [], []
-            while writing and (not isinstance(writing[0][2], tuple) or
-                               writing[0][2][0].done()):
+            while ready_to_write():
                 prepared, first, mine, post_s = writing.popleft()
                 if isinstance(mine, tuple):
                     job, k = mine

@@ -496,3 +496,14 @@ def test_two_stage_fixture_across_backends_and_batches(synth_val, tmp_path, caps
     assert all(r["status"] == "ok" and r["images"] == 8 for r in rows)
     assert aps["torch_cpu_fp32_b1"] > 0.3  # the fixture detects the shapes
     assert max(aps.values()) - min(aps.values()) < 0.01, aps
+
+
+def test_a_host_bound_pass_says_which_side_held_inference_up():
+    from harness.report.coco_report import _binding
+
+    assert _binding({"waited_for_reading_s": 0.3, "waited_for_post_s": 0.01}) == \
+        "; inference waited 0.31 s, mostly for reading + preprocessing"
+    assert "mostly for post-processing + writing" in \
+        _binding({"waited_for_reading_s": 0.0, "waited_for_post_s": 0.2})
+    assert _binding({}) == "" and \
+        _binding({"waited_for_reading_s": 0.0, "waited_for_post_s": 0.0}) == ""

@@ -88,3 +88,24 @@ def test_read_any_run_file(tmp_path):
     (tmp_path / "b.jsonl").write_text("hello\n")
     with pytest.raises(UserError, match="not a harness run file"):
         RunStore.read(tmp_path / "b.jsonl")
+
+
+def test_lines_encoded_elsewhere_are_stored_as_records_are(tmp_path):
+    """append_encoded (lines made in an encoder process) writes what append_images would,
+    keeps no image twice, and its records read back (parsed when first read) equal."""
+    from harness.eval.store import image_line
+
+    records = [{"image_id": 7, "file": "a.jpg", "detections": [
+                   {"image_id": 7, "category_id": 1, "bbox": [1.5, 2.0, 3.0, 4.0],
+                    "score": 0.5}], "ms": {"infer": 1.25}},
+               {"image_id": 8, "file": "b.jpg", "unreadable": "not an image"}]
+    plain = RunStore(tmp_path / "plain.jsonl", {"configuration": "x"}).open()
+    plain.append_images(records)
+    encoded = RunStore(tmp_path / "encoded.jsonl", {"configuration": "x"}).open()
+    encoded.append_encoded([(r["image_id"], image_line(r)) for r in records])
+    encoded.append_encoded([(7, image_line({**records[0], "file": "again.jpg"}))])
+    assert encoded.path.read_bytes() == plain.path.read_bytes()
+    assert encoded.detections() == plain.detections() == records[0]["detections"]
+    assert encoded.unreadable() == {8: "not an image"} and encoded.done(8)
+    again = RunStore(tmp_path / "encoded.jsonl", {"configuration": "x"}).open()
+    assert dict(again.images) == dict(plain.images)
