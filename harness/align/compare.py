@@ -149,7 +149,7 @@ class TargetRun:
             self.layer_note = ("layer diff not available: no ONNX graph names this target's "
                                "layers (give the engine's source ONNX with --onnx)")
         # an engine keeps its NMS candidates inside: a debug engine marks them too
-        plugin_nodes = _producers(proto, self.pipeline.inputs) \
+        plugin_nodes = producers(proto, self.pipeline.inputs) \
             if target.kind == "engine" and isinstance(self.pipeline, FilePipeline) else []
         if layers or plugin_nodes:
             from harness.errors import UserError
@@ -353,7 +353,7 @@ def check_outputs_fit(outputs: dict[str, np.ndarray], ref_out: dict[str, np.ndar
                             "from another model, class count or input size?")
 
 
-def _producers(proto: Any, tensors: Sequence[str]) -> list[str]:
+def producers(proto: Any, tensors: Sequence[str]) -> list[str]:
     """Names of the nodes that produce `tensors` (what the debug engine marks)."""
     made_by = {out: node.name for node in proto.graph.node for out in node.output}
     return [made_by[t] for t in tensors if t in made_by]

@@ -150,14 +150,18 @@ def default_workers() -> int:
 def reference_records(image_id: int, det: Any, ref: Any,
                       category_ids: Sequence[int]) -> dict[str, Any]:
     """What a row with a ΔAP split stores beside its detections `det`, from its
-    delta_ap.ReferenceNms `ref`: `reference_nms` (its candidates through the reference's NMS)
-    and `nms_causes` (per entry of each list, its mismatch cause or None)."""
+    delta_ap.ReferenceNms `ref`: `reference_nms` (its candidates through the reference's NMS),
+    `nms_causes` (per entry of each list, its mismatch cause or None) and, where checked,
+    `reference_replay_agrees` (the candidates through the file's own NMS gave `det`)."""
     from harness.eval.delta_ap import entry_causes
 
-    return {"reference_nms": coco_entries(image_id, ref.result, category_ids),
-            "nms_causes": {
-                "detections": entry_causes(det, ref.target_causes, category_ids),
-                "reference_nms": entry_causes(ref.result, ref.reference_causes, category_ids)}}
+    out = {"reference_nms": coco_entries(image_id, ref.result, category_ids),
+           "nms_causes": {
+               "detections": entry_causes(det, ref.target_causes, category_ids),
+               "reference_nms": entry_causes(ref.result, ref.reference_causes, category_ids)}}
+    if ref.replay_agrees is not None:
+        out["reference_replay_agrees"] = ref.replay_agrees
+    return out
 
 
 def _put(q: "queue.Queue[Any]", item: Any, stop: threading.Event) -> bool:

@@ -11,8 +11,12 @@ at the same batch,
                                                     caps)
 
 which add up to ΔAP exactly. A row whose NMS is the reference's (raw / decoded outputs, the
-harness runs the source's NMS) has nms = 0 by construction. Rows whose candidates cannot be
-read without a debug engine (TensorRT) are not split.
+harness runs the source's NMS) has nms = 0 by construction. A TensorRT end2end engine keeps
+its candidates inside: they are read from one debug engine built from its source ONNX with
+its own settings, marking only the NMS plugin's two inputs (as `harness compare` does); since
+marking may change the numbers a little, each image's candidates are also replayed through
+the file's own NMS and checked against the engine's detections, and the row says on how many
+images that replay did not reproduce them.
 
 The NMS part is split further by mismatch cause: both NMS are replayed in trace mode on the
 file's candidates and diffed as `harness compare` diffs them (harness.align.detections), each
@@ -41,6 +45,9 @@ class ReferenceNms:
     result: Any
     target_causes: dict[tuple[int, int], str] = field(default_factory=dict)
     reference_causes: dict[tuple[int, int], str] = field(default_factory=dict)
+    # the candidates through the file's own NMS reproduce the row's detections (None: not
+    # checked)
+    replay_agrees: Optional[bool] = None
 
 
 def causes_by_candidate(mismatches: Sequence[Any]) -> tuple[dict, dict]:
@@ -107,14 +114,23 @@ def cause_scores(coco: Any, records: Mapping[int, Mapping[str, Any]], image_ids:
         for c, n in sorted(counts.items(), key=lambda kv: -kv[1])}
 
 
-def reference_nms_post(model: Any, backend: Any
+def reference_nms_post(model: Any, backend: Any, work_dir: Optional[Any] = None,
+                       nms_inputs_backend: Optional[Callable[..., Any]] = None
                        ) -> tuple[Optional[Callable[[Any, Sequence[Any], np.ndarray], list]],
                                   str]:
-    """(post_reference for coco_pass.run_pass or None, how the row's ΔAP will be split)."""
+    """(post_reference for coco_pass.run_pass or None, how the row's ΔAP will be split).
+
+    work_dir: where a TensorRT end2end engine's debug engine is built (cached); without it
+    such a row is not split. nms_inputs_backend(backend, onnx_path, proto, pipeline,
+    work_dir): what reads its candidates (default: nms_inputs_engine)."""
+    import contextlib
+    import threading
+
     import onnx
 
     from harness.align.detections import DetectionDiff
     from harness.align.pipelines import Candidates, SourcePipeline, pipeline_for
+    from harness.export.outputs import detections_from_outputs
     from harness.models.source import DecodedCandidates
 
     same = "its NMS is the reference's (the harness runs it on the outputs)"
@@ -136,25 +152,65 @@ def reference_nms_post(model: Any, backend: Any
         return None, f"not split: {exc}"
     if isinstance(pipeline, SourcePipeline):
         return None, same
+    reader, guard, via = backend, contextlib.nullcontext(), ""
     if getattr(backend, "name", "") != "onnxruntime":
-        return None, ("not split: its NMS candidates are read from the engine's source ONNX "
-                      "only through a debug engine (harness compare does that)")
+        if getattr(backend, "name", "") != "tensorrt" or work_dir is None:
+            return None, "not split: its NMS candidates cannot be read from this backend"
+        try:
+            reader = (nms_inputs_backend or nms_inputs_engine)(backend, path, proto, pipeline,
+                                                               work_dir)
+        except UserError as exc:
+            return None, f"not split: {exc}"
+        # one execution context: the pass's post-processing threads take turns
+        guard, via = threading.Lock(), ", read by a debug engine marking them"
 
     reference = SourcePipeline(model)
 
     def post(outputs: Any, metas: Sequence[Any], inputs: np.ndarray) -> list:
-        cands = pipeline.candidates(outputs, backend, inputs)
+        with guard:
+            cands = pipeline.candidates(outputs, reader, inputs)
         decoded = DecodedCandidates(boxes=cands.boxes, scores=cands.scores, objectness=None)
         theirs = reference.replay(Candidates(cands.boxes, cands.scores, decoded=decoded), metas)
+        actual = detections_from_outputs(model, outputs, metas)
         out = []
-        for meta, ref, own in zip(metas, theirs, pipeline.replay(cands, metas)):
+        for meta, ref, own, act in zip(metas, theirs, pipeline.replay(cands, metas), actual):
             found = DetectionDiff().add_image(str(getattr(meta, "path", "")), ref, own)
             target, reference_side = causes_by_candidate(found)
-            out.append(ReferenceNms(ref.result, target, reference_side))
+            agrees = len(own.result) == len(act) and bool(np.allclose(
+                np.asarray(own.result.boxes), np.asarray(act.boxes), atol=1e-3))
+            out.append(ReferenceNms(ref.result, target, reference_side, agrees))
         return out
 
     return post, ("its own candidates through the reference's NMS "
-                  f"({pipeline.describe().get('kind')} in the file)")
+                  f"({pipeline.describe().get('kind')} in the file{via})")
+
+
+def nms_inputs_engine(backend: Any, onnx_path: Any, proto: Any, pipeline: Any,
+                      work_dir: Any) -> Any:
+    """What reads a TensorRT end2end engine's NMS candidates: debug engines (built once,
+    cached in `work_dir`) from its source ONNX with the engine's own settings, marking only
+    the NMS inputs, as `harness compare` plans them (tensorrt_marking.split_marking: a
+    plugin's two inputs in an engine of their own; an ONNX NonMaxSuppression's inputs as
+    layers). A UserError when they cannot be built (settings unknown, nothing to mark)."""
+    from harness.align.compare import producers
+    from harness.backends.tensorrt_marking import ChunkedDebugEngines, split_marking
+    from harness.errors import UserError
+
+    made_by = producers(proto, pipeline.inputs)
+    if not made_by:
+        raise UserError("its NMS inputs are not made by a node a debug engine can mark")
+    layers, nms_inputs = split_marking(list(proto.graph.node), made_by)
+    engines = ChunkedDebugEngines(backend, onnx_path, layers, nms_inputs, work_dir,
+                                  settings=backend.debug_build())
+    engines.load()
+    return engines
+
+
+def replay_disagreements(records: Mapping[int, Mapping[str, Any]],
+                         image_ids: Sequence[int]) -> int:
+    """Images whose candidates, through the file's own NMS, did not give their stored
+    detections (coco_pass.reference_records' `reference_replay_agrees`)."""
+    return sum(1 for i in image_ids if records[i].get("reference_replay_agrees") is False)
 
 
 def split(row: Any, reference: Any) -> Optional[dict[str, Any]]:

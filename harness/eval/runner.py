@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from harness.errors import UserError
@@ -125,7 +126,7 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
     from harness.eval.coco_pass import run_pass
     from harness.eval.coco_post import make_post
     from harness.eval.coco_scores import evaluate
-    from harness.eval.delta_ap import cause_scores, reference_nms_post
+    from harness.eval.delta_ap import cause_scores, reference_nms_post, replay_disagreements
     from harness.eval.latency import LatencyResult, default_settings
     from harness.eval.store import RunStore
     from harness.export.metadata import file_sha256
@@ -171,7 +172,10 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
 
     spec = None
     try:
-        post_reference, split_how = reference_nms_post(model, backend)
+        # a TensorRT end2end engine's candidates: its debug engine built by rank 0 first
+        post_reference, split_how = ranks.in_turn(
+            lambda: reference_nms_post(model, backend, Path(settings.cache_dir) / "debug"),
+            f"preparing {config.key}'s ΔAP split")
         if post_reference is not None and agreed.reference_nms is False:
             post_reference = None  # stored before the split was kept: not split on resume
             split_how = "not split: its stored detections predate the ΔAP split"
@@ -227,6 +231,12 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
         causes = cause_scores(split.coco, store.images, readable, names_by_cat, evaluator)
         if causes:
             row.delta_AP_parts["nms_causes"] = causes
+        off = replay_disagreements(store.images, readable)
+        row.delta_AP_parts["replay_disagrees"] = off
+        if off:  # the candidates read are not quite those behind the detections
+            row.delta_AP_parts["how"] += (
+                f"; on {off} of {len(readable)} images those candidates through the file's "
+                "own NMS did not give its detections, so the split is approximate there")
     elif split_how.startswith("its NMS is the reference's"):
         row.AP_reference_nms = row.AP
         row.delta_AP_parts["reference_nms"] = {

@@ -36,7 +36,8 @@ class CocoRow(Schema):
     # AP of the row's own candidates through the reference's NMS (a file ending in its own
     # NMS; the row's AP where its NMS is the reference's), and ΔAP split into what the
     # numbers cost (numeric = that AP − the reference's) and what the NMS cost (nms = AP −
-    # that AP), with how the split was made (harness.eval.delta_ap)
+    # that AP), with how the split was made (harness.eval.delta_ap) and on how many images
+    # the candidates read did not reproduce the row's detections ("replay_disagrees")
     AP_reference_nms: Optional[float] = None
     delta_AP_parts: Optional[dict[str, Any]] = None
     per_class: Optional[dict[str, Optional[float]]] = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from onnx import helper
 
-from harness.align.compare import _producers
+from harness.align.compare import producers
 from harness.align.compare import verdict as _verdict
 from harness.results import TargetResult
 
@@ -14,14 +14,14 @@ def verdict(targets):
     return _verdict([TargetResult.from_json(t) for t in targets])
 
 
-def test_producers_of_plugin_inputs():
+def testproducers_of_plugin_inputs():
     graph = helper.make_graph(
         [helper.make_node("Concat", ["a", "b"], ["boxes"], name="/Concat", axis=1),
          helper.make_node("Mul", ["s", "o"], ["scores"], name="/Mul"),
          helper.make_node("EfficientNMS_TRT", ["boxes", "scores"], ["n"], name="nms",
                           domain="TRT")], "g", [], [])
     proto = helper.make_model(graph)
-    assert _producers(proto, ["boxes", "scores", "images"]) == ["/Concat", "/Mul"]
+    assert producers(proto, ["boxes", "scores", "images"]) == ["/Concat", "/Mul"]
 
 
 def _target(name, mismatches, causes=None, past=None, available=True, ties=(0, 0),

@@ -50,7 +50,7 @@ def test_compare_calls_on_chunked_debug_engines(engine_target, monkeypatch, tmp_
     opener = FakeDebugEngines({tensors[32]: 3e-2, BOXES: 1e-2})
     monkeypatch.setattr(tensorrt_marking, "open_debug_engine", opener)
     layers = [Layer(f"backbone.layer{i}", tensors[i], layer_name(i), i) for i in range(LAYERS)]
-    plugin_nodes = ["/head/boxes/Relu", "/head/scores/Sigmoid"]  # compare's _producers
+    plugin_nodes = ["/head/boxes/Relu", "/head/scores/Sigmoid"]  # compare's producers
     source = layer_backend(target, [lay.node for lay in layers] + plugin_nodes,
                            tmp_path / "work")
     assert source.chunk == 32 and [s.label for s in source.sets] == [
