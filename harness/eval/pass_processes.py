@@ -2,9 +2,8 @@
 up with a fast accelerator and one interpreter's GIL cannot: reading + preprocessing, and
 turning detections into the JSON lines the RunStore writes.
 
-Measured on 2 cores (`python experiments/bench_coco_overhead.py` helpers, fixture, 320x320):
-a batch of 4 preprocessed inputs (4.9 MB) returned through a process pool's pipe costs the
-main process 6.2 ms of CPU — 1.5 ms per image, more than the H200 takes to infer it — so
+Measured on 2 cores (fixture, 320x320): a batch of 4 preprocessed inputs (4.9 MB) returned
+through a ProcessPoolExecutor's pipe costs the main process 6.2 ms of CPU — 1.5 ms per image, more than the H200 takes to infer it — so
 batches come back through `InputSlots` (a shared memory file both sides map) and only the
 image metas are pickled; building and JSON-encoding an image's ~100 COCO entries costs
 0.56 ms of the main interpreter, so `encode_batches` does that in the pool too.
@@ -55,7 +54,9 @@ def _started() -> None:
     import cv2
 
     cv2.setNumThreads(1)  # the pool is the parallelism; OpenCV's own threads would fight it
-    for name in ("harness.data.preprocess", "harness.eval.coco"):  # once, not per job
+    # what the jobs use, imported once here rather than by each worker's first job
+    for name in ("harness.data.preprocess", "harness.eval.coco", "harness.eval.coco_pass",
+                 "harness.eval.store"):
         importlib.import_module(name)
 
 
@@ -72,7 +73,7 @@ class InputSlots:
     def __init__(self, count: int, capacity: int):
         self.count, self.capacity = count, int(capacity)
         size = count * self.capacity
-        folder = SHM_DIR if _room(SHM_DIR) > 2 * size else Path(tempfile.gettempdir())
+        folder = SHM_DIR if _room(SHM_DIR) > size else Path(tempfile.gettempdir())
         fd, name = tempfile.mkstemp(prefix="harness-inputs-", dir=folder)
         self.path = name
         try:
