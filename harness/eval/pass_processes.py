@@ -25,6 +25,7 @@ import numpy as np
 _POOLS: dict[tuple[str, int], Any] = {}
 _MAPPED: dict[str, Any] = {}  # in a worker: the slots file it has mapped (one at a time)
 SHM_DIR = Path("/dev/shm")
+SLOTS_PREFIX = "harness-inputs-"  # then the creating process's id
 
 
 def process_pool(workers: int, role: str = "read") -> Any:
@@ -68,13 +69,16 @@ class InputSlots:
     """`count` slots of `capacity` bytes in one file under /dev/shm (or the temp folder where
     /dev/shm lacks the room) that the main process and the readers both map: a reader writes
     a batch's float32 inputs into the slot it was given, the main process reads them in place
-    and gives the slot back once inference has taken them."""
+    and gives the slot back once inference has taken them. The file's name carries the
+    creating process's id, so one left by a killed run is removed by the next."""
 
     def __init__(self, count: int, capacity: int):
         self.count, self.capacity = count, int(capacity)
         size = count * self.capacity
+        for folder in (SHM_DIR, Path(tempfile.gettempdir())):
+            remove_orphans(folder)
         folder = SHM_DIR if _room(SHM_DIR) > size else Path(tempfile.gettempdir())
-        fd, name = tempfile.mkstemp(prefix="harness-inputs-", dir=folder)
+        fd, name = tempfile.mkstemp(prefix=f"{SLOTS_PREFIX}{os.getpid()}-", dir=folder)
         self.path = name
         try:
             os.ftruncate(fd, size)
@@ -92,6 +96,31 @@ class InputSlots:
             os.unlink(self.path)
         except OSError:
             pass
+
+
+def remove_orphans(folder: Path) -> list[Path]:
+    """Remove the slots files in `folder` whose creating process is gone (a run killed in
+    the middle of a pass); returns them."""
+    gone = []
+    for path in folder.glob(f"{SLOTS_PREFIX}*-*") if folder.is_dir() else []:
+        pid = path.name[len(SLOTS_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            try:
+                path.unlink()
+                gone.append(path)
+            except OSError:
+                pass
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _room(folder: Path) -> int:

@@ -4,8 +4,10 @@ surface in the caller, and reading / writing overlap inference."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -273,6 +275,27 @@ def test_processes_fall_back_where_shared_memory_cannot_take_a_batch(synth_val, 
         assert stores[name].detections() == stores["threads"].detections()
         assert stores[name].unreadable() == stores["threads"].unreadable() != {}
         assert seen[name] == seen["threads"] and len(seen[name]) == 11
+
+
+def test_slots_left_by_a_killed_run_are_removed_by_the_next(tmp_path):
+    import subprocess
+    import sys
+
+    from harness.eval.pass_processes import SLOTS_PREFIX, InputSlots, remove_orphans
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    orphan = tmp_path / f"{SLOTS_PREFIX}{dead}-abc"
+    mine = tmp_path / f"{SLOTS_PREFIX}{os.getpid()}-abc"
+    other = tmp_path / "harness-inputs-notes.txt"
+    for p in (orphan, mine, other):
+        p.write_bytes(b"x")
+    assert remove_orphans(tmp_path) == [orphan]
+    assert mine.exists() and other.exists() and not orphan.exists()
+    slots = InputSlots(2, 64)
+    assert Path(slots.path).name.startswith(f"{SLOTS_PREFIX}{os.getpid()}-")
+    slots.close()
+    assert not Path(slots.path).exists()
 
 
 def test_join_parts_takes_only_images_that_stack_in_place():
