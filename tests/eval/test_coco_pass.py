@@ -270,7 +270,7 @@ def test_processes_fall_back_where_shared_memory_cannot_take_a_batch(synth_val, 
                  stores[name], progress=False, workers=2, processes=name != "threads",
                  warn=lambda m: None, post_reference=reference,
                  post_group=1)
-    assert set(glob.glob("/dev/shm/harness-inputs-*")) == before
+    assert set(glob.glob("/dev/shm/harness-inputs-*")) <= before  # none left (orphans go)
     for name in ("slots", "pipe"):
         assert stores[name].detections() == stores["threads"].detections()
         assert stores[name].unreadable() == stores["threads"].unreadable() != {}
