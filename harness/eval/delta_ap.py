@@ -12,8 +12,8 @@ at the same batch,
 
 which add up to ΔAP exactly. A row whose NMS is the reference's (raw / decoded outputs, the
 harness runs the source's NMS) has nms = 0 by construction. A TensorRT end2end engine keeps
-its candidates inside: they are read from one debug engine built from its source ONNX with
-its own settings, marking only the NMS plugin's two inputs (as `harness compare` does); since
+its candidates inside: they are read from a debug engine built from its source ONNX with
+its own settings, marking only the NMS inputs (as `harness compare` does); since
 marking may change the numbers a little, each image's candidates are also replayed through
 the file's own NMS and checked against the engine's detections, and the row says on how many
 images that replay did not reproduce them.
