@@ -85,7 +85,7 @@ def bench(args: argparse.Namespace, work: Path) -> None:
     print(f"{'configuration':<24} {'post':<10} {'serial wall':>11} {'harness wall':>12} "
           f"{'infer in pass':>13} {'wall/infer':>10} {'isolated infer':>14} "
           f"{'wall/isolated':>13} {'AP':>7} {'waited read':>11} {'waited post':>11} "
-          f"{'fill':>7} {'drain':>7}")
+          f"{'fill':>7} {'drain':>7}  drain: post end / write start / write end")
     for config in matrix_configurations(args.backends, ["fp32"], args.batches, [args.device]):
         target = open_backend(config, model, files)
         if not target.available:
@@ -150,7 +150,8 @@ def compare_modes(config, target, model, split, cat_ids, work: Path, repeats: in
     return (f"{config.key:<24} {label:<10} {ser:>10.2f}s {best.wall_s:>11.2f}s "
             f"{best.infer_s:>12.2f}s {best.overhead_ratio:>10.3f} {iso:>13.2f}s "
             f"{best.wall_s / iso:>13.3f} {ap:>7.4f} {best.wait_read_s:>10.3f}s "
-            f"{best.wait_post_s:>10.3f}s {best.first_infer_s:>6.3f}s {best.after_infer_s:>6.3f}s")
+            f"{best.wait_post_s:>10.3f}s {best.first_infer_s:>6.3f}s {best.after_infer_s:>6.3f}s  "
+            + " / ".join(f"{1e3 * v:.1f}" for v in best.drain_parts_s.values()) + " ms")
 
 
 if __name__ == "__main__":

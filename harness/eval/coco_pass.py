@@ -63,6 +63,9 @@ class PassTimes:
     wait_post_s: float = 0.0
     first_infer_s: float = 0.0  # from the pass's start to its first inference (the fill)
     after_infer_s: float = 0.0  # from its last inference to its end (the drain)
+    # the drain in its parts, from the last inference: to the end of the last
+    # post-processing call, to the start of the last write, to its end
+    drain_parts_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def overhead_ratio(self) -> float:
@@ -275,6 +278,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     ready: "queue.Queue[Any]" = queue.Queue(maxsize=QUEUE_DEPTH)
     inferred: "queue.Queue[Any]" = queue.Queue(maxsize=QUEUE_DEPTH)
     errors: list[BaseException] = []
+    marks = {"post_end": 0.0, "write_start": 0.0, "write_end": 0.0}  # clocks, for the drain
 
     def submit_read(chunk: list[Any], by_image: bool = False) -> Any:
         """The job reading `chunk`, or (by_image, in processes) one job per image, each
@@ -368,6 +372,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
             refs = None if post_reference is None else \
                 post_reference(outputs, prepared.metas, prepared.inputs)
             out.append((dets, refs, share * len(prepared.metas)))
+        marks["post_end"] = max(marks["post_end"], clock())
         return out
 
     def encode(done: list[tuple[_Prepared, float, Optional[tuple]]]) -> list[tuple]:
@@ -472,7 +477,9 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
                     mine = list(zip((im.image_id for im in prepared.images), job.result()[k]))
                 lines += first + mine
                 batches.append((prepared, post_s))
+            marks["write_start"] = clock()
             store.append_encoded(lines)
+            marks["write_end"] = clock()
             share = (clock() - t0) / len(batches)
             for prepared, post_s in batches:
                 times.post_s += share + post_s
@@ -587,4 +594,6 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     times.wall_s = clock() - started
     if last_infer:
         times.after_infer_s = started + times.wall_s - last_infer
+        times.drain_parts_s = {k: round(max(0.0, marks[k] - last_infer), 4)
+                               for k in ("post_end", "write_start", "write_end")}
     return times

@@ -78,6 +78,10 @@ def test_every_image_once_with_timings(synth_val, spec, tmp_path):
     assert [s[0] for s in stages.shapes] == [4, 4, 4]
     assert (times.batches, times.images, times.skipped, times.unreadable) == (3, 12, 0, 0)
     assert times.infer_s > 0 and times.wall_s >= times.infer_s
+    # fill and drain, the drain in its order: the last post-processing, then the last write
+    assert 0 < times.first_infer_s and 0 < times.after_infer_s < times.wall_s
+    d = times.drain_parts_s
+    assert 0 <= d["post_end"] <= d["write_start"] <= d["write_end"] <= times.after_infer_s
     records = [json.loads(x) for x in store.path.read_text().splitlines()[1:]]
     assert sorted(r["image_id"] for r in records) == split.image_ids
     first = records[0]
