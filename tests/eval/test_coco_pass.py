@@ -281,6 +281,26 @@ def test_processes_fall_back_where_shared_memory_cannot_take_a_batch(synth_val, 
         assert seen[name] == seen["threads"] and len(seen[name]) == 11
 
 
+def test_processes_read_a_keep_ratio_models_batches_of_varied_shapes(synth_val, tmp_path):
+    """The two-stage fixture keeps each image's aspect (inputs of varied shapes, padded per
+    batch): its first batch cannot be stacked in place image by image, and every batch must
+    come back as threads stack it."""
+    from harness.models.config import read_config_file
+    from harness.models.zoo import TWO_STAGE_FIXTURE_CONFIG
+
+    spec = preprocess_spec_from_config(read_config_file(TWO_STAGE_FIXTURE_CONFIG))
+    split = open_split(synth_val)
+    shapes, stores = {}, {}
+    for processes in (False, True):
+        stages = Stages()
+        stores[processes] = store_for(tmp_path, f"keep_ratio_{processes}")
+        run_pass(split.images, 4, spec, stages.infer, stages.post, CATEGORY_IDS,
+                 stores[processes], progress=False, workers=2, processes=processes)
+        shapes[processes] = stages.shapes
+    assert shapes[True] == shapes[False] and len(set(shapes[True])) > 1
+    assert stores[True].detections() == stores[False].detections()
+
+
 def test_slots_left_by_a_killed_run_are_removed_by_the_next(tmp_path):
     import subprocess
     import sys
