@@ -85,12 +85,13 @@ class _Prepared:
 
 
 @dataclass
-class _Parts:
-    """A batch read image by image into one slot: a job per image, in batch order."""
+class _Reading:
+    """A batch being read: one job, or (into a slot, image by image) a job per image in
+    batch order; `slot` None where it is read in a thread."""
 
     jobs: list[Future]
     chunk: list[Any]
-    slot: int
+    slot: Optional[int] = None
 
 
 @dataclass
@@ -280,38 +281,29 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     errors: list[BaseException] = []
     marks = {"post_end": 0.0, "write_start": 0.0, "write_end": 0.0}  # clocks, for the drain
 
-    def submit_read(chunk: list[Any], by_image: bool = False) -> Any:
-        """The job reading `chunk`, or (by_image, in processes) one job per image, each
-        writing into its place of the batch's slot: the pass's first batches, which
-        inference waits for with nothing to do (a batch of 4 read by one process: 12 ms)."""
+    def submit_read(chunk: list[Any], by_image: bool = False) -> Optional[_Reading]:
+        """The reading of `chunk`: by one job, or (by_image, in processes) by one job per
+        image, each writing into its place of the batch's slot: the pass's first batches,
+        which inference waits for with nothing to do (a batch of 4 read by one process:
+        12 ms)."""
         if slots is None:
-            return readers.submit(prepare_batch, chunk, spec)
+            return _Reading([readers.submit(prepare_batch, chunk, spec)], chunk)
         slot = _get(free_slots, stop)  # a slot comes back as each batch is inferred
         if slot is None:
             return None
-        if by_image and len(chunk) > 1:
-            jobs = [readers.submit(pp.prepare_into, [im], spec, slots.path, slot,
-                                   slots.capacity, i) for i, im in enumerate(chunk)]
-            return _Parts(jobs, chunk, slot)
-        job = readers.submit(pp.prepare_into, chunk, spec, slots.path, slot, slots.capacity)
-        job.slot = slot  # type: ignore[attr-defined]
-        return job
+        images = [[im] for im in chunk] if by_image and len(chunk) > 1 else [chunk]
+        return _Reading([readers.submit(pp.prepare_into, part, spec, slots.path, slot,
+                                        slots.capacity, i) for i, part in enumerate(images)],
+                        chunk, slot)
 
-    def received(job: Any) -> _Prepared:
-        if isinstance(job, _Parts):
-            joined = pp.join_parts([part.result() for part in job.jobs])
-            if joined is not None:
-                joined.slot = job.slot
-                joined.inputs = slots.view(joined.slot, joined.slot_shape)
-                return joined
-            # the images did not stack in place: the batch read whole, into the same slot
-            slot = job.slot
-            job = readers.submit(pp.prepare_into, job.chunk, spec, slots.path, slot,
-                                 slots.capacity)
-            job.slot = slot  # type: ignore[attr-defined]
-        prepared = job.result()
-        if slots is not None:
-            prepared.slot = job.slot  # type: ignore[attr-defined]
+    def received(reading: _Reading) -> _Prepared:
+        parts = [job.result() for job in reading.jobs]
+        prepared = parts[0] if len(parts) == 1 else pp.join_parts(parts)
+        if prepared is None:  # the images did not stack in place: read whole, same slot
+            prepared = readers.submit(pp.prepare_into, reading.chunk, spec, slots.path,
+                                      reading.slot, slots.capacity).result()
+        if reading.slot is not None:
+            prepared.slot = reading.slot
             if prepared.slot_shape is not None:
                 prepared.inputs = slots.view(prepared.slot, prepared.slot_shape)
             else:  # nothing readable, or too large for a slot: came through the pipe
@@ -330,7 +322,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
 
     def read_ahead() -> None:
         # batches prepared in parallel, handed on in order; at most n_workers in flight
-        pending: "collections.deque[Any]" = collections.deque()
+        pending: "collections.deque[_Reading]" = collections.deque()
         chunks = iter(todo)
         by_image = n_workers  # the first images, one job each: the pass starts on them
         try:
