@@ -40,6 +40,9 @@ def parse() -> argparse.Namespace:
                    help="post-processing paths to time (harness.eval.coco_post)")
     p.add_argument("--workers", type=int, default=None,
                    help="threads per pool of the pass (default: coco_pass.default_workers())")
+    p.add_argument("--timeline", type=int, default=0, metavar="N",
+                   help="after each line, the fastest pass's first and last N batches: when "
+                        "each was read, handed over, inferred, post-processed and written")
     return p.parse_args()
 
 
@@ -92,13 +95,17 @@ def bench(args: argparse.Namespace, work: Path) -> None:
             print(f"{config.key:<24} {target.reason}")
             continue
         for path in args.post:
-            print(compare_modes(config, target, model, split, cat_ids, work,
-                                args.repeats, path, args.workers))
+            line, best = compare_modes(config, target, model, split, cat_ids, work,
+                                       args.repeats, path, args.workers, args.timeline > 0)
+            print(line)
+            if args.timeline:
+                print(timeline_table(best.timeline, args.timeline))
 
 
 def compare_modes(config, target, model, split, cat_ids, work: Path, repeats: int,
-                  post_path: str, workers) -> str:
-    """One table line: serial, isolated-inference and pipelined timings of `config`."""
+                  post_path: str, workers, timeline: bool = False):
+    """(One table line: serial, isolated-inference and pipelined timings of `config`, the
+    fastest pass's PassTimes)."""
     backend, sync = target.backend, target.sync
     from harness.eval.coco_pass import coco_entries, plan_batches, prepare_batch, run_pass
     from harness.eval.coco_post import make_post
@@ -137,7 +144,7 @@ def compare_modes(config, target, model, split, cat_ids, work: Path, repeats: in
         store = RunStore(work / name, {}).open()
         times = run_pass(split.images, config.batch, model.preprocess, backend.infer, post,
                          cat_ids, store, progress=False, workers=workers, sync=sync,
-                         processes=str(config.device).startswith("cuda"))
+                         processes=str(config.device).startswith("cuda"), timeline=timeline)
         return times, store
 
     iso = min(isolated() for _ in range(repeats))
@@ -151,7 +158,24 @@ def compare_modes(config, target, model, split, cat_ids, work: Path, repeats: in
             f"{best.infer_s:>12.2f}s {best.overhead_ratio:>10.3f} {iso:>13.2f}s "
             f"{best.wall_s / iso:>13.3f} {ap:>7.4f} {best.wait_read_s:>10.3f}s "
             f"{best.wait_post_s:>10.3f}s {best.first_infer_s:>6.3f}s {best.after_infer_s:>6.3f}s  "
-            + " / ".join(f"{1e3 * v:.1f}" for v in best.drain_parts_s.values()) + " ms")
+            + " / ".join(f"{1e3 * v:.1f}" for v in best.drain_parts_s.values()) + " ms"), best
+
+
+STAGES = ("read", "handed", "infer", "post", "write")
+
+
+def timeline_table(timeline: dict, n: int) -> str:
+    """The first and last `n` batches of a pass: each stage's start-end in ms from the
+    pass's start ("handed": from the read's submission to its hand-over to inference)."""
+    keys = sorted(timeline)
+    shown = keys if len(keys) <= 2 * n else keys[:n] + keys[-n:]
+    rows = [f"  {'batch':>5} " + " ".join(f"{s:>15}" for s in STAGES)]
+    for k in shown:
+        spans = timeline[k]
+        rows.append(f"  {k:>5} " + " ".join(
+            f"{1e3 * spans[s][0]:>7.1f}-{1e3 * spans[s][1]:<7.1f}" if s in spans else
+            f"{'':>15}" for s in STAGES))
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

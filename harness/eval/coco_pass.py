@@ -40,6 +40,10 @@ POST_GROUP_IMAGES = 16
 SWITCH_INTERVAL_S = 0.0002
 POLL_S = 0.1
 WAKE_S = 0.002  # the writer's wait for a new batch while others are being post-processed
+# at the pass's end (nothing more to come from inference) batches of at most this many images
+# are encoded in the writer thread: 4 images take it 2.2 ms on the H200, a round trip through
+# the encoders' pool ~6 ms
+LOCAL_ENCODE_IMAGES = 4
 BOX_DECIMALS = 3  # stored boxes: 0.001 px
 SCORE_DECIMALS = 7
 
@@ -66,6 +70,10 @@ class PassTimes:
     # the drain in its parts, from the last inference: to the end of the last
     # post-processing call, to the start of the last write, to its end
     drain_parts_s: dict[str, float] = field(default_factory=dict)
+    # run_pass(timeline=True): per batch (in pass order) its stages' (start, end) in seconds
+    # from the pass's start — "read" (in its worker), "handed" (read submitted → handed to
+    # inference), "infer", "post", "write" — where the fill, ramp and drain go
+    timeline: dict[int, dict[str, tuple[float, float]]] = field(default_factory=dict)
 
     @property
     def overhead_ratio(self) -> float:
@@ -82,6 +90,8 @@ class _Prepared:
     seconds: float = 0.0
     slot: Optional[int] = None  # read in a process: the InputSlots slot it was given
     slot_shape: Optional[tuple[int, ...]] = None  # the inputs' shape, where they are there
+    read_at: float = 0.0  # perf_counter at its reading's start (the same clock in every process)
+    index: int = -1  # its place in the pass (timeline)
 
 
 @dataclass
@@ -92,6 +102,8 @@ class _Reading:
     jobs: list[Future]
     chunk: list[Any]
     slot: Optional[int] = None
+    submitted: float = 0.0
+    index: int = -1
 
 
 @dataclass
@@ -125,6 +137,7 @@ def prepare_batch(chunk: Sequence[Any], spec: Any) -> _Prepared:
     if arrays:
         out.inputs = stack_inputs(arrays, spec)
     out.seconds = time.perf_counter() - started
+    out.read_at = started
     return out
 
 
@@ -225,7 +238,8 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
              warn: Optional[Callable[[str], None]] = None,
              post_reference: Optional[Callable[[Any, Sequence[Any], np.ndarray], list]] = None,
              shard: tuple[int, int] = (0, 1), workers: Optional[int] = None,
-             processes: bool = False, post_group: int = POST_GROUP_IMAGES) -> PassTimes:
+             processes: bool = False, post_group: int = POST_GROUP_IMAGES,
+             timeline: bool = False) -> PassTimes:
     """Run every batch of `images` (SplitImage) not yet in `store` (RunStore).
 
     infer(inputs (B,3,H,W) float32, metas) → outputs; post(outputs, metas) → per image
@@ -244,6 +258,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     (harness.eval.pass_processes), which the GIL does not bind; worth it where the backend is
     fast enough to wait for the host (GPU).
     post_group: images gathered per post-processing call (1: every batch on its own).
+    timeline: record each batch's stages in times.timeline (benchmarks).
     """
     from tqdm import tqdm
 
@@ -259,7 +274,8 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
         encoders = pp.process_pool(n_encoders, "encode")
         pp.warm(readers, n_workers)
         pp.warm(encoders, n_encoders)
-        slots = pp.InputSlots(n_workers + QUEUE_DEPTH + 3, pp.slot_capacity(batch_size, spec))
+        slots = pp.input_slots(n_workers + QUEUE_DEPTH + 3, pp.slot_capacity(batch_size, spec),
+                               readers, n_workers)
         free_slots = queue.Queue()
         for k in range(slots.count):
             free_slots.put(k)
@@ -281,23 +297,30 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     errors: list[BaseException] = []
     marks = {"post_end": 0.0, "write_start": 0.0, "write_end": 0.0}  # clocks, for the drain
 
+    def mark(prepared: _Prepared, stage: str, start: float, end: float) -> None:
+        if timeline:
+            times.timeline.setdefault(prepared.index, {})[stage] = (start - started,
+                                                                    end - started)
+
     def submit_read(chunk: list[Any], by_image: bool = False) -> Optional[_Reading]:
         """The reading of `chunk`: by one job, or (by_image, in processes) by one job per
         image, each writing into its place of the batch's slot: the pass's first batches,
         which inference waits for with nothing to do (a batch of 4 read by one process:
         12 ms)."""
         if slots is None:
-            return _Reading([readers.submit(prepare_batch, chunk, spec)], chunk)
+            return _Reading([readers.submit(prepare_batch, chunk, spec)], chunk,
+                            submitted=clock())
         slot = _get(free_slots, stop)  # a slot comes back as each batch is inferred
         if slot is None:
             return None
         images = [[im] for im in chunk] if by_image and len(chunk) > 1 else [chunk]
         return _Reading([readers.submit(pp.prepare_into, part, spec, slots.path, slot,
                                         slots.capacity, i) for i, part in enumerate(images)],
-                        chunk, slot)
+                        chunk, slot, clock())
 
     def received(reading: _Reading) -> _Prepared:
         parts = [job.result() for job in reading.jobs]
+        read_span = (min(p.read_at for p in parts), max(p.read_at + p.seconds for p in parts))
         prepared = parts[0] if len(parts) == 1 else pp.join_parts(parts)
         if prepared is None:  # the images did not stack in place: read whole, same slot
             prepared = readers.submit(pp.prepare_into, reading.chunk, spec, slots.path,
@@ -308,6 +331,9 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
                 prepared.inputs = slots.view(prepared.slot, prepared.slot_shape)
             else:  # nothing readable, or too large for a slot: came through the pipe
                 release(prepared)
+        prepared.index = reading.index
+        mark(prepared, "read", *read_span)
+        mark(prepared, "handed", reading.submitted, clock())
         return prepared
 
     def release(prepared: _Prepared) -> None:
@@ -325,6 +351,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
         pending: "collections.deque[_Reading]" = collections.deque()
         chunks = iter(todo)
         by_image = n_workers  # the first images, one job each: the pass starts on them
+        index = 0
         try:
             while True:
                 while len(pending) < n_workers and not stop.is_set():
@@ -335,6 +362,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
                     by_image -= len(chunk)
                     if job is None:
                         return
+                    job.index, index = index, index + 1
                     pending.append(job)
                 if not pending or stop.is_set():
                     break
@@ -358,21 +386,26 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
                 at += len(prepared.metas)
         else:
             per_batch = [post(outputs, prepared.metas) for prepared, outputs in group]
-        share = (clock() - t0) / sum(len(prepared.metas) for prepared, _ in group)
+        end = clock()
+        share = (end - t0) / sum(len(prepared.metas) for prepared, _ in group)
         out = []
         for (prepared, outputs), dets in zip(group, per_batch):
+            mark(prepared, "post", t0, end)
             refs = None if post_reference is None else \
                 post_reference(outputs, prepared.metas, prepared.inputs)
             out.append((dets, refs, share * len(prepared.metas)))
         marks["post_end"] = max(marks["post_end"], clock())
         return out
 
-    def encode(done: list[tuple[_Prepared, float, Optional[tuple]]]) -> list[tuple]:
+    def encode(done: list[tuple[_Prepared, float, Optional[tuple]]],
+               last: bool = False) -> list[tuple]:
         """Per batch of `done` ((prepared, infer seconds, its post result or None): batches
         whose post-processing ended together, in order): (lines of its unreadable images,
         its detection lines — or (one job encoding them all in a process, index) —, post
-        seconds)."""
+        seconds). last: nothing more comes from inference (a few images are encoded here)."""
         out, jobs = [], []
+        here = encoders is None or (last and sum(len(p.images) for p, _, _ in done) <=
+                                    LOCAL_ENCODE_IMAGES)
         for prepared, infer_s, result in done:
             first = []
             for im, reason in prepared.unreadable:
@@ -388,7 +421,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
             ms = {"preprocess": prepared.seconds / n * 1e3, "infer": infer_s / n * 1e3,
                   "post": post_s / n * 1e3}
             ms = {k: round(v, 4) for k, v in ms.items()}
-            if encoders is not None and refs is None:
+            if not here and refs is None:
                 jobs.append(([(im.image_id, im.file_name) for im in prepared.images],
                              pp.detections_payload(dets), ms))
                 out.append((first, len(jobs) - 1, post_s))
@@ -474,6 +507,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
             marks["write_end"] = clock()
             share = (clock() - t0) / len(batches)
             for prepared, post_s in batches:
+                mark(prepared, "write", marks["write_start"], marks["write_end"])
                 times.post_s += share + post_s
                 times.preprocess_s += prepared.seconds
                 times.images += len(prepared.images)
@@ -508,7 +542,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
                         done.append((prepared, infer_s, None if job is None else
                                      job.result()[k]))
                     t0 = clock()
-                    encoded = encode(done)
+                    encoded = encode(done, last=not to_come)
                     share = (clock() - t0) / len(done)
                     for (prepared, _, _), (first, lines, post_s) in zip(done, encoded):
                         writing.append((prepared, first, lines, post_s + share))
@@ -538,7 +572,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     sys.setswitchinterval(min(switch, SWITCH_INTERVAL_S))
     reader.start()
     writer.start()
-    last_infer = 0.0
+    last_infer, clean = 0.0, False
     try:
         while not errors:
             t0 = clock()
@@ -560,6 +594,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
                     sync()
                 last_infer = clock()
                 infer_s = last_infer - t0
+                mark(item, "infer", t0, last_infer)
                 times.infer_s += infer_s
                 release(item)
             t0 = clock()
@@ -570,6 +605,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
         writer.join()
         if errors:
             raise errors[0]
+        clean = True
     finally:
         # Interrupted or failed: stop reading ahead, let the writer finish the batch it holds
         # (so the file ends on a whole line), and leave.
@@ -578,8 +614,8 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
         reader.join(timeout=5)
         if not processes:
             readers.shutdown(wait=False, cancel_futures=True)
-        if slots is not None:
-            slots.close()
+        if slots is not None and not clean:  # kept for the next pass unless a reader may
+            pp.drop_slots()                   # still be writing into them
         posters.shutdown(wait=False, cancel_futures=True)
         sys.setswitchinterval(switch)
         bar.close()

@@ -227,11 +227,7 @@ class MmyoloModel:
         objectnesses = raw.get("objectnesses")
         num_imgs = cls_scores[0].shape[0]
         featmap_sizes = [c.shape[2:] for c in cls_scores]
-        priors = torch.cat(head.prior_generator.grid_priors(
-            featmap_sizes, dtype=cls_scores[0].dtype, device=cls_scores[0].device))
-        strides = torch.cat([
-            priors.new_full((size.numel() * head.num_base_priors,), stride)
-            for size, stride in zip(featmap_sizes, head.featmap_strides)])
+        priors, strides = self._priors(featmap_sizes, cls_scores[0].dtype, cls_scores[0].device)
         scores = torch.cat([c.permute(0, 2, 3, 1).reshape(num_imgs, -1, head.num_classes)
                             for c in cls_scores], dim=1).sigmoid()
         deltas = torch.cat([b.permute(0, 2, 3, 1).reshape(num_imgs, -1, 4)
@@ -242,6 +238,26 @@ class MmyoloModel:
             objectness = torch.cat([o.permute(0, 2, 3, 1).reshape(num_imgs, -1)
                                     for o in objectnesses], dim=1).sigmoid()
         return boxes, scores, objectness
+
+    def _priors(self, featmap_sizes: Sequence[Any], dtype: Any, device: Any) -> tuple[Any, Any]:
+        """(priors, strides) of the head for these feature map sizes, made once per sizes,
+        dtype and device (a fast post-processing call would otherwise spend ~20 of its device
+        ops on them every batch); computed anew while tracing (an export), where they
+        follow the graph's shapes."""
+        import torch
+
+        head = self.module.bbox_head
+        tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        key = (tuple(tuple(int(v) for v in size) for size in featmap_sizes), dtype, str(device))
+        cache = {} if tracing else self.__dict__.setdefault("_priors_cache", {})
+        if key not in cache:
+            priors = torch.cat(head.prior_generator.grid_priors(featmap_sizes, dtype=dtype,
+                                                                device=device))
+            strides = torch.cat([
+                priors.new_full((size.numel() * head.num_base_priors,), stride)
+                for size, stride in zip(featmap_sizes, head.featmap_strides)])
+            cache[key] = (priors, strides)
+        return cache[key]
 
     # -- ModelSource: numpy side ---------------------------------------------------------
 

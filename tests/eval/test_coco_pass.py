@@ -247,7 +247,8 @@ def test_processes_fall_back_where_shared_memory_cannot_take_a_batch(synth_val, 
                                                                      tmp_path, monkeypatch):
     """The first batch is read image by image into its slot; an unreadable image in it
     makes it read whole; a batch larger than a slot comes through the pipe; the slots'
-    file is gone after the pass; a ΔAP split's reference still sees each batch's inputs."""
+    file is kept for the next pass and gone once dropped; a ΔAP split's reference still sees
+    each batch's inputs."""
     import glob
 
     from harness.eval import pass_processes
@@ -274,11 +275,42 @@ def test_processes_fall_back_where_shared_memory_cannot_take_a_batch(synth_val, 
                  stores[name], progress=False, workers=2, processes=name != "threads",
                  warn=lambda m: None, post_reference=reference,
                  post_group=1)
+    kept = set(glob.glob("/dev/shm/harness-inputs-*")) - before
+    assert [Path(k).name.split("-")[2] for k in kept] in ([], [str(os.getpid())])
+    pass_processes.drop_slots()
     assert set(glob.glob("/dev/shm/harness-inputs-*")) <= before  # none left (orphans go)
     for name in ("slots", "pipe"):
         assert stores[name].detections() == stores["threads"].detections()
         assert stores[name].unreadable() == stores["threads"].unreadable() != {}
         assert seen[name] == seen["threads"] and len(seen[name]) == 11
+
+
+def test_slots_are_kept_between_clean_passes_and_dropped_after_a_failed_one(synth_val, spec,
+                                                                           tmp_path):
+    """A second pass reuses the first's slots (allocated and mapped before the pass); a
+    pass that fails drops them (a reader may still be writing); the timeline has every
+    batch's stages in their order."""
+    from harness.eval import pass_processes
+
+    split = open_split(synth_val)
+    paths = []
+    for k in range(2):
+        times = run_pass(split.images, 4, spec, Stages().infer, Stages().post, CATEGORY_IDS,
+                         store_for(tmp_path, f"kept{k}"), progress=False, workers=2,
+                         processes=True, timeline=True)
+        paths.append(pass_processes._SLOTS["current"].path)
+        assert Path(paths[-1]).exists()
+        assert sorted(times.timeline) == [0, 1, 2]
+        for spans in times.timeline.values():
+            assert set(spans) == {"read", "handed", "infer", "post", "write"}
+            assert spans["read"][1] <= spans["handed"][1] <= spans["infer"][0] \
+                <= spans["infer"][1] <= spans["post"][0] <= spans["post"][1] \
+                <= spans["write"][0] <= spans["write"][1] <= times.wall_s
+    assert paths[0] == paths[1]
+    with pytest.raises(UserError):
+        run_pass(split.images, 4, spec, Stages(fail_at=2).infer, Stages().post, CATEGORY_IDS,
+                 store_for(tmp_path, "failed"), progress=False, workers=2, processes=True)
+    assert "current" not in pass_processes._SLOTS and not Path(paths[0]).exists()
 
 
 def test_processes_read_a_keep_ratio_models_batches_of_varied_shapes(synth_val, tmp_path):
@@ -320,6 +352,23 @@ def test_slots_left_by_a_killed_run_are_removed_by_the_next(tmp_path):
     assert Path(slots.path).name.startswith(f"{SLOTS_PREFIX}{os.getpid()}-")
     slots.close()
     assert not Path(slots.path).exists()
+
+
+def test_slots_without_room_say_so_and_leave_no_file(tmp_path, monkeypatch):
+    import errno
+    import glob
+
+    from harness.eval import pass_processes
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    before = set(glob.glob("/dev/shm/harness-inputs-*") + glob.glob("/tmp/harness-inputs-*"))
+    monkeypatch.setattr(pass_processes.os, "posix_fallocate", full)
+    with pytest.raises(UserError, match="no room for .* MiB of input slots .*TMPDIR"):
+        pass_processes.InputSlots(2, 1 << 20)
+    after = set(glob.glob("/dev/shm/harness-inputs-*") + glob.glob("/tmp/harness-inputs-*"))
+    assert after <= before
 
 
 def test_join_parts_takes_only_images_that_stack_in_place():
