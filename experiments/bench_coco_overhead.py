@@ -40,6 +40,9 @@ def parse() -> argparse.Namespace:
                    help="post-processing paths to time (harness.eval.coco_post)")
     p.add_argument("--workers", type=int, default=None,
                    help="threads per pool of the pass (default: coco_pass.default_workers())")
+    p.add_argument("--fill-rounds", type=int, nargs="+", default=None,
+                   help="passes reading the first R x workers images one job each, for each R "
+                        "given (default: coco_pass.FILL_ROUNDS)")
     p.add_argument("--timeline", type=int, default=0, metavar="N",
                    help="after each line, the fastest pass's first and last N batches: when "
                         "each was read, handed over, inferred, post-processed and written")
@@ -82,6 +85,7 @@ def bench(args: argparse.Namespace, work: Path) -> None:
     info = machine_info()
     print(f"{len(split.images)} images of {split.images_dir}; {info['cpu']}, "
           f"{info['usable_cores']} usable cores, {info['threads']} torch threads")
+    from harness.eval import coco_pass
     from harness.eval.coco_pass import default_workers
 
     print(f"{args.workers or default_workers()} threads per pool")
@@ -94,7 +98,10 @@ def bench(args: argparse.Namespace, work: Path) -> None:
         if not target.available:
             print(f"{config.key:<24} {target.reason}")
             continue
-        for path in args.post:
+        for path, rounds in [(p, r) for p in args.post for r in args.fill_rounds or [None]]:
+            if rounds is not None:
+                coco_pass.FILL_ROUNDS = rounds
+                print(f"fill rounds {rounds}:")
             line, best = compare_modes(config, target, model, split, cat_ids, work,
                                        args.repeats, path, args.workers, args.timeline > 0)
             print(line)

@@ -30,6 +30,10 @@ import numpy as np
 from harness.errors import UserError
 
 QUEUE_DEPTH = 2  # batches prepared ahead / waiting for post-processing, beyond the workers
+# reading in processes, the pass's first FILL_ROUNDS * workers images are read one job each
+# (the batches after them one job per batch: a job costs the submitting thread ~0.2 ms), so
+# the first batches come as soon as one image is read, not four
+FILL_ROUNDS = 1
 MAX_WORKERS = 8  # per pool, by default: enough for the H200 at batch 4 (bench_coco_overhead)
 # post-processing runs on groups of at least this many images (several inference batches
 # concatenated), so its fixed per-call cost — ~150 device ops on the fast path — is shared
@@ -350,7 +354,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
         # batches prepared in parallel, handed on in order; at most n_workers in flight
         pending: "collections.deque[_Reading]" = collections.deque()
         chunks = iter(todo)
-        by_image = n_workers  # the first images, one job each: the pass starts on them
+        by_image = FILL_ROUNDS * n_workers  # the first images, one job each
         index = 0
         try:
             while True:

@@ -77,8 +77,10 @@ def fast_detections(model: Any, outputs: Any, metas: Sequence[Any], device: str,
             obj = outputs.get("objectness")
             obj = None if obj is None else on_device(obj)
         else:
-            raw = {kind: [on_device(m) for m in maps]
-                   for kind, maps in grouped_head_maps(outputs).items()}
+            grouped = grouped_head_maps(outputs)
+            on_host = not any(m.is_cuda for maps in grouped.values() for m in maps)
+            raw = packed_to(grouped, device) if on_host and str(device).startswith("cuda") \
+                else {kind: [on_device(m) for m in maps] for kind, maps in grouped.items()}
             boxes, scores, obj = model.decode_torch(raw)
         results = fast_mmyolo_nms(boxes, scores, obj, metas, **asdict(model.nms),
                                   budget_bytes=budget_bytes or MATRIX_BUDGET_BYTES)
@@ -90,6 +92,23 @@ def fast_detections(model: Any, outputs: Any, metas: Sequence[Any], device: str,
             for i, r in zip(missing, model.detections(decoded, [metas[i] for i in missing])):
                 results[i] = r
     return results
+
+
+def packed_to(grouped: dict[str, list[Any]], device: str) -> dict[str, list[Any]]:
+    """{kind: [maps]} as float32 on `device` in one copy: host maps (a file's outputs) go
+    to a GPU in one copy instead of one per map (each a synchronous copy from pageable
+    memory), packed into one buffer and split again there."""
+    import torch
+
+    maps = [m for kind in grouped.values() for m in kind]
+    flat = torch.cat([m.reshape(-1).to(torch.float32) for m in maps]).to(device)
+    out, at = {}, 0
+    for kind, kind_maps in grouped.items():
+        out[kind] = []
+        for m in kind_maps:
+            out[kind].append(flat[at:at + m.numel()].view(m.shape))
+            at += m.numel()
+    return out
 
 
 def _own_stream(device: str) -> Any:

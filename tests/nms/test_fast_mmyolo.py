@@ -138,8 +138,8 @@ def test_an_image_over_the_memory_budget_is_left_to_the_reference():
 
 def test_fixture_outputs_through_both_paths_are_equal(tmp_path_factory):
     from harness.eval.coco_pass import plan_batches, prepare_batch
-    from harness.eval.coco_post import fast_detections, make_post
-    from harness.models.mmyolo import flat_head_outputs, load_mmyolo_model
+    from harness.eval.coco_post import fast_detections, make_post, packed_to
+    from harness.models.mmyolo import flat_head_outputs, grouped_head_maps, load_mmyolo_model
     from harness.models.zoo import FIXTURE_CHECKPOINT, FIXTURE_CONFIG
     from tests.conftest import synth_val_images
 
@@ -167,6 +167,12 @@ def test_fixture_outputs_through_both_paths_are_equal(tmp_path_factory):
         raw = flat_head_outputs(model.raw_outputs(torch.from_numpy(p.inputs)))
         outputs = {k: v.numpy() for k, v in raw.items()}
         assert fast.can_join(outputs)
+        # host maps go to a GPU packed in one copy: split again, each map as it was
+        grouped = grouped_head_maps(outputs)
+        packed = packed_to(grouped, "cpu")
+        assert [len(v) for v in packed.values()] == [len(v) for v in grouped.values()] == [3] * 3
+        assert all(torch.equal(a, b) for kind in grouped
+                   for a, b in zip(grouped[kind], packed[kind]))
         refs = reference(outputs, p.metas)
         for r, f in zip(refs, fast(outputs, p.metas)):
             assert_same(r, f, "fixture")
