@@ -5,7 +5,8 @@ drain waits for after its last inference.
 For each batch size it feeds the fixture's own head outputs (host arrays, as a file's
 session returns them) and prints the median milliseconds per call, per image, the device
 ops (aten calls) and host-device synchronisations of one call, and the median again with
-`--busy` threads taking the GIL in turns (as reading and writing threads do in a pass).
+`--busy` threads running pure Python at the pass's GIL switch interval (a worst case: a
+pass's reading and writing threads mostly wait).
 
     python experiments/bench_fast_post.py --device cuda --batches 1 4 8 16
 """

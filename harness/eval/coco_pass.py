@@ -32,8 +32,9 @@ from harness.errors import UserError
 QUEUE_DEPTH = 2  # batches prepared ahead / waiting for post-processing, beyond the workers
 # reading in processes, the pass's first FILL_ROUNDS * workers images are read one job each
 # (the batches after them one job per batch: a job costs the submitting thread ~0.2 ms), so
-# the first batches come as soon as one image is read, not four
-FILL_ROUNDS = 1
+# the first batches come as soon as one image is read, not four (H200, onnxruntime batch 4:
+# two rounds 1.17, one 1.22 wall / inference)
+FILL_ROUNDS = 2
 MAX_WORKERS = 8  # per pool, by default: enough for the H200 at batch 4 (bench_coco_overhead)
 # post-processing runs on groups of at least this many images (several inference batches
 # concatenated), so its fixed per-call cost — ~150 device ops on the fast path — is shared
@@ -299,7 +300,9 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     ready: "queue.Queue[Any]" = queue.Queue(maxsize=QUEUE_DEPTH)
     inferred: "queue.Queue[Any]" = queue.Queue(maxsize=QUEUE_DEPTH)
     errors: list[BaseException] = []
-    marks = {"post_end": 0.0, "write_start": 0.0, "write_end": 0.0}  # clocks, for the drain
+    # clocks, for the drain; and each post-processing call's seconds
+    marks: dict[str, Any] = {"post_end": 0.0, "write_start": 0.0, "write_end": 0.0,
+                             "post_calls": []}
 
     def mark(prepared: _Prepared, stage: str, start: float, end: float) -> None:
         if timeline:
@@ -399,6 +402,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
                 post_reference(outputs, prepared.metas, prepared.inputs)
             out.append((dets, refs, share * len(prepared.metas)))
         marks["post_end"] = max(marks["post_end"], clock())
+        marks["post_calls"].append(end - t0)
         return out
 
     def encode(done: list[tuple[_Prepared, float, Optional[tuple]]],
@@ -464,6 +468,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
         gathering: list[tuple[Any, Any, float]] = []
         finished = False
         to_come = sum(len(b) for b in todo)  # images not yet taken from inference
+        taken = 0  # images taken (inferred)
 
         def submit() -> None:
             if not gathering:
@@ -474,9 +479,10 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
             gathering.clear()
 
         def take(item: Any) -> None:
-            nonlocal to_come
+            nonlocal to_come, taken
             prepared, outputs, infer_s = item
             to_come -= len(prepared.images) + len(prepared.unreadable)
+            taken += len(prepared.images)
             if outputs is None:  # nothing readable in the batch: nothing to post-process
                 submit()
                 pending.append((prepared, infer_s, None, 0))
@@ -487,11 +493,18 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
 
         def last_stretch_idle() -> bool:
             """In the last stretch (fewer images to come than a group) what has gathered
-            goes as soon as no group is running: a group waiting to fill there waits for the
-            end of inference, and the pass with it; one call per batch would queue up behind
-            each other (the fast path's cost is per call, not per image)."""
-            return bool(gathering) and to_come < post_group and \
-                all(job is None or job.done() for _, _, job, _ in pending)
+            goes as soon as no group is running — a group waiting to fill there waits for
+            the end of inference, and the pass with it; one call per batch would queue up
+            behind each other (the fast path's cost is per call, not per image) — if it can
+            be done before inference is: a call still running then slows the last one
+            (they share the interpreter), which the pass waits for."""
+            if not gathering or to_come >= post_group or \
+                    any(job is not None and not job.done() for _, _, job, _ in pending):
+                return False
+            calls = marks["post_calls"]
+            if not calls or not taken:
+                return True
+            return to_come * times.infer_s / taken > sum(calls) / len(calls)
 
         def write_ready() -> None:
             """Write every batch at the front of `writing` whose lines are there, in one

@@ -79,7 +79,7 @@ def fast_detections(model: Any, outputs: Any, metas: Sequence[Any], device: str,
         else:
             grouped = grouped_head_maps(outputs)
             on_host = not any(m.is_cuda for maps in grouped.values() for m in maps)
-            raw = packed_to(grouped, device) if on_host and str(device).startswith("cuda") \
+            raw = packed_to(grouped, device) if on_host \
                 else {kind: [on_device(m) for m in maps] for kind, maps in grouped.items()}
             boxes, scores, obj = model.decode_torch(raw)
         results = fast_mmyolo_nms(boxes, scores, obj, metas, **asdict(model.nms),
@@ -102,13 +102,9 @@ def packed_to(grouped: dict[str, list[Any]], device: str) -> dict[str, list[Any]
 
     maps = [m for kind in grouped.values() for m in kind]
     flat = torch.cat([m.reshape(-1).to(torch.float32) for m in maps]).to(device)
-    out, at = {}, 0
-    for kind, kind_maps in grouped.items():
-        out[kind] = []
-        for m in kind_maps:
-            out[kind].append(flat[at:at + m.numel()].view(m.shape))
-            at += m.numel()
-    return out
+    parts = iter(torch.split(flat, [m.numel() for m in maps]))
+    return {kind: [next(parts).view(m.shape) for m in kind_maps]
+            for kind, kind_maps in grouped.items()}
 
 
 def _own_stream(device: str) -> Any:

@@ -42,7 +42,9 @@ def fast_mmyolo_nms(boxes: Any, scores: Any, objectness: Optional[Any], metas: S
 
     b, n, c = scores.shape
     dev = scores.device
-    thr = torch.tensor(score_thr, dtype=torch.float32, device=dev)
+    # scalars made on the device (torch.full: a fill, where torch.tensor would copy from the
+    # host and wait for it), rounded to float32 as torch.tensor rounds them
+    thr = torch.full((), score_thr, dtype=torch.float32, device=dev)
     multi_label = bool(multi_label) and c > 1
     if objectness is not None:
         alive = objectness > thr if (score_thr > 0 and not yolox_style) else \
@@ -77,7 +79,7 @@ def fast_mmyolo_nms(boxes: Any, scores: Any, objectness: Optional[Any], metas: S
     pad, scale, wh = per_image[:, None, 0:4], per_image[:, None, 4:8], per_image[:, 8:10]
     xyxy = (torch.gather(boxes, 1, cand_box[..., None].expand(b, k, 4)) - pad) / scale
     if min_bbox_size >= 0:
-        m = torch.tensor(min_bbox_size, dtype=torch.float32, device=dev)
+        m = torch.full((), min_bbox_size, dtype=torch.float32, device=dev)
         in_top &= ((xyxy[..., 2] - xyxy[..., 0]) > m) & ((xyxy[..., 3] - xyxy[..., 1]) > m)
     # one transfer: per image the candidates a matrix must span and how many there are
     widths, sizes = torch.stack([_widths(in_top), in_top.sum(dim=1)]).tolist()
@@ -174,7 +176,7 @@ def _suppress(xyxy: Any, labels: Any, valid: Any, iou_threshold: float,
     del dw, dh
     iou = inter / (areas[:, :, None] + areas[:, None, :] - inter)
     del inter
-    hit = iou > torch.tensor(iou_threshold, dtype=torch.float32, device=dev)
+    hit = iou > torch.full((), iou_threshold, dtype=torch.float32, device=dev)
     del iou
     hit &= torch.ones((w, w), dtype=torch.bool, device=dev).triu(diagonal=1)
     hit &= valid[:, :, None] & valid[:, None, :]
@@ -183,12 +185,15 @@ def _suppress(xyxy: Any, labels: Any, valid: Any, iou_threshold: float,
         # by score — the same survivors as hits restricted to one class, in the same order
         rows = torch.tensor(split, dtype=torch.bool, device=dev)[:, None, None]
         hit &= ~rows | (labels[:, :, None] == labels[:, None, :])
+    # kept and hit as 0/1 floats: the hits on a candidate are counted exactly (K < 2**24), and
+    # each round is three device ops
     hit_f = hit.to(torch.float32)
-    keep = valid
+    valid_f = valid.to(torch.float32)
+    keep = valid_f
     for step in range(w + 1):
-        new = valid & ~(torch.bmm(keep.to(torch.float32)[:, None, :], hit_f)[:, 0, :] > 0)
+        new = valid_f * (torch.bmm(keep.unsqueeze(1), hit_f).squeeze(1) == 0)
         # a fixed point stays fixed, so convergence is checked (a device sync) every few steps
         if (step % CHECK_EVERY == CHECK_EVERY - 1 or step == w) and torch.equal(new, keep):
             break
         keep = new
-    return keep
+    return keep > 0

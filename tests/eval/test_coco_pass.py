@@ -182,19 +182,22 @@ def test_grouped_post_processing_stores_what_batch_by_batch_does(synth_val, spec
     assert stores[4].detections() and len(stores[4].images) == 12
 
 
-@pytest.mark.parametrize("slow", ["inference", "post"])
+@pytest.mark.parametrize("slow", ["inference", "post", "post beyond inference"])
 def test_the_last_stretch_does_not_wait_for_a_group_to_fill(synth_val, spec, tmp_path, slow):
     """With fewer images to come than a group, what has gathered is post-processed as soon
     as no group is running (slow inference: batch by batch), and not call by call behind a
-    running one (slow post-processing: the rest joined)."""
+    running one (slow post-processing: the rest joined); nor when a call would outlast the
+    inference still to come (it would slow the last call, which the pass waits for)."""
     split = open_split(synth_val)
-    stages = Stages(infer_sleep=0.1 if slow == "inference" else 0.0)
+    stages = Stages(infer_sleep=0.0 if slow == "post" else 0.1)
     sizes: list[int] = []
 
     def post(outputs, metas):
         sizes.append(len(metas))
         if slow == "post":  # the second group still runs when the first is written
             time.sleep(0.2 if len(sizes) == 1 else 0.6)
+        elif slow == "post beyond inference":  # 0.16 s a call; 0.1 s of inference left
+            time.sleep(0.16)
         return stages.post(outputs, metas)
 
     post.can_join = lambda outputs: True
