@@ -18,10 +18,13 @@ the pass's AP (pycocotools), so a faster post-processing path shows it changed n
 from __future__ import annotations
 
 import argparse
+import itertools
 import shutil
 import tempfile
 import time
 from pathlib import Path
+
+STORES = itertools.count()  # a fresh store file for every pass
 
 
 def parse() -> argparse.Namespace:
@@ -121,7 +124,6 @@ def compare_modes(config, target, model, split, cat_ids, work: Path, repeats: in
 
     post, how = make_post(model, config.device, post_path)
 
-    stores = iter(range(10 ** 6))  # a fresh store file for every pass
     prepared = [prepare_batch(b, model.preprocess)
                 for b in plan_batches(split.images, config.batch)]
     backend.infer(prepared[0].inputs)  # warm-up
@@ -136,7 +138,7 @@ def compare_modes(config, target, model, split, cat_ids, work: Path, repeats: in
 
     def serial() -> float:
         t0 = time.perf_counter()
-        name = f"{config.key}_{post_path}_serial_{next(stores)}.jsonl"
+        name = f"{config.key}_{post_path}_serial_{next(STORES)}.jsonl"
         store = RunStore(work / name, {}).open()
         for chunk in plan_batches(split.images, config.batch):
             p = prepare_batch(chunk, model.preprocess)
@@ -147,7 +149,7 @@ def compare_modes(config, target, model, split, cat_ids, work: Path, repeats: in
         return time.perf_counter() - t0
 
     def pipelined():
-        name = f"{config.key}_{post_path}_pass_{next(stores)}.jsonl"
+        name = f"{config.key}_{post_path}_pass_{next(STORES)}.jsonl"
         store = RunStore(work / name, {}).open()
         times = run_pass(split.images, config.batch, model.preprocess, backend.infer, post,
                          cat_ids, store, progress=False, workers=workers, sync=sync,
