@@ -49,6 +49,10 @@ WAKE_S = 0.002  # the writer's wait for a new batch while others are being post-
 # are encoded in the writer thread: 4 images take it 2.2 ms on the H200, a round trip through
 # the encoders' pool ~6 ms
 LOCAL_ENCODE_IMAGES = 4
+# a post-processing call running beside inference takes this many times its mean (its device
+# syncs wait behind the inference's kernels: H200, onnxruntime batch 4, 11.9 ms where alone
+# it takes 4.3): in the last stretch a call is made only if it can end before inference does
+POST_OVERLAP_COST = 2.0
 BOX_DECIMALS = 3  # stored boxes: 0.001 px
 SCORE_DECIMALS = 7
 
@@ -410,11 +414,19 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
         """Per batch of `done` ((prepared, infer seconds, its post result or None): batches
         whose post-processing ended together, in order): (lines of its unreadable images,
         its detection lines — or (one job encoding them all in a process, index) —, post
-        seconds). last: nothing more comes from inference (a few images are encoded here)."""
-        out, jobs = [], []
-        here = encoders is None or (last and sum(len(p.images) for p, _, _ in done) <=
-                                    LOCAL_ENCODE_IMAGES)
-        for prepared, infer_s, result in done:
+        seconds). last: nothing more comes from inference — the last LOCAL_ENCODE_IMAGES
+        images are encoded here, while the encoders take the rest."""
+        here = [encoders is None or (result is not None and result[1] is not None)
+                for _, _, result in done]
+        if last:
+            left = LOCAL_ENCODE_IMAGES
+            for k in reversed(range(len(done))):
+                left -= len(done[k][0].images)
+                if left < 0:
+                    break
+                here[k] = True
+        out, jobs, local = [], [], []
+        for k, (prepared, infer_s, result) in enumerate(done):
             first = []
             for im, reason in prepared.unreadable:
                 say(f"skipping unreadable image {im.file_name} (id {im.image_id}): {reason}")
@@ -428,12 +440,24 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
             n = len(prepared.images)
             ms = {"preprocess": prepared.seconds / n * 1e3, "infer": infer_s / n * 1e3,
                   "post": post_s / n * 1e3}
-            ms = {k: round(v, 4) for k, v in ms.items()}
-            if not here and refs is None:
+            ms = {key: round(v, 4) for key, v in ms.items()}
+            if here[k]:
+                local.append((k, prepared, dets, refs, ms))
+                out.append((first, None, post_s))
+            else:
                 jobs.append(([(im.image_id, im.file_name) for im in prepared.images],
                              pp.detections_payload(dets), ms))
                 out.append((first, len(jobs) - 1, post_s))
-                continue
+        if jobs:  # spread over the encoders: the last ones are on the pass's critical path
+            parts = np.array_split(np.arange(len(jobs)), min(n_encoders, len(jobs)))
+            where = {}
+            for part in parts:
+                job = encoders.submit(pp.encode_batches, [jobs[i] for i in part],
+                                      category_ids)
+                where.update({int(i): (job, j) for j, i in enumerate(part)})
+            out = [(first, where[lines] if isinstance(lines, int) else lines, post_s)
+                   for first, lines, post_s in out]
+        for k, prepared, dets, refs, ms in local:  # while the encoders work
             lines = []
             for i, (im, det) in enumerate(zip(prepared.images, dets)):
                 record = {"image_id": im.image_id, "file": im.file_name,
@@ -442,16 +466,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
                 if refs is not None:
                     record.update(reference_records(im.image_id, det, refs[i], category_ids))
                 lines.append((im.image_id, image_line(record)))
-            out.append((first, lines, post_s))
-        if jobs:  # spread over the encoders: the last ones are on the pass's critical path
-            parts = np.array_split(np.arange(len(jobs)), min(n_encoders, len(jobs)))
-            where = {}
-            for part in parts:
-                job = encoders.submit(pp.encode_batches, [jobs[i] for i in part],
-                                      category_ids)
-                where.update({int(i): (job, k) for k, i in enumerate(part)})
-            out = [(first, where[lines] if isinstance(lines, int) else lines, post_s)
-                   for first, lines, post_s in out]
+            out[k] = (out[k][0], lines, out[k][2])
         return out
 
     def write_behind() -> None:
@@ -504,7 +519,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
             calls = marks["post_calls"]
             if not calls or not taken:
                 return True
-            return to_come * times.infer_s / taken > sum(calls) / len(calls)
+            return to_come * times.infer_s / taken > POST_OVERLAP_COST * sum(calls) / len(calls)
 
         def write_ready() -> None:
             """Write every batch at the front of `writing` whose lines are there, in one
