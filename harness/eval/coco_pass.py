@@ -503,23 +503,30 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
                 pending.append((prepared, infer_s, None, 0))
                 return
             gathering.append((prepared, outputs, infer_s))
-            if sum(len(p.metas) for p, _, _ in gathering) >= post_group or not to_come:
-                submit()
+            if not to_come or (sum(len(p.metas) for p, _, _ in gathering) >= post_group and
+                               (to_come >= post_group or ends_before_inference())):
+                submit()  # (the last full group, where it would not end first, joins the last)
+
+        def ends_before_inference() -> bool:
+            """Whether a post-processing call made now would end before inference does
+            (from the mean call so far, made POST_OVERLAP_COST times longer by the inference
+            beside it): one that does not slows the last call, which the pass waits for —
+            the calls share the interpreter and the device."""
+            calls = marks["post_calls"]
+            if not calls or not taken:
+                return True
+            return to_come * times.infer_s / taken > POST_OVERLAP_COST * sum(calls) / len(calls)
 
         def last_stretch_idle() -> bool:
             """In the last stretch (fewer images to come than a group) what has gathered
             goes as soon as no group is running — a group waiting to fill there waits for
             the end of inference, and the pass with it; one call per batch would queue up
-            behind each other (the fast path's cost is per call, not per image) — if it can
-            be done before inference is: a call still running then slows the last one
-            (they share the interpreter), which the pass waits for."""
+            behind each other (the fast path's cost is per call, not per image) — if it
+            ends before inference does."""
             if not gathering or to_come >= post_group or \
                     any(job is not None and not job.done() for _, _, job, _ in pending):
                 return False
-            calls = marks["post_calls"]
-            if not calls or not taken:
-                return True
-            return to_come * times.infer_s / taken > POST_OVERLAP_COST * sum(calls) / len(calls)
+            return ends_before_inference()
 
         def write_ready() -> None:
             """Write every batch at the front of `writing` whose lines are there, in one

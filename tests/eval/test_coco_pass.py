@@ -206,6 +206,27 @@ def test_the_last_stretch_does_not_wait_for_a_group_to_fill(synth_val, spec, tmp
     assert sizes == ([4, 4, 2, 2] if slow == "inference" else [4, 4, 4])
 
 
+def test_the_last_full_group_joins_the_last_call_where_it_would_not_end_first(synth_val, spec,
+                                                                             tmp_path):
+    """12 images one by one, groups of 5: the second group fills with 2 images to come
+    (0.04 s of inference) while a call takes 0.1 s — made then, it would still run beside
+    the last call; it waits and goes with the last two instead."""
+    split = open_split(synth_val)
+    stages = Stages(infer_sleep=0.02)
+    sizes: list[int] = []
+
+    def post(outputs, metas):
+        sizes.append(len(metas))
+        time.sleep(0.1)
+        return stages.post(outputs, metas)
+
+    post.can_join = lambda outputs: True
+    store = store_for(tmp_path)
+    run_pass(split.images, 1, spec, stages.infer, post, CATEGORY_IDS, store, progress=False,
+             post_group=5, workers=2)
+    assert sizes == [5, 7] and len(store.images) == 12
+
+
 def test_post_processing_overlaps_the_next_inference(synth_val, spec, tmp_path):
     """What the pipelining guarantees, without timing anything: the post-processing of batch
     k can still be running when inference of batch k + 1 starts. Each post step waits for the
