@@ -6,7 +6,8 @@ calling thread only runs inference. On a fast GPU the host must do better than o
 interpreter can (H200, fixture: wall / inference 1.8–6.7 at batch 4 with one reader and one
 post-processor): there reading and encoding the stored records run in processes
 (harness.eval.pass_processes), the first images are read one job each (the fill), and the
-last stretch is post-processed as soon as a worker is free (the drain). `workers` sets the
+last stretch is post-processed as soon as no call runs, or, where a call would not end before
+inference does, in one call after the last inference (the drain). `workers` sets the
 pools' size.
 
 Batches are fixed by position in the split (batch k holds images k*B .. k*B+B-1, unreadable
@@ -37,7 +38,8 @@ QUEUE_DEPTH = 2  # batches prepared ahead / waiting for post-processing, beyond 
 FILL_ROUNDS = 2
 MAX_WORKERS = 8  # per pool, by default: enough for the H200 at batch 4 (bench_coco_overhead)
 # post-processing runs on groups of at least this many images (several inference batches
-# concatenated), so its fixed per-call cost — ~150 device ops on the fast path — is shared
+# concatenated), so its fixed per-call cost — ~690 aten ops, 13 device syncs, 4-5 ms alone on
+# the H200 on the fast path (experiments/bench_fast_post.py) — is shared
 POST_GROUP_IMAGES = 16
 # During a pass the interpreter hands the GIL over after this long instead of 5 ms: the
 # inference thread re-takes it after every kernel launch / session.run, and with busy worker
@@ -45,9 +47,9 @@ POST_GROUP_IMAGES = 16
 SWITCH_INTERVAL_S = 0.0002
 POLL_S = 0.1
 WAKE_S = 0.002  # the writer's wait for a new batch while others are being post-processed
-# at the pass's end (nothing more to come from inference) batches of at most this many images
-# are encoded in the writer thread: 4 images take it 2.2 ms on the H200, a round trip through
-# the encoders' pool ~6 ms
+# at the pass's end (nothing more to come from inference) the last batches holding at most this
+# many images are encoded in the writer thread while the encoders take the rest: 4 images take
+# it 2.2 ms on the H200, a round trip through the encoders' pool 5-7 ms
 LOCAL_ENCODE_IMAGES = 4
 # a post-processing call running beside inference takes this many times its mean (its device
 # syncs wait behind the inference's kernels: H200, onnxruntime batch 4, 11.9 ms where alone
