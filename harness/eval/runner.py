@@ -254,6 +254,12 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
                              "ratio": round(times.overhead_ratio, 3),
                              "waited_for_reading_s": round(times.wait_read_s, 4),
                              "waited_for_post_s": round(times.wait_post_s, 4)}
+        host = (row.inference or {}).get("host") or {}
+        if host.get("median") and ranks.latency_rank == ranks.rank:
+            # the same batches' inference as its own phase timed it (where the pass ran): how
+            # much slower inference was inside the pass, beside reading and post-processing
+            row.accuracy_pass["inference_alone_s"] = round(
+                times.batches * host["median"] / 1e3, 4)
     row.images = len(readable)
     row.unreadable = len(ids) - len(readable)
     log(f"{config.key}: AP {row.AP:.4f}  latency {latency.stages['total']['mean']:.2f} "

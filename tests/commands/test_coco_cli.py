@@ -117,6 +117,9 @@ def test_every_row_that_can_run_here(matrix_run):
             p = r["accuracy_pass"]
             assert p["images"] == 8 and p["wall_s"] >= p["inference_s"] > 0
             assert p["ratio"] == pytest.approx(p["wall_s"] / p["inference_s"], rel=0.05)
+            # its batches as the inference phase timed them alone (timed here: no launcher)
+            assert p["inference_alone_s"] == pytest.approx(
+                8 // r["batch"] * r["inference"]["host"]["median"] / 1e3, rel=0.01, abs=1e-4)
         else:
             assert r["AP"] is None and r["latency_ms"] is None
             assert r["latency_stability"] is None
@@ -180,7 +183,8 @@ def test_report_files_carry_the_same_numbers(matrix_run):
                 if line.startswith("| ") and "bound" in line.rsplit("|", 2)[-2]]
     expected = ["inference-bound" if r["accuracy_pass"]["ratio"] <= 1.10 else "host-bound"
                 for r in rows if r["status"] == "ok"]
-    assert [v.split(":")[0] for v in verdicts] == expected, section
+    assert [v.split(":")[0].split(";")[0] for v in verdicts] == expected, section
+    assert "| inference alone s | in pass / alone |" in section
     assert md.count("not available: TensorRT is not available") == 6
     table_lines = [x for x in md.splitlines() if x.startswith("| torch") or
                    x.startswith("| onnxruntime") or x.startswith("| tensorrt")]
@@ -496,6 +500,14 @@ def test_two_stage_fixture_across_backends_and_batches(synth_val, tmp_path, caps
     assert all(r["status"] == "ok" and r["images"] == 8 for r in rows)
     assert aps["torch_cpu_fp32_b1"] > 0.3  # the fixture detects the shapes
     assert max(aps.values()) - min(aps.values()) < 0.01, aps
+
+
+def test_inference_slowed_inside_the_pass_is_said():
+    from harness.report.coco_report import SLOWED_RATIO, _slowed
+
+    assert _slowed(1.72) == ("; its inference took 1.72× its time alone (the host's reading "
+                             "and post-processing beside it)")
+    assert _slowed(SLOWED_RATIO) == _slowed(1.0) == _slowed(None) == ""
 
 
 def test_a_host_bound_pass_says_which_side_held_inference_up():
