@@ -513,9 +513,13 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
             """Whether a post-processing call made now would end before inference does
             (from the mean call so far, made POST_OVERLAP_COST times longer by the inference
             beside it): one that does not slows the last call, which the pass waits for —
-            the calls share the interpreter and the device."""
+            the calls share the interpreter and the device. Only for a post that joins
+            batches into one call (its cost is per call); another's is per batch, and
+            holding batches back would only leave more to do at the end."""
             calls = marks["post_calls"]
-            if not calls or not taken:
+            can_join = getattr(post, "can_join", None)
+            if not calls or not taken or can_join is None or \
+                    not all(can_join(outputs) for _, outputs, _ in gathering):
                 return True
             return to_come * times.infer_s / taken > POST_OVERLAP_COST * sum(calls) / len(calls)
 

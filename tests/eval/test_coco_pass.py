@@ -209,10 +209,10 @@ def test_the_last_stretch_does_not_wait_for_a_group_to_fill(synth_val, spec, tmp
 def test_the_last_full_group_joins_the_last_call_where_it_would_not_end_first(synth_val, spec,
                                                                              tmp_path):
     """12 images one by one, groups of 5: the second group fills with 2 images to come
-    (0.04 s of inference) while a call takes 0.1 s — made then, it would still run beside
-    the last call; it waits and goes with the last two instead."""
+    (0.08 s of inference) while a call takes 0.1 s (x2 beside inference) — made then, it
+    would still run beside the last call; it waits and goes with the last two instead."""
     split = open_split(synth_val)
-    stages = Stages(infer_sleep=0.02)
+    stages = Stages(infer_sleep=0.04)  # the first call ends before the second group fills
     sizes: list[int] = []
 
     def post(outputs, metas):
@@ -225,6 +225,18 @@ def test_the_last_full_group_joins_the_last_call_where_it_would_not_end_first(sy
     run_pass(split.images, 1, spec, stages.infer, post, CATEGORY_IDS, store, progress=False,
              post_group=5, workers=2)
     assert sizes == [5, 7] and len(store.images) == 12
+
+    # a post that cannot join batches costs per batch, not per call: nothing is held back
+    stages, inferred_before = Stages(infer_sleep=0.04), []
+
+    def per_batch(outputs, metas):
+        inferred_before.append(len(stages.shapes))
+        time.sleep(0.1 / 5)
+        return stages.post(outputs, metas)
+
+    run_pass(split.images, 1, spec, stages.infer, per_batch, CATEGORY_IDS,
+             store_for(tmp_path, "per_batch"), progress=False, post_group=5, workers=2)
+    assert len(inferred_before) == 12 and inferred_before[5] < 12, inferred_before
 
 
 def test_post_processing_overlaps_the_next_inference(synth_val, spec, tmp_path):
