@@ -155,8 +155,11 @@ def _allocate(fd: int, size: int, name: str) -> None:
 
     from harness.errors import UserError
 
+    allocate = getattr(os, "posix_fallocate", None)  # not on every platform
+    if allocate is None:
+        return
     try:
-        os.posix_fallocate(fd, 0, size)
+        allocate(fd, 0, size)
     except OSError as exc:
         if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             return
