@@ -14,6 +14,9 @@ the pass's AP (pycocotools), so a faster post-processing path shows it changed n
     python experiments/bench_coco_overhead.py --device cuda --count 200 --post auto reference
         # on the GPU machine: the fast batched post-processing (auto) and the numpy
         # reference kernel side by side
+    python experiments/bench_coco_overhead.py --device cuda --count 200 --timeline 3
+        # and each fastest pass's first and last 3 batches: when each was read, handed
+        # over, inferred, post-processed and written (where a pass's fixed cost goes)
 """
 from __future__ import annotations
 
