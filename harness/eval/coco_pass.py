@@ -192,6 +192,24 @@ def reference_records(image_id: int, det: Any, ref: Any,
     return out
 
 
+def image_lines(images: Sequence[tuple[int, str]], dets: Sequence[Any], ms: dict[str, float],
+                category_ids: Sequence[int], refs: Optional[Sequence[Any]] = None
+                ) -> list[bytes]:
+    """The RunStore lines (kind "image") of a batch's images ((image_id, file) pairs) from
+    their detections, the per-image share of its timings and, for a ΔAP split, their
+    delta_ap.ReferenceNms (reference_records); the same in the writer and in an encoder."""
+    from harness.eval.store import image_line
+
+    lines = []
+    for i, ((image_id, file_name), det) in enumerate(zip(images, dets)):
+        record = {"image_id": image_id, "file": file_name,
+                  "detections": coco_entries(image_id, det, category_ids), "ms": ms}
+        if refs is not None:
+            record.update(reference_records(image_id, det, refs[i], category_ids))
+        lines.append(image_line(record))
+    return lines
+
+
 def _put(q: "queue.Queue[Any]", item: Any, stop: threading.Event) -> bool:
     """Put unless `stop` is set first (so no thread blocks forever on a full queue)."""
     while not stop.is_set():
@@ -460,15 +478,10 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
             out = [(first, where[lines] if isinstance(lines, int) else lines, post_s)
                    for first, lines, post_s in out]
         for k, prepared, dets, refs, ms in local:  # while the encoders work
-            lines = []
-            for i, (im, det) in enumerate(zip(prepared.images, dets)):
-                record = {"image_id": im.image_id, "file": im.file_name,
-                          "detections": coco_entries(im.image_id, det, category_ids),
-                          "ms": ms}
-                if refs is not None:
-                    record.update(reference_records(im.image_id, det, refs[i], category_ids))
-                lines.append((im.image_id, image_line(record)))
-            out[k] = (out[k][0], lines, out[k][2])
+            pairs = [(im.image_id, im.file_name) for im in prepared.images]
+            lines = image_lines(pairs, dets, ms, category_ids, refs)
+            out[k] = (out[k][0], [(image_id, line) for (image_id, _), line in
+                                  zip(pairs, lines)], out[k][2])
         return out
 
     def write_behind() -> None:

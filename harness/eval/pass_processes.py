@@ -27,6 +27,7 @@ import numpy as np
 _POOLS: dict[tuple[str, int], Any] = {}
 _MAPPED: dict[str, Any] = {}  # in a worker: the slots file it has mapped (one at a time)
 _SLOTS: dict[str, "InputSlots"] = {}  # in the main process: the kept slots ("current")
+_AT_EXIT: list[bool] = []  # drop_slots registered to run at exit
 SHM_DIR = Path("/dev/shm")
 SLOTS_PREFIX = "harness-inputs-"  # then the creating process's id
 
@@ -79,9 +80,9 @@ def input_slots(count: int, capacity: int, readers: Any, workers: int) -> "Input
         return kept
     drop_slots()
     slots = _SLOTS["current"] = InputSlots(count, capacity)
-    if not _SLOTS.get("at_exit"):
+    if not _AT_EXIT:
         atexit.register(drop_slots)
-        _SLOTS["at_exit"] = slots  # registered once
+        _AT_EXIT.append(True)  # registered once (a flag: no reference to dropped slots)
     list(readers.map(_map_in, [slots.path] * workers))
     return slots
 
@@ -261,16 +262,11 @@ def encode_batches(batches: Sequence[tuple[Sequence[tuple[int, str]], Sequence[A
                                           dict[str, float]]],
                    category_ids: Sequence[int]) -> list[list[bytes]]:
     """The RunStore lines (kind "image") of each batch (its (image_id, file) pairs, their
-    detections_payload, the per-image share of its timings): per image its detections as
-    COCO entries (coco_pass.coco_entries) and the timings. One job for several batches: a
-    job costs the submitting process ~0.2 ms."""
-    from harness.eval.coco_pass import coco_entries
-    from harness.eval.store import image_line
+    detections_payload, the per-image share of its timings): coco_pass.image_lines, in a
+    process. One job for several batches: a job costs the submitting process ~0.2 ms."""
+    from harness.eval.coco_pass import image_lines
 
-    return [[image_line({"image_id": image_id, "file": file_name,
-                         "detections": coco_entries(image_id, _Det(*arrays), category_ids),
-                         "ms": ms})
-             for (image_id, file_name), arrays in zip(images, payload)]
+    return [image_lines(images, [_Det(*arrays) for arrays in payload], ms, category_ids)
             for images, payload, ms in batches]
 
 
