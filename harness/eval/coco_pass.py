@@ -265,7 +265,8 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
              sync: Optional[Callable[[], None]] = None, desc: Optional[str] = None,
              progress: bool = True, on_batch: Optional[Callable[[int], None]] = None,
              warn: Optional[Callable[[str], None]] = None,
-             post_reference: Optional[Callable[[Any, Sequence[Any], np.ndarray], list]] = None,
+             post_reference: Optional[Callable[[Any, Sequence[Any], np.ndarray, list],
+                                               list]] = None,
              shard: tuple[int, int] = (0, 1), workers: Optional[int] = None,
              processes: bool = False, post_group: int = POST_GROUP_IMAGES,
              timeline: bool = False) -> PassTimes:
@@ -274,9 +275,9 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     infer(inputs (B,3,H,W) float32, metas) → outputs; post(outputs, metas) → per image
     NmsResult, image by image (a post with `can_join(outputs) -> True` gets several
     batches' outputs joined on the batch axis, `post_group` images at a time);
-    post_reference(outputs, metas, inputs) → per image a delta_ap.ReferenceNms (a file with
-    its own NMS: its candidates through the reference's NMS, and the mismatch causes),
-    stored beside the detections (reference_records);
+    post_reference(outputs, metas, inputs, the batch's detections) → per image a
+    delta_ap.ReferenceNms (a file with its own NMS: its candidates through the reference's
+    NMS, and the mismatch causes), stored beside the detections (reference_records);
     sync: device synchronisation around inference (GPU). on_batch(batches stored so far) is
     called after each batch is safely on disk (tests use it to interrupt a run).
     shard (rank, world): this process runs batches k with k % world == rank only (batches
@@ -423,7 +424,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
         for (prepared, outputs), dets in zip(group, per_batch):
             mark(prepared, "post", t0, end)
             refs = None if post_reference is None else \
-                post_reference(outputs, prepared.metas, prepared.inputs)
+                post_reference(outputs, prepared.metas, prepared.inputs, dets)
             out.append((dets, refs, share * len(prepared.metas)))
         marks["post_end"] = max(marks["post_end"], clock())
         marks["post_calls"].append(end - t0)

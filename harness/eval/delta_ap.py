@@ -116,7 +116,7 @@ def cause_scores(coco: Any, records: Mapping[int, Mapping[str, Any]], image_ids:
 
 def reference_nms_post(model: Any, backend: Any, work_dir: Optional[Any] = None,
                        nms_inputs_backend: Optional[Callable[..., Any]] = None
-                       ) -> tuple[Optional[Callable[[Any, Sequence[Any], np.ndarray], list]],
+                       ) -> tuple[Optional[Callable[..., list]],
                                   str]:
     """(post_reference for coco_pass.run_pass or None, how the row's ΔAP will be split).
 
@@ -166,12 +166,15 @@ def reference_nms_post(model: Any, backend: Any, work_dir: Optional[Any] = None,
 
     reference = SourcePipeline(model)
 
-    def post(outputs: Any, metas: Sequence[Any], inputs: np.ndarray) -> list:
+    def post(outputs: Any, metas: Sequence[Any], inputs: np.ndarray,
+             detections: Optional[Sequence[Any]] = None) -> list:
+        """detections: the row's, as the pass post-processed them (else made here)."""
         with guard:
             cands = pipeline.candidates(outputs, reader, inputs)
         decoded = DecodedCandidates(boxes=cands.boxes, scores=cands.scores, objectness=None)
         theirs = reference.replay(Candidates(cands.boxes, cands.scores, decoded=decoded), metas)
-        actual = detections_from_outputs(model, outputs, metas)
+        actual = detections if detections is not None else \
+            detections_from_outputs(model, outputs, metas)
         out = []
         for meta, ref, own, act in zip(metas, theirs, pipeline.replay(cands, metas), actual):
             found = DetectionDiff().add_image(str(getattr(meta, "path", "")), ref, own)

@@ -300,7 +300,7 @@ def test_processes_fall_back_where_shared_memory_cannot_take_a_batch(synth_val, 
         stages = Stages()
         means = seen[name] = {}  # post threads run in parallel: by image, not in order
 
-        def reference(outputs, metas, inputs, stages=stages):
+        def reference(outputs, metas, inputs, dets, stages=stages):
             from harness.eval.delta_ap import ReferenceNms
 
             means.update(zip((m.path for m in metas), inputs.mean(axis=(1, 2, 3)).tolist()))
