@@ -5,7 +5,8 @@ Two paths give the same detections:
              the CPU, then the numpy reference kernel (harness.nms) image by image;
   fast       for an mmyolo one-stage source on a CUDA row: decode and NMS for the whole batch
              in torch on that GPU (harness.nms.fast_mmyolo), which keeps the host free for
-             reading images — on a fast GPU the numpy NMS at score_thr 0.001 starves it.
+             reading images — on a fast GPU the numpy NMS at score_thr 0.001 starves it —,
+             replayed as CUDA graphs there (harness.eval.coco_graphs).
 A file with its own NMS (end2end) has nothing to run: both paths rescale its output.
 """
 from __future__ import annotations
@@ -40,6 +41,11 @@ def make_post(model: Any, device: str, path: str = "auto") -> tuple[Post, str]:
     if path == "auto" and not str(device).startswith("cuda"):
         return reference, "reference"
     target = device if str(device).startswith("cuda") else "cpu"
+    graphs = None
+    if target != "cpu":
+        from harness.eval.coco_graphs import GraphedPost
+
+        graphs = GraphedPost(model, target)
 
     def batch_major(outputs: Any) -> bool:
         """raw / decoded outputs are (B, ...); an end2end file's NMS outputs may not be
@@ -51,16 +57,18 @@ def make_post(model: Any, device: str, path: str = "auto") -> tuple[Post, str]:
     def fast(outputs: Any, metas: Sequence[Any]) -> list:
         if not batch_major(outputs):
             return reference(outputs, metas)
-        return fast_detections(model, outputs, metas, target)
+        return fast_detections(model, outputs, metas, target, graphs=graphs)
 
     fast.can_join = batch_major  # type: ignore[attr-defined]  (coco_pass groups batches)
-    return fast, f"fast (batched torch on {target})"
+    fast.graphs = graphs  # type: ignore[attr-defined]  (its counts, for benchmarks)
+    return fast, f"fast (batched torch on {target}{', CUDA graphs' if graphs else ''})"
 
 
 def fast_detections(model: Any, outputs: Any, metas: Sequence[Any], device: str,
-                    budget_bytes: Optional[int] = None) -> list:
+                    budget_bytes: Optional[int] = None, graphs: Any = None) -> list:
     """Per image NmsResult of raw / decoded outputs, decoded and NMS'd on `device`; an image
-    whose IoU matrix exceeds `budget_bytes` (default fast_mmyolo's) goes to the reference."""
+    whose IoU matrix exceeds `budget_bytes` (default fast_mmyolo's) goes to the reference.
+    graphs: a coco_graphs.GraphedPost, tried first."""
     import torch
 
     from harness.models.mmyolo import grouped_head_maps
@@ -72,6 +80,10 @@ def fast_detections(model: Any, outputs: Any, metas: Sequence[Any], device: str,
         return t.to(device=device, dtype=torch.float32)
 
     with torch.no_grad(), _own_stream(device):
+        if graphs is not None and budget_bytes is None:
+            found = graphs(graph_inputs(outputs), metas)
+            if found is not None:
+                return found
         if "boxes" in outputs and "scores" in outputs:
             boxes, scores = on_device(outputs["boxes"]), on_device(outputs["scores"])
             obj = outputs.get("objectness")
@@ -92,6 +104,18 @@ def fast_detections(model: Any, outputs: Any, metas: Sequence[Any], device: str,
             for i, r in zip(missing, model.detections(decoded, [metas[i] for i in missing])):
                 results[i] = r
     return results
+
+
+def graph_inputs(outputs: Any) -> dict[str, Any]:
+    """The outputs a GraphedPost takes: the decoded candidates where there are, else the
+    head's maps by `kind.level`."""
+    from harness.models.mmyolo import grouped_head_maps
+
+    if "boxes" in outputs and "scores" in outputs:
+        return {name: outputs[name] for name in ("boxes", "scores", "objectness")
+                if outputs.get(name) is not None}
+    return {f"{kind}.{level}": m for kind, maps in grouped_head_maps(outputs).items()
+            for level, m in enumerate(maps)}
 
 
 def packed_to(grouped: dict[str, list[Any]], device: str) -> dict[str, list[Any]]:

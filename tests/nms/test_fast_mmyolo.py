@@ -190,6 +190,7 @@ def test_fixture_outputs_through_both_paths_are_equal(tmp_path_factory):
 
 
 FAMILY_CANDIDATES = 2000  # per image: mmyolo's random init ties at the class prior
+FAMILY_ROUNDS = 64  # the fixed form's rounds there (the ties make chains longer than 16)
 
 
 @pytest.mark.slow
@@ -221,8 +222,57 @@ def test_every_family_at_random_init_on_real_photos(family, real_photos):
     reference, _ = make_post(model, "cpu", "reference")
     refs = reference({k: v.numpy() for k, v in flat_head_outputs(raw).items()}, batch.metas)
     fast = fast_mmyolo_nms(boxes, scores, obj, batch.metas, **asdict(model.nms))
+    fixed, most, converged = run_fixed(
+        boxes.numpy(), scores.numpy(), None if obj is None else obj.numpy(), batch.metas,
+        FAMILY_CANDIDATES, rounds=FAMILY_ROUNDS, **asdict(model.nms))
+    assert most <= FAMILY_CANDIDATES and converged == 1.0, f"{family}: {most}, {converged}"
     assert sum(len(r) for r in refs) > 0
     ties = sum(len(r.scores) - len(np.unique(r.scores)) for r in refs)
-    for i, (r, f) in enumerate(zip(refs, fast)):
+    for i, (r, f, g) in enumerate(zip(refs, fast, fixed)):
         assert f is not None, f"{family} photo {i}: left to the reference, nothing tested"
         assert_same(r, f, f"{family} photo {i} ({ties} tied detections)")
+        assert_same(r, g, f"{family} photo {i}, fixed form")
+
+
+def run_fixed(boxes, scores, obj, metas, k_cap, rounds=None, **settings):
+    from harness.nms.fast_mmyolo import fixed_mmyolo_nms, per_image_meta, table_results
+
+    extra = {} if rounds is None else {"rounds": rounds}
+    table, flags = fixed_mmyolo_nms(torch.from_numpy(boxes), torch.from_numpy(scores),
+                                    None if obj is None else torch.from_numpy(obj),
+                                    per_image_meta(metas, "cpu"), k_cap, **settings, **extra)
+    assert table.shape == (len(metas), k_cap, 8), "the table is k_cap wide, whatever the data"
+    most, converged = flags.tolist()
+    return table_results(table.numpy()), most, converged
+
+
+@pytest.mark.parametrize("objectness", [True, False], ids=["objectness", "no objectness"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_fixed_form_equals_the_reference(case, objectness):
+    """fixed_mmyolo_nms (every shape fixed, for a CUDA graph): where its capacity held every
+    candidate and its rounds converged, the reference's detections element for element."""
+    rng = np.random.default_rng(abs(hash(case)) % 2 ** 32)
+    boxes, scores, obj = candidates(rng, 3, 300, 4, objectness=objectness)
+    settings = {**BASE, **CASES[case]}
+    refs, _ = run_both(boxes, scores, obj, metas_for(3), **settings)
+    fixed, most, converged = run_fixed(boxes, scores, obj, metas_for(3), 1280, **settings)
+    assert most <= 1280 and converged == 1.0
+    for i, (r, f) in enumerate(zip(refs, fixed)):
+        assert_same(r, f, f"{case} image {i}, fixed form")
+
+
+def test_fixed_form_says_when_its_capacity_or_rounds_fall_short():
+    rng = np.random.default_rng(2)
+    boxes, scores, obj = candidates(rng, 2, 300, 4)
+    refs, _ = run_both(boxes, scores, obj, metas_for(2), **BASE)
+    counts = [int(((scores[i] * obj[i][:, None] > 0.001) & (obj[i][:, None] > 0.001)).sum())
+              for i in range(2)]
+    _, most, _ = run_fixed(boxes, scores, obj, metas_for(2), 100, **BASE)
+    assert most == max(counts) > 100, "a capacity below the candidates must say so"
+    fixed, most, converged = run_fixed(boxes, scores, obj, metas_for(2), 512 * 3, rounds=1,
+                                       **BASE)
+    assert converged == 0.0, "one round cannot reach the fixed point of hundreds of boxes"
+    fixed, _, converged = run_fixed(boxes, scores, obj, metas_for(2), 512 * 3, **BASE)
+    assert converged == 1.0
+    for r, f in zip(refs, fixed):
+        assert_same(r, f, "fixed form, enough capacity")

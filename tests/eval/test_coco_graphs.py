@@ -1,0 +1,159 @@
+"""The fast post-processing as graphs (harness.eval.coco_graphs): the reference kernel's
+detections element for element whatever the graph's path — captured once and replayed, redone
+with more capacity, left to the eager path where its rounds do not converge or its matrices
+would not fit — on the CPU with the stand-in that runs the captured function again at each
+replay, and on a GPU with CUDA graphs (skipped without one)."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tests.nms.test_fast_mmyolo import assert_same  # noqa: E402
+
+
+@dataclass
+class Image:
+    path: object
+    image_id: int
+    file_name: str
+
+
+@pytest.fixture(scope="module")
+def fixture_batches(tmp_path_factory):
+    """The fixture model, and batches of 4 synthetic images: (metas, raw outputs as
+    numpy, decoded outputs as numpy, the reference's detections)."""
+    from harness.eval.coco_pass import plan_batches, prepare_batch
+    from harness.eval.coco_post import make_post
+    from harness.models.mmyolo import flat_head_outputs, load_mmyolo_model
+    from harness.models.zoo import FIXTURE_CHECKPOINT, FIXTURE_CONFIG
+    from tests.conftest import synth_val_images
+
+    model = load_mmyolo_model(FIXTURE_CONFIG, FIXTURE_CHECKPOINT)
+    paths = synth_val_images(tmp_path_factory, "graphs", 24, seed=6)
+    reference, _ = make_post(model, "cpu", "reference")
+    batches = []
+    for chunk in plan_batches([Image(p, i, p.name) for i, p in enumerate(paths)], 4):
+        p = prepare_batch(chunk, model.preprocess)
+        with torch.no_grad():
+            raw = flat_head_outputs(model.raw_outputs(torch.from_numpy(p.inputs)))
+            decoded = model.decoded_outputs(raw)
+        outputs = {k: v.numpy() for k, v in raw.items()}
+        batches.append((p.metas, outputs, {k: v.numpy() for k, v in decoded.items()},
+                        reference(outputs, p.metas)))
+    return model, batches
+
+
+def inputs_of(outputs):
+    from harness.eval.coco_post import graph_inputs
+
+    return graph_inputs(outputs)
+
+
+def test_replays_give_the_reference_detections_and_capture_once(fixture_batches):
+    from harness.eval.coco_graphs import GraphedPost
+
+    model, batches = fixture_batches
+    graphs = GraphedPost(model, "cpu")
+    kept = 0
+    for metas, outputs, decoded, refs in batches:
+        for found in (graphs(inputs_of(outputs), metas), graphs(inputs_of(decoded), metas)):
+            assert found is not None, graphs.describe()
+            for r, f in zip(refs, found):
+                assert_same(r, f, "graph replay")
+                kept += len(r)
+    assert kept > 100
+    # per batch size one graph for the head's maps, one for decoded candidates; every call
+    # one replay
+    sizes = {len(metas) for metas, *_ in batches}
+    assert len(batches) > len(sizes), "a batch shape must come back to be replayed"
+    assert graphs.stats["captures"] == 2 * len(sizes), graphs.describe()
+    assert graphs.stats["replays"] == 2 * len(batches), graphs.describe()
+    assert graphs.stats["eager"] == 0 and not graphs.failed
+
+
+def test_a_capacity_too_small_is_redone_larger_and_remembered(fixture_batches, monkeypatch):
+    import harness.eval.coco_graphs as cg
+
+    model, batches = fixture_batches
+    monkeypatch.setattr(cg, "K_START", 16)
+    monkeypatch.setattr(cg, "K_STEP", 64)
+    graphs = cg.GraphedPost(model, "cpu")
+    for metas, outputs, _, refs in batches:
+        for r, f in zip(refs, graphs(inputs_of(outputs), metas)):
+            assert_same(r, f, "redone with more capacity")
+    assert graphs.stats["redone"] >= 1
+    assert graphs.k_caps and all(k % 64 == 0 and k > 16 for k in graphs.k_caps.values())
+    redone = graphs.stats["redone"]
+    metas, outputs, _, _ = batches[0]
+    graphs(inputs_of(outputs), metas)
+    assert graphs.stats["redone"] == redone, "the capacity found is kept for the shapes"
+
+
+def test_rounds_that_do_not_converge_and_matrices_too_large_go_eager(fixture_batches):
+    from harness.eval.coco_graphs import GraphedPost
+    from harness.eval.coco_post import fast_detections
+
+    model, batches = fixture_batches
+    metas, outputs, _, refs = batches[0]
+    graphs = GraphedPost(model, "cpu")
+    graphs.rounds = 1
+    found = graphs(inputs_of(outputs), metas)  # the eager path, on the graph's decode
+    assert graphs.stats["eager"] == 1
+    for r, f in zip(refs, found):
+        assert_same(r, f, "unconverged, then eager")
+    small = GraphedPost(model, "cpu", budget_bytes=32 * 64 ** 2)
+    assert small(inputs_of(outputs), metas) is None and small.stats["captures"] == 0
+    for r, f in zip(refs, fast_detections(model, outputs, metas, "cpu", graphs=small)):
+        assert_same(r, f, "too large for a graph, then eager")
+
+
+def test_make_post_uses_graphs_on_a_gpu_only(fixture_batches):
+    from harness.eval.coco_post import make_post
+
+    model, _ = fixture_batches
+    fast, how = make_post(model, "cpu", "fast")
+    assert fast.graphs is None and "graphs" not in how
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graphs_equal_the_reference_beside_a_busy_device(fixture_batches):
+    """On a GPU: host and device inputs, captured while another thread keeps launching and
+    synchronising the device (the pass's inference does), every replay the reference's."""
+    from harness.eval.coco_post import make_post
+
+    model, batches = fixture_batches
+    model.module.to("cuda")
+    try:
+        fast, how = make_post(model, "cuda", "fast")
+        assert "CUDA graphs" in how
+        stop = threading.Event()
+        x = torch.randn(256, 256, device="cuda")
+
+        def busy() -> None:
+            while not stop.is_set():
+                (x @ x).sum()
+                torch.cuda.synchronize()
+
+        worker = threading.Thread(target=busy, daemon=True)
+        worker.start()
+        try:
+            for _ in range(2):
+                for metas, outputs, decoded, refs in batches:
+                    on_device = {k: torch.from_numpy(v).cuda() for k, v in outputs.items()}
+                    for given in (outputs, decoded, on_device):
+                        for r, f in zip(refs, fast(given, metas)):
+                            assert_same(r, f, "CUDA graph")
+        finally:
+            stop.set()
+            worker.join()
+        graphs = fast.graphs
+        assert not graphs.failed and graphs.stats["eager"] == 0, graphs.describe()
+        sizes = {len(metas) for metas, *_ in batches}
+        assert graphs.stats["captures"] == 2 * len(sizes), graphs.describe()
+    finally:
+        model.module.to("cpu")
