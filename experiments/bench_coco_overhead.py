@@ -14,6 +14,8 @@ the pass's AP (pycocotools), so a faster post-processing path shows it changed n
     python experiments/bench_coco_overhead.py --device cuda --count 200 --post auto reference
         # on the GPU machine: the fast batched post-processing (auto) and the numpy
         # reference kernel side by side
+    python experiments/bench_coco_overhead.py --device cuda --count 200 --graphs on off
+        # the fast path's CUDA graphs (harness.eval.coco_graphs) against its eager calls
     python experiments/bench_coco_overhead.py --device cuda --count 200 --timeline 3
         # and each fastest pass's first and last 3 batches: when each was read, handed
         # over, inferred, post-processed and written (where a pass's fixed cost goes)
@@ -44,6 +46,9 @@ def parse() -> argparse.Namespace:
                    help="passes per mode; the fastest is reported (the machine is shared)")
     p.add_argument("--post", nargs="+", default=["auto"], choices=("auto", "fast", "reference"),
                    help="post-processing paths to time (harness.eval.coco_post)")
+    p.add_argument("--graphs", nargs="+", default=["on"], choices=("on", "off"),
+                   help="the fast path on a GPU with CUDA graphs (on) or eager (off); both "
+                        "given: side by side")
     p.add_argument("--workers", type=int, default=None,
                    help="threads per pool of the pass (default: coco_pass.default_workers())")
     p.add_argument("--fill-rounds", type=int, nargs="+", default=None,
@@ -104,28 +109,32 @@ def bench(args: argparse.Namespace, work: Path) -> None:
         if not target.available:
             print(f"{config.key:<24} {target.reason}")
             continue
-        for path, rounds in [(p, r) for p in args.post for r in args.fill_rounds or [None]]:
+        for path, rounds, graphs in [(p, r, g) for p in args.post
+                                     for r in args.fill_rounds or [None] for g in args.graphs]:
             if rounds is not None:
                 coco_pass.FILL_ROUNDS = rounds
                 print(f"fill rounds {rounds}:")
-            line, best = compare_modes(config, target, model, split, cat_ids, work,
-                                       args.repeats, path, args.workers, args.timeline > 0)
+            line, best, post = compare_modes(config, target, model, split, cat_ids, work,
+                                             args.repeats, path, args.workers,
+                                             args.timeline > 0, graphs == "on")
             print(line)
+            if getattr(post, "graphs", None) is not None:
+                print(f"  CUDA graphs: {post.graphs.describe()}")
             if args.timeline:
                 print(timeline_table(best.timeline, args.timeline))
 
 
 def compare_modes(config, target, model, split, cat_ids, work: Path, repeats: int,
-                  post_path: str, workers, timeline: bool = False):
+                  post_path: str, workers, timeline: bool = False, graphs: bool = True):
     """(One table line: serial, isolated-inference and pipelined timings of `config`, the
-    fastest pass's PassTimes)."""
+    fastest pass's PassTimes, the post-processing function)."""
     backend, sync = target.backend, target.sync
     from harness.eval.coco_pass import coco_entries, plan_batches, prepare_batch, run_pass
     from harness.eval.coco_post import make_post
     from harness.eval.coco_scores import evaluate
     from harness.eval.store import RunStore
 
-    post, how = make_post(model, config.device, post_path)
+    post, how = make_post(model, config.device, post_path, graphs)
 
     prepared = [prepare_batch(b, model.preprocess)
                 for b in plan_batches(split.images, config.batch)]
@@ -165,12 +174,13 @@ def compare_modes(config, target, model, split, cat_ids, work: Path, repeats: in
     ids = [im.image_id for im in split.images]
     names = {c: n for c, n in zip(cat_ids, model.class_names) if c >= 0}
     ap = evaluate(split.coco, store.detections(ids), ids, names).stats["AP"]
-    label = how.split(" ")[0]
+    label = "fast+graph" if "CUDA graphs" in how else how.split(" ")[0]
     return (f"{config.key:<24} {label:<10} {ser:>10.2f}s {best.wall_s:>11.2f}s "
             f"{best.infer_s:>12.2f}s {best.overhead_ratio:>10.3f} {iso:>13.2f}s "
             f"{best.wall_s / iso:>13.3f} {ap:>7.4f} {best.wait_read_s:>10.3f}s "
             f"{best.wait_post_s:>10.3f}s {best.first_infer_s:>6.3f}s {best.after_infer_s:>6.3f}s  "
-            + " / ".join(f"{1e3 * v:.1f}" for v in best.drain_parts_s.values()) + " ms"), best
+            + " / ".join(f"{1e3 * v:.1f}" for v in best.drain_parts_s.values()) + " ms"), \
+        best, post
 
 
 STAGES = ("read", "handed", "infer", "post", "write")

@@ -6,7 +6,8 @@ For each batch size it feeds the fixture's own head outputs (host arrays, as a f
 session returns them) and prints the median milliseconds per call, per image, the device
 ops (aten calls) and host-device synchronisations of one call, and the median again with
 `--busy` threads running pure Python at the pass's GIL switch interval (a worst case: a
-pass's reading and writing threads mostly wait).
+pass's reading and writing threads mostly wait); on a GPU for the eager calls and for the
+replays of their CUDA graphs (harness.eval.coco_graphs) one line each.
 
     python experiments/bench_fast_post.py --device cuda --batches 1 4 8 16
 """
@@ -37,6 +38,7 @@ def main() -> None:
     import torch
 
     from harness.eval.coco_pass import plan_batches, prepare_batch
+    from harness.eval.coco_graphs import GraphedPost
     from harness.eval.coco_post import fast_detections
     from harness.models.mmyolo import flat_head_outputs, load_mmyolo_model
     from harness.models.zoo import FIXTURE_CHECKPOINT, FIXTURE_CONFIG
@@ -49,27 +51,32 @@ def main() -> None:
     split = open_split(work / "synth" / "val2017")
     model = load_mmyolo_model(FIXTURE_CONFIG, FIXTURE_CHECKPOINT)
     print(f"fixture, post-processing on {args.device}; ms per call (median of {args.calls})")
-    print(f"{'batch':>5} {'ms/call':>8} {'ms/image':>8} {'aten ops':>8} {'syncs':>6} "
-          f"{'ms/call, ' + str(args.busy) + ' busy threads':>26}")
+    print(f"{'batch':>5} {'form':>6} {'ms/call':>8} {'ms/image':>8} {'aten ops':>8} "
+          f"{'syncs':>6} {'ms/call, ' + str(args.busy) + ' busy threads':>26}")
+    graphs = GraphedPost(model, args.device) if str(args.device).startswith("cuda") else None
     for b in args.batches:
         p = prepare_batch(plan_batches(split.images, b)[0], model.preprocess)
         with torch.no_grad():
             raw = flat_head_outputs(model.raw_outputs(torch.from_numpy(p.inputs)))
         outputs = {k: np.ascontiguousarray(v.numpy()) for k, v in raw.items()}
+        for form, g in [("eager", None)] + ([("graph", graphs)] if graphs else []):
+            def once(g=g) -> None:
+                fast_detections(model, outputs, p.metas, args.device, graphs=g)
 
-        def call() -> float:
-            t0 = time.perf_counter()
-            fast_detections(model, outputs, p.metas, args.device)
-            return time.perf_counter() - t0
+            def call(once=once) -> float:
+                t0 = time.perf_counter()
+                once()
+                return time.perf_counter() - t0
 
-        for _ in range(5):
-            call()
-        alone = statistics.median(call() for _ in range(args.calls))
-        ops, syncs = count_ops(lambda: fast_detections(model, outputs, p.metas, args.device),
-                               args.device)
-        busy = with_busy_threads(call, args.calls, args.busy)
-        print(f"{b:>5} {1e3 * alone:>8.2f} {1e3 * alone / b:>8.2f} {ops:>8} {syncs:>6} "
-              f"{1e3 * busy:>26.2f}")
+            for _ in range(5):
+                call()
+            alone = statistics.median(call() for _ in range(args.calls))
+            ops, syncs = count_ops(once, args.device)
+            busy = with_busy_threads(call, args.calls, args.busy)
+            print(f"{b:>5} {form:>6} {1e3 * alone:>8.2f} {1e3 * alone / b:>8.2f} {ops:>8} "
+                  f"{syncs:>6} {1e3 * busy:>26.2f}")
+    if graphs is not None:
+        print(f"CUDA graphs: {graphs.describe()}")
 
 
 def count_ops(fn, device: str) -> tuple[int, str]:

@@ -204,7 +204,13 @@ def _cuda_capture(body: Callable[[], tuple], device: Any, pool: Any
         body()
     stream.synchronize()
     graph = torch.cuda.CUDAGraph()
+    # capture_begin itself, not torch.cuda.graph(), which first synchronises the whole device
+    # and empties the allocator's caches (the inference beside it would pay for both);
     # thread_local: the pass's other threads (inference) go on launching and synchronising
-    with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-        outputs = body()
+    with torch.cuda.stream(stream):
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+        try:
+            outputs = body()
+        finally:
+            graph.capture_end()
     return graph.replay, outputs

@@ -17,6 +17,7 @@ one; a batch already stored is not run again and no image is written twice.
 from __future__ import annotations
 
 import collections
+import json
 import os
 import queue
 import sys
@@ -166,6 +167,31 @@ def coco_entries(image_id: int, det: Any, category_ids: Sequence[int]) -> list[d
     return entries
 
 
+# one COCO result entry as coco_entries gives it, json.dumps'd: "%.3f" is the correctly rounded
+# decimal that round(v, 3) stands for, so both parse to the same float
+_ENTRY = ('%d,"bbox":[%.{b}f,%.{b}f,%.{b}f,%.{b}f],"score":%.{s}f}}'
+          .format(b=BOX_DECIMALS, s=SCORE_DECIMALS))
+
+
+def coco_entries_json(image_id: int, det: Any, category_ids: Sequence[int]) -> str:
+    """coco_entries(image_id, det, category_ids) as the JSON text of its list, made about 4x
+    faster (formatted all at once, no dict per entry) — it is what the encoders spend their
+    time on, and at the pass's end what the pass waits for; it parses to the same entries
+    (tests/eval/test_coco_pass.py). Non-finite values are left to json.dumps."""
+    labels = np.asarray(det.labels, dtype=np.int64)
+    cats = np.asarray(category_ids, dtype=np.int64)[labels] if len(labels) else labels
+    keep = cats >= 0
+    boxes = np.asarray(det.boxes, dtype=np.float64)[keep].reshape(-1, 4)
+    scores = np.asarray(det.scores, dtype=np.float64)[keep]
+    x1, y1 = boxes[:, 0], boxes[:, 1]
+    values = np.column_stack([x1, y1, boxes[:, 2] - x1, boxes[:, 3] - y1, scores])
+    if not np.isfinite(values).all():
+        return json.dumps(coco_entries(image_id, det, category_ids), separators=(",", ":"))
+    head = '{"image_id":%d,"category_id":' % int(image_id)
+    return "[" + ",".join([head + _ENTRY % (k, *v) for k, v in
+                           zip(cats[keep].tolist(), values.tolist())]) + "]"
+
+
 def default_workers() -> int:
     """Threads per pool: the usable cores less the inference thread, at most MAX_WORKERS."""
     try:
@@ -202,11 +228,16 @@ def image_lines(images: Sequence[tuple[int, str]], dets: Sequence[Any], ms: dict
 
     lines = []
     for i, ((image_id, file_name), det) in enumerate(zip(images, dets)):
-        record = {"image_id": image_id, "file": file_name,
-                  "detections": coco_entries(image_id, det, category_ids), "ms": ms}
+        # image_line({"image_id", "file", "detections", "ms", ...}), the detections' text
+        # made by coco_entries_json
+        head = image_line({"image_id": image_id, "file": file_name})
+        rest = {"ms": ms}
         if refs is not None:
-            record.update(reference_records(image_id, det, refs[i], category_ids))
-        lines.append(image_line(record))
+            rest.update(reference_records(image_id, det, refs[i], category_ids))
+        lines.append(b"".join([
+            head[:-2], b',"detections":',
+            coco_entries_json(image_id, det, category_ids).encode(), b",",
+            json.dumps(rest, separators=(",", ":")).encode()[1:], b"\n"]))
     return lines
 
 

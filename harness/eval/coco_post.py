@@ -23,11 +23,13 @@ POST_PATHS = ("auto", "fast", "reference")
 _local = threading.local()  # each post-processing thread's own CUDA stream
 
 
-def make_post(model: Any, device: str, path: str = "auto") -> tuple[Post, str]:
+def make_post(model: Any, device: str, path: str = "auto", graphs: bool = True
+              ) -> tuple[Post, str]:
     """(post(outputs, metas) → per image NmsResult, which path it takes).
 
     path: "auto" (fast on a CUDA row when the source supports it, else reference), "fast"
-    (also on the CPU: tests and benchmarks), "reference"."""
+    (also on the CPU: tests and benchmarks), "reference". graphs: the fast path on a GPU
+    replays CUDA graphs (False: eager, for benchmarks)."""
     from harness.export.outputs import detections_from_outputs
 
     if path not in POST_PATHS:
@@ -42,7 +44,7 @@ def make_post(model: Any, device: str, path: str = "auto") -> tuple[Post, str]:
         return reference, "reference"
     target = device if str(device).startswith("cuda") else "cpu"
     graphs = None
-    if target != "cpu":
+    if target != "cpu" and graphs:
         from harness.eval.coco_graphs import GraphedPost
 
         graphs = GraphedPost(model, target)

@@ -452,3 +452,49 @@ def test_outputs_not_said_batch_major_are_never_joined(synth_val, spec, tmp_path
     run_pass(split.images, 2, spec, stages.infer, post, CATEGORY_IDS, store_for(tmp_path),
              progress=False, post_group=16, workers=2)
     assert sizes == [2] * 6
+
+
+def _old_line(image_id, file_name, det, ms, category_ids):
+    """The stored line as the record's dict, json.dumps'd (what image_lines made before its
+    detections were formatted at once)."""
+    from harness.eval.coco_pass import coco_entries
+    from harness.eval.store import image_line
+
+    return image_line({"image_id": image_id, "file": file_name,
+                       "detections": coco_entries(image_id, det, category_ids), "ms": ms})
+
+
+def test_stored_lines_parse_to_the_entries_json_dumps_gives():
+    """image_lines formats the detections all at once (coco_entries_json): every line parses
+    to the record the per-entry dicts gave — boxes at their 3 decimals, scores at 7, in
+    float64 as coco_entries computes widths, categories mapped and -1 dropped — on tiny,
+    negative, huge and half-way values, an empty image and non-finite ones."""
+    import json
+
+    from harness.eval.coco_pass import image_lines
+    from harness.nms.trace import NmsResult
+
+    rng = np.random.default_rng(12)
+
+    def det(n, scale=500.0):
+        boxes = (rng.normal(0, 1, (n, 4)) * scale).astype(np.float32)
+        return NmsResult(boxes=boxes, scores=rng.random(n).astype(np.float32),
+                         labels=rng.integers(0, 6, n), box_index=np.arange(n))
+
+    cats = [1, 2, -1, 7, 90, -1]
+    dets = [det(300), det(50, 1e-3), det(40, 1e7), det(0), det(20)]
+    halves = np.array([[0.0005, -0.0015, 2.5e-4, 1.0625]], np.float32)
+    dets.append(NmsResult(boxes=halves, scores=np.array([0.12345675], np.float32),
+                          labels=np.array([0]), box_index=np.array([0])))
+    dets[4].boxes[3, 1] = np.nan
+    dets[4].scores[5] = np.inf
+    images = [(100 + i, f"im\u00e9{i}.jpg") for i in range(len(dets))]
+    ms = {"preprocess": 1.25, "infer": 0.5, "post": 0.125}
+    lines = image_lines(images, dets, ms, cats)
+    for (image_id, name), d, line in zip(images, dets, lines):
+        old = _old_line(image_id, name, d, ms, cats)
+        assert line.endswith(b"\n") and line.count(b"\n") == 1
+        assert json.loads(line) == json.loads(old) or \
+            json.dumps(json.loads(line)) == json.dumps(json.loads(old)), name  # NaN != NaN
+    assert json.loads(lines[0])["detections"], "a test image with no entries tests nothing"
+    assert lines[3] == _old_line(103, images[3][1], dets[3], ms, cats)
