@@ -15,7 +15,11 @@ same either way (tests/eval/test_coco_graphs.py: on the CPU with a stand-in that
 captured function again at each replay, on a GPU with CUDA graphs).
 
 The graphs of one post share one memory pool; calls are serialised by a lock (the replays
-are short: the lock is held for one replay and its copies).
+are short: the lock is held for one replay and its copies). A capture runs beside the pass's
+inference in "thread_local" mode: other threads may launch work and wait for their streams,
+but not synchronise the whole device (CUDA refuses that during any capture, and the capture
+fails): the pass's own wait is for its stream (harness.eval.latency.cuda_sync). A capture
+that fails anyway leaves this post on the eager path, said by describe().
 """
 from __future__ import annotations
 

@@ -43,11 +43,11 @@ def make_post(model: Any, device: str, path: str = "auto", graphs: bool = True
     if path == "auto" and not str(device).startswith("cuda"):
         return reference, "reference"
     target = device if str(device).startswith("cuda") else "cpu"
-    graphs = None
+    replays = None
     if target != "cpu" and graphs:
         from harness.eval.coco_graphs import GraphedPost
 
-        graphs = GraphedPost(model, target)
+        replays = GraphedPost(model, target)
 
     def batch_major(outputs: Any) -> bool:
         """raw / decoded outputs are (B, ...); an end2end file's NMS outputs may not be
@@ -59,11 +59,11 @@ def make_post(model: Any, device: str, path: str = "auto", graphs: bool = True
     def fast(outputs: Any, metas: Sequence[Any]) -> list:
         if not batch_major(outputs):
             return reference(outputs, metas)
-        return fast_detections(model, outputs, metas, target, graphs=graphs)
+        return fast_detections(model, outputs, metas, target, graphs=replays)
 
     fast.can_join = batch_major  # type: ignore[attr-defined]  (coco_pass groups batches)
-    fast.graphs = graphs  # type: ignore[attr-defined]  (its counts, for benchmarks)
-    return fast, f"fast (batched torch on {target}{', CUDA graphs' if graphs else ''})"
+    fast.graphs = replays  # type: ignore[attr-defined]  (its counts, for benchmarks)
+    return fast, f"fast (batched torch on {target}{', CUDA graphs' if replays else ''})"
 
 
 def fast_detections(model: Any, outputs: Any, metas: Sequence[Any], device: str,

@@ -186,13 +186,17 @@ class LatencyResult:
 
 
 def cuda_sync(device: str) -> Optional[Callable[[], None]]:
-    """torch.cuda.synchronize for a CUDA device, None for the CPU."""
+    """For a CUDA device: wait for the calling thread's current stream on it (where a
+    PyTorch forward runs; TensorRT waits for its own stream itself), None for the CPU. Not
+    the whole device: in a COCO pass the post-processing works on streams of its own beside
+    inference, and a device-wide sync would both wait for it and break the capture of its
+    CUDA graphs (harness.eval.coco_graphs) — CUDA refuses it while any stream captures."""
     if not device.startswith("cuda"):
         return None
     import torch
 
     dev = torch.device(device)
-    return lambda: torch.cuda.synchronize(dev)
+    return lambda: torch.cuda.current_stream(dev).synchronize()
 
 
 def measure_latency(batches: Sequence[Any], preprocess: Callable[[Any], Any],
