@@ -7,11 +7,14 @@ writing) the eager call took 12 ms instead of 4 on the H200, and slowed inferenc
 
 A call copies its inputs into the graph's own buffers (host arrays through one pinned buffer
 and one copy), replays, and copies the fixed-size table of ranked candidates back; the host
-keeps each image's kept rows. Where the table's capacity `k_cap` was too small for an
-image's candidates the call is replayed on a graph of the next capacity (remembered for the
-shapes); where the fixed rounds did not converge, or a graph cannot hold the batch (the
-memory budget, a failed capture), the caller runs the eager path: the detections are the
-same either way (tests/eval/test_coco_graphs.py: on the CPU with a stand-in that runs the
+keeps each image's kept rows. A graph holds a power of two of images (a call of fewer fills
+the rest with padding images, which have no candidates), so the few batch sizes a pass
+makes — its batches, groups of them, its last stretch — need few graphs. Where the table's
+capacity `k_cap` was too small for an image's candidates the call is replayed on a graph of
+a larger one (remembered for the shapes); where the fixed rounds did not converge the fixed
+point is continued eagerly from where they stopped; where a graph cannot hold the batch
+(the memory budget, a failed capture) the caller runs the eager path: the detections are the
+same every way (tests/eval/test_coco_graphs.py: on the CPU with a stand-in that runs the
 captured function again at each replay, on a GPU with CUDA graphs).
 
 The graphs of one post share one memory pool; calls are serialised by a lock (the replays
@@ -25,14 +28,16 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-# the candidate capacity of a first graph, and the step it grows by (rounded up to) where an
-# image has more candidates than that
+# the candidate capacity of a first graph; where an image has more candidates, the next is
+# K_GROWTH times that many, rounded up to a multiple of K_STEP
 K_START = 1024
+K_GROWTH = 1.25
 K_STEP = 256
 
 
@@ -42,8 +47,8 @@ class _Graph:
     host: Any          # pinned float32 staging of the host inputs (one copy to the device)
     device: Any        # the graph's flat float32 input buffer
     views: dict[str, tuple[Any, Any]]  # name -> (device view, host staging view)
-    per_image: tuple[Any, Any]         # (device (B, 10), host staging (B, 10))
-    outputs: tuple     # (table, flags, boxes, scores, objectness) — the graph's own tensors
+    per_image: tuple[Any, Any]         # (device (B, 11), host staging (B, 11))
+    outputs: tuple     # (table, flags, state for fixed_continued) — the graph's own tensors
     table_host: Any
     flags_host: Any
 
@@ -66,25 +71,29 @@ class GraphedPost:
         self.graphs: dict[tuple, _Graph] = {}
         self.k_caps: dict[tuple, int] = {}
         self.failed: Optional[str] = None
-        # captures, replays, redone (a larger capacity), eager (not converged / too large)
+        # captures (and their seconds), replays, redone (a larger capacity), continued (the
+        # rounds had not converged), eager (too large for a graph)
         self.stats: collections.Counter = collections.Counter()
         self.pool = torch.cuda.graph_pool_handle() if self.cuda else None
 
     def describe(self) -> str:
         s = self.stats
-        text = (f"{s['captures']} graphs captured, {s['replays']} replays, "
-                f"{s['redone']} redone with more capacity, {s['eager']} left to the eager path")
+        text = (f"{s['captures']} graphs captured ({1e3 * s['capture_s']:.0f} ms), "
+                f"{s['replays']} replays, {s['redone']} redone with more capacity, "
+                f"{s['continued']} continued past the graph's rounds, {s['eager']} left to the "
+                "eager path")
         return text + (f" (capture failed: {self.failed})" if self.failed else "")
 
     def __call__(self, inputs: dict[str, Any], metas: Sequence[Any]) -> Optional[list]:
         import torch
 
-        from harness.nms.fast_mmyolo import fast_mmyolo_nms, table_results
+        from harness.nms.fast_mmyolo import fixed_continued, table_results
 
-        if self.failed or torch.jit.is_tracing():
+        if self.failed or torch.jit.is_tracing() or not inputs:
             return None
-        shapes = tuple((name, tuple(value.shape)) for name, value in inputs.items())
-        batch = shapes[0][1][0]
+        n = len(metas)
+        batch = 1 << max(0, n - 1).bit_length()  # a power of two: few graphs per pass
+        shapes = tuple((name, (batch, *value.shape[1:])) for name, value in inputs.items())
         nms = self.model.nms
         with self.lock:
             k_cap = self.k_caps.get(shapes, min(K_START, nms.nms_pre))
@@ -98,13 +107,12 @@ class GraphedPost:
                 if most <= k_cap:
                     break
                 self.stats["redone"] += 1
-                k_cap = self.k_caps[shapes] = min(nms.nms_pre, -(-int(most) // K_STEP) * K_STEP)
-            if not converged:  # more rounds than the graph's: the eager path, on its inputs
-                self.stats["eager"] += 1
-                boxes, scores, obj = graph.outputs[2:]
-                return fast_mmyolo_nms(boxes, scores, obj, metas, **asdict(nms),
-                                       budget_bytes=self.budget_bytes)
-            return table_results(graph.table_host.numpy())
+                k_cap = self.k_caps[shapes] = min(
+                    nms.nms_pre, -(-int(most * K_GROWTH) // K_STEP) * K_STEP)
+            if not converged:  # more rounds than the graph's: on from where they stopped
+                self.stats["continued"] += 1
+                return table_results(fixed_continued(graph.outputs[2]).cpu().numpy()[:n])
+            return table_results(graph.table_host.numpy()[:n])
 
     def _run(self, graph: _Graph, inputs: dict[str, Any], metas: Sequence[Any]) -> None:
         import torch
@@ -112,18 +120,19 @@ class GraphedPost:
         from harness.nms.fast_mmyolo import per_image_rows
 
         on_host = False
-        for name, value in inputs.items():
+        n = len(metas)
+        for name, value in inputs.items():  # the first n images; the rest are padding
             dev_view, host_view = graph.views[name]
             if torch.is_tensor(value) and value.device.type != "cpu":
-                dev_view.copy_(value)
+                dev_view[:n].copy_(value)
             else:
-                np.copyto(host_view, value.numpy() if torch.is_tensor(value) else value,
+                np.copyto(host_view[:n], value.numpy() if torch.is_tensor(value) else value,
                           casting="same_kind")
                 on_host = True
         if on_host:
             graph.device.copy_(graph.host, non_blocking=True)
         dev_meta, host_meta = graph.per_image
-        host_meta.numpy()[:] = per_image_rows(metas)
+        host_meta.numpy()[:] = per_image_rows(metas, len(host_meta))
         dev_meta.copy_(host_meta, non_blocking=True)
         graph.replay()
         graph.table_host.copy_(graph.outputs[0], non_blocking=True)
@@ -140,12 +149,14 @@ class GraphedPost:
             return self.graphs[key]
         if _matrix_bytes(batch, k_cap) > self.budget_bytes:
             return None
+        t0 = time.perf_counter()
         try:
             graph = self.graphs[key] = self._capture(shapes, batch, k_cap)
         except Exception as exc:  # noqa: BLE001 — the eager path gives the same detections
             self.failed = f"{type(exc).__name__}: {exc}".splitlines()[0]
             return None
         self.stats["captures"] += 1
+        self.stats["capture_s"] += time.perf_counter() - t0
         return graph
 
     def _capture(self, shapes: tuple, batch: int, k_cap: int) -> _Graph:
@@ -160,8 +171,12 @@ class GraphedPost:
         host_parts = np.split(host.numpy(), np.cumsum(sizes)[:-1])
         views = {name: (d.view(shape), h.reshape(shape))
                  for (name, shape), d, h in zip(shapes, dev_parts, host_parts)}
-        dev_meta = torch.zeros((batch, 10), dtype=torch.float32, device=self.device)
-        host_meta = torch.zeros((batch, 10), dtype=torch.float32, pin_memory=self.cuda)
+        dev_meta = torch.zeros((batch, 11), dtype=torch.float32, device=self.device)
+        host_meta = torch.zeros((batch, 11), dtype=torch.float32, pin_memory=self.cuda)
+        dev_meta[:, 4:8] = 1.0  # padding images' scale (the warm-up run divides by it)
+        # zeros, not garbage, in the padding images' inputs until a call fills them
+        device.zero_()
+        host.zero_()
         nms = asdict(self.model.nms)
 
         def body() -> tuple:
@@ -175,9 +190,8 @@ class GraphedPost:
             if scores.shape[1] * scores.shape[2] >= EXACT_INDEX:
                 raise ValueError(f"{scores.shape[1]} x {scores.shape[2]} candidates: too "
                                  "many for the table's float32 indices")
-            table, flags = fixed_mmyolo_nms(boxes, scores, obj, dev_meta, k_cap, **nms,
-                                           rounds=self.rounds)
-            return table, flags, boxes, scores, obj
+            return fixed_mmyolo_nms(boxes, scores, obj, dev_meta, k_cap, **nms,
+                                    rounds=self.rounds)
 
         with torch.no_grad():
             if self.cuda:
@@ -187,9 +201,10 @@ class GraphedPost:
 
                 def replay() -> None:
                     with torch.no_grad():
-                        for mine, new in zip(outputs, body()):
-                            if mine is not None:
-                                mine.copy_(new)
+                        table, flags, state = body()
+                    outputs[0].copy_(table)
+                    outputs[1].copy_(flags)
+                    outputs[2].update(state)
         table_host = torch.empty(outputs[0].shape, dtype=torch.float32, pin_memory=self.cuda)
         flags_host = torch.empty(outputs[1].shape, dtype=torch.float32, pin_memory=self.cuda)
         return _Graph(replay, host, device, views, (dev_meta, host_meta), outputs,

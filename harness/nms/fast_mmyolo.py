@@ -16,8 +16,9 @@ Two forms of it:
   fixed_mmyolo_nms  every shape fixed by the inputs' and a candidate capacity `k_cap`, a fixed
                     number of rounds, no sync: what harness.eval.coco_graphs captures once in
                     a CUDA graph and replays (one launch, one sync per call); it says
-                    whether `k_cap` held every candidate and whether the rounds converged,
-                    and where not, the caller runs fast_mmyolo_nms instead.
+                    whether `k_cap` held every candidate (where not, the caller runs it again
+                    with more) and whether the rounds converged (where not,
+                    fixed_continued goes on from where they stopped).
 
 Images whose candidate set is too large for one IoU matrix in the memory budget are left to
 the reference kernel (`None` in the returned list).
@@ -97,17 +98,20 @@ def fixed_mmyolo_nms(boxes: Any, scores: Any, objectness: Optional[Any], per_ima
                      max_per_img: int, multi_label: bool, yolox_style: bool = False,
                      min_bbox_size: float = -1.0, class_agnostic: bool = False,
                      split_thr: int = MMCV_SPLIT_THR, rounds: int = FIXED_ROUNDS
-                     ) -> tuple[Any, Any]:
+                     ) -> tuple[Any, Any, dict[str, Any]]:
     """fast_mmyolo_nms with every shape fixed: (table (B, k_cap, TABLE_COLUMNS) float32 —
     per ranked candidate its clamped box, score, label, box index and whether it is kept —,
     flags (2,) float32: the largest candidate count (k_cap held them all if it is <= k_cap)
-    and 1.0 if `rounds` rounds reached the fixed point). No host-device sync and no shape
-    that depends on the data, so a CUDA graph can hold it. per_image: per_image_meta(metas).
-    Where both flags are good, table_results(table) equals fast_mmyolo_nms's detections."""
+    and 1.0 if `rounds` rounds reached the fixed point, the state fixed_continued goes on
+    from). No host-device sync and no shape that depends on the data, so a CUDA graph can
+    hold it. per_image: per_image_meta(metas, batch) (a row whose last column is 0 is a
+    padding image: no candidates). Where both flags are good, table_results(table) equals
+    fast_mmyolo_nms's detections."""
     import torch
 
     order, counts, flat_scores, best, c = _ranked(boxes, scores, objectness, score_thr,
-                                                  nms_pre, multi_label, yolox_style)
+                                                  nms_pre, multi_label, yolox_style,
+                                                  active=per_image[:, 10] > 0)
     k = min(k_cap, order.shape[1])
     cand = _candidates(boxes, order[:, :k], counts, flat_scores, best, c, per_image,
                        min_bbox_size)
@@ -119,14 +123,31 @@ def fixed_mmyolo_nms(boxes: Any, scores: Any, objectness: Optional[Any], per_ima
     for _ in range(rounds):
         keep = _round(keep, hit_f, valid_f)
     converged = torch.eq(_round(keep, hit_f, valid_f), keep).all()
-    keep, out = _finish(keep > 0, cand["xyxy"], cand["wh"], max_per_img, yolox_style)
-    table = torch.cat([out, cand["score"][..., None], cand["cls"][..., None].to(out.dtype),
-                       cand["box"][..., None].to(out.dtype), keep[..., None].to(out.dtype)],
+    state = {**cand, "hit": hit_f, "valid": valid_f, "keep": keep, "k_cap": k_cap,
+             "max_per_img": max_per_img, "yolox_style": yolox_style}
+    flags = torch.stack([counts.max().to(torch.float32), converged.to(torch.float32)])
+    return _table(state, keep), flags, state
+
+
+def fixed_continued(state: dict[str, Any]) -> Any:
+    """The table of a fixed_mmyolo_nms whose rounds did not converge: the fixed point
+    continued from where they stopped (eagerly, convergence checked as it goes)."""
+    return _table(state, _fixed_point(state["hit"], state["valid"], start=state["keep"]))
+
+
+def _table(state: dict[str, Any], keep: Any) -> Any:
+    """fixed_mmyolo_nms's (B, k_cap, TABLE_COLUMNS) table for the kept 0/1 floats `keep`."""
+    import torch
+
+    keep, out = _finish(keep > 0, state["xyxy"], state["wh"], state["max_per_img"],
+                        state["yolox_style"])
+    table = torch.cat([out, state["score"][..., None], state["cls"][..., None].to(out.dtype),
+                       state["box"][..., None].to(out.dtype), keep[..., None].to(out.dtype)],
                       dim=2)
+    k, k_cap = table.shape[1], state["k_cap"]
     if k < k_cap:  # fewer candidates than k_cap in all: the table is k_cap wide all the same
         table = torch.nn.functional.pad(table, (0, 0, 0, k_cap - k))
-    flags = torch.stack([counts.max().to(torch.float32), converged.to(torch.float32)])
-    return table, flags
+    return table
 
 
 def table_results(table: np.ndarray) -> list[NmsResult]:
@@ -147,26 +168,32 @@ def fixed_fits(batch: int, candidates: int, k_cap: int, budget_bytes: int) -> bo
     return _matrix_bytes(batch, k_cap) <= budget_bytes and candidates < EXACT_INDEX
 
 
-def per_image_meta(metas: Sequence[Any], device: Any) -> Any:
-    """(B, 10) float32 on `device`: per image its letterbox padding (left, top, twice), scale
-    factors (twice) and original width and height — what fixed_mmyolo_nms takes of metas."""
+def per_image_meta(metas: Sequence[Any], device: Any, batch: Optional[int] = None) -> Any:
+    """(batch, 11) float32 on `device`: per image its letterbox padding (left, top, twice),
+    scale factors (twice), original width and height, and 1 — what fixed_mmyolo_nms takes of
+    metas; rows past len(metas) (up to `batch`) are padding images (last column 0)."""
     import torch
 
-    return torch.from_numpy(per_image_rows(metas)).to(device)
+    return torch.from_numpy(per_image_rows(metas, batch)).to(device)
 
 
-def per_image_rows(metas: Sequence[Any]) -> np.ndarray:
+def per_image_rows(metas: Sequence[Any], batch: Optional[int] = None) -> np.ndarray:
     """per_image_meta's rows as a host array."""
-    return np.asarray([[*pad_left_top(m)] * 2 + [*m.scale_factor] * 2 +
-                       [m.ori_shape[1], m.ori_shape[0]] for m in metas],
-                      np.float32).reshape(len(metas), 10)
+    rows = np.zeros((batch or len(metas), 11), np.float32)
+    rows[:, 4:8] = 1.0  # a padding image's scale: no division by zero
+    if metas:
+        rows[:len(metas)] = [[*pad_left_top(m)] * 2 + [*m.scale_factor] * 2 +
+                             [m.ori_shape[1], m.ori_shape[0], 1.0] for m in metas]
+    return rows
 
 
 def _ranked(boxes: Any, scores: Any, objectness: Optional[Any], score_thr: float,
-            nms_pre: int, multi_label: bool, yolox_style: bool) -> tuple:
+            nms_pre: int, multi_label: bool, yolox_style: bool,
+            active: Optional[Any] = None) -> tuple:
     """(order: each image's candidates ranked, valid ones first by descending score (ties:
     lower position first), counts: valid ones per image up to nms_pre, flat scores, best
-    class per box (single label) or None, classes)."""
+    class per box (single label) or None, classes). active: per image, False for a padding
+    image (no valid candidate)."""
     import torch
 
     b, n, c = scores.shape
@@ -190,6 +217,8 @@ def _ranked(boxes: Any, scores: Any, objectness: Optional[Any], score_thr: float
         best_score, best = scores.max(dim=2)  # the first maximal class, as torch documents
         valid = (best_score > thr) & alive
         flat_scores = best_score
+    if active is not None:
+        valid = valid & active[:, None]
     key = torch.where(valid, flat_scores, torch.full_like(flat_scores, -float("inf")))
     order = torch.sort(key, dim=1, descending=True, stable=True).indices
     counts = valid.sum(dim=1).clamp(max=nms_pre)
@@ -317,12 +346,13 @@ def _round(keep: Any, hit_f: Any, valid_f: Any) -> Any:
     return valid_f * (torch.bmm(keep.unsqueeze(1), hit_f).squeeze(1) == 0)
 
 
-def _fixed_point(hit_f: Any, valid_f: Any) -> Any:
-    """The kept candidates (0/1 floats): rounds from "all valid" until nothing changes."""
+def _fixed_point(hit_f: Any, valid_f: Any, start: Optional[Any] = None) -> Any:
+    """The kept candidates (0/1 floats): rounds from "all valid" (or from `start`, a round's
+    result) until nothing changes."""
     import torch
 
     w = hit_f.shape[1]
-    keep = valid_f
+    keep = valid_f if start is None else start
     for step in range(w + 1):
         new = _round(keep, hit_f, valid_f)
         # a fixed point stays fixed, so convergence is checked (a device sync) every few steps

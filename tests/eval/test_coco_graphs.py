@@ -1,8 +1,9 @@
 """The fast post-processing as graphs (harness.eval.coco_graphs): the reference kernel's
-detections element for element whatever the graph's path — captured once and replayed, redone
-with more capacity, left to the eager path where its rounds do not converge or its matrices
-would not fit — on the CPU with the stand-in that runs the captured function again at each
-replay, and on a GPU with CUDA graphs (skipped without one)."""
+detections element for element whatever the graph's path — captured once and replayed, a
+call of fewer images than the graph holds, redone with more capacity, continued where its
+rounds do not converge, left to the eager path where its matrices would not fit — on the CPU
+with the stand-in that runs the captured function again at each replay, and on a GPU with
+CUDA graphs (skipped without one)."""
 from __future__ import annotations
 
 import threading
@@ -93,7 +94,23 @@ def test_a_capacity_too_small_is_redone_larger_and_remembered(fixture_batches, m
     assert graphs.stats["redone"] == redone, "the capacity found is kept for the shapes"
 
 
-def test_rounds_that_do_not_converge_and_matrices_too_large_go_eager(fixture_batches):
+def test_fewer_images_than_the_graph_holds_are_padded_not_captured_again(fixture_batches):
+    """A graph holds a power of two of images: 3 images replay the graph of 4 (the fourth a
+    padding image without candidates), 2 and 1 get graphs of their own."""
+    from harness.eval.coco_graphs import GraphedPost
+
+    model, batches = fixture_batches
+    metas, outputs, _, refs = batches[0]
+    graphs = GraphedPost(model, "cpu")
+    for n, captures in [(4, 1), (3, 1), (2, 2), (1, 3), (3, 3)]:
+        given = {name: value[:n] for name, value in inputs_of(outputs).items()}
+        found = graphs(given, metas[:n])
+        assert len(found) == n and graphs.stats["captures"] == captures, (n, graphs.describe())
+        for r, f in zip(refs[:n], found):
+            assert_same(r, f, f"{n} images in a graph of {1 << (n - 1).bit_length()}")
+
+
+def test_rounds_that_do_not_converge_go_on_and_matrices_too_large_go_eager(fixture_batches):
     from harness.eval.coco_graphs import GraphedPost
     from harness.eval.coco_post import fast_detections
 
@@ -101,10 +118,10 @@ def test_rounds_that_do_not_converge_and_matrices_too_large_go_eager(fixture_bat
     metas, outputs, _, refs = batches[0]
     graphs = GraphedPost(model, "cpu")
     graphs.rounds = 1
-    found = graphs(inputs_of(outputs), metas)  # the eager path, on the graph's decode
-    assert graphs.stats["eager"] == 1
+    found = graphs(inputs_of(outputs), metas)  # continued from the graph's one round
+    assert graphs.stats["continued"] == 1 and graphs.stats["eager"] == 0
     for r, f in zip(refs, found):
-        assert_same(r, f, "unconverged, then eager")
+        assert_same(r, f, "unconverged, then continued")
     small = GraphedPost(model, "cpu", budget_bytes=32 * 64 ** 2)
     assert small(inputs_of(outputs), metas) is None and small.stats["captures"] == 0
     for r, f in zip(refs, fast_detections(model, outputs, metas, "cpu", graphs=small)):
@@ -165,6 +182,7 @@ def test_cuda_graphs_equal_the_reference_beside_a_busy_device(fixture_batches):
         assert not failures, failures
         graphs = fast.graphs
         assert not graphs.failed and graphs.stats["eager"] == 0, graphs.describe()
+        assert graphs.stats["capture_s"] > 0
         sizes = {len(metas) for metas, *_ in batches}
         assert graphs.stats["captures"] == 2 * len(sizes), graphs.describe()
     finally:

@@ -234,15 +234,19 @@ def test_every_family_at_random_init_on_real_photos(family, real_photos):
         assert_same(r, g, f"{family} photo {i}, fixed form")
 
 
-def run_fixed(boxes, scores, obj, metas, k_cap, rounds=None, **settings):
-    from harness.nms.fast_mmyolo import fixed_mmyolo_nms, per_image_meta, table_results
+def run_fixed(boxes, scores, obj, metas, k_cap, rounds=None, continued=False, **settings):
+    from harness.nms.fast_mmyolo import (fixed_continued, fixed_mmyolo_nms, per_image_meta,
+                                         table_results)
 
     extra = {} if rounds is None else {"rounds": rounds}
-    table, flags = fixed_mmyolo_nms(torch.from_numpy(boxes), torch.from_numpy(scores),
-                                    None if obj is None else torch.from_numpy(obj),
-                                    per_image_meta(metas, "cpu"), k_cap, **settings, **extra)
+    table, flags, state = fixed_mmyolo_nms(
+        torch.from_numpy(boxes), torch.from_numpy(scores),
+        None if obj is None else torch.from_numpy(obj), per_image_meta(metas, "cpu"), k_cap,
+        **settings, **extra)
     assert table.shape == (len(metas), k_cap, 8), "the table is k_cap wide, whatever the data"
     most, converged = flags.tolist()
+    if continued:
+        table = fixed_continued(state)
     return table_results(table.numpy()), most, converged
 
 
@@ -261,6 +265,25 @@ def test_fixed_form_equals_the_reference(case, objectness):
         assert_same(r, f, f"{case} image {i}, fixed form")
 
 
+def test_padding_images_have_no_candidates():
+    """fixed_mmyolo_nms's batch may hold more images than there are (a graph of a power of
+    two): a padding row (per_image_meta's last column 0) ranks nothing, keeps nothing and
+    changes nothing for the images before it."""
+    from harness.nms.fast_mmyolo import fixed_mmyolo_nms, per_image_meta, table_results
+
+    rng = np.random.default_rng(4)
+    boxes, scores, obj = candidates(rng, 4, 300, 4)
+    metas = metas_for(3)
+    refs, _ = run_both(boxes[:3], scores[:3], obj[:3], metas, **BASE)
+    table, flags, _ = fixed_mmyolo_nms(torch.from_numpy(boxes), torch.from_numpy(scores),
+                                       torch.from_numpy(obj), per_image_meta(metas, "cpu", 4),
+                                       1280, **BASE)
+    found = table_results(table.numpy())
+    assert len(found[3]) == 0 and flags[1] == 1.0
+    for r, f in zip(refs, found):
+        assert_same(r, f, "beside a padding image")
+
+
 def test_fixed_form_says_when_its_capacity_or_rounds_fall_short():
     rng = np.random.default_rng(2)
     boxes, scores, obj = candidates(rng, 2, 300, 4)
@@ -270,8 +293,10 @@ def test_fixed_form_says_when_its_capacity_or_rounds_fall_short():
     _, most, _ = run_fixed(boxes, scores, obj, metas_for(2), 100, **BASE)
     assert most == max(counts) > 100, "a capacity below the candidates must say so"
     fixed, most, converged = run_fixed(boxes, scores, obj, metas_for(2), 512 * 3, rounds=1,
-                                       **BASE)
+                                       continued=True, **BASE)
     assert converged == 0.0, "one round cannot reach the fixed point of hundreds of boxes"
+    for r, f in zip(refs, fixed):
+        assert_same(r, f, "fixed form, continued after one round")
     fixed, _, converged = run_fixed(boxes, scores, obj, metas_for(2), 512 * 3, **BASE)
     assert converged == 1.0
     for r, f in zip(refs, fixed):
