@@ -7,9 +7,9 @@ writing) the eager call took 12 ms instead of 4 on the H200, and slowed inferenc
 
 A call copies its inputs into the graph's own buffers (host arrays through one pinned buffer
 and one copy), replays, and copies the fixed-size table of ranked candidates back; the host
-keeps each image's kept rows. A graph holds a power of two of images (a call of fewer fills
-the rest with padding images, which have no candidates), so the few batch sizes a pass
-makes — its batches, groups of them, its last stretch — need few graphs. Where the table's
+keeps each image's kept rows. A graph holds 1, 2, 4, 8 or a multiple of 8 images (a call of
+fewer fills the rest with padding images, which have no candidates), so the few batch sizes
+a pass makes — its batches, groups of them, its last stretch — need few graphs. Where the table's
 capacity `k_cap` was too small for an image's candidates the call is replayed on a graph of
 a larger one (remembered for the shapes); where the fixed rounds did not converge the fixed
 point is continued eagerly from where they stopped; where a graph cannot hold the batch
@@ -92,7 +92,7 @@ class GraphedPost:
         if self.failed or torch.jit.is_tracing() or not inputs:
             return None
         n = len(metas)
-        batch = 1 << max(0, n - 1).bit_length()  # a power of two: few graphs per pass
+        batch = graph_batch(n)
         shapes = tuple((name, (batch, *value.shape[1:])) for name, value in inputs.items())
         nms = self.model.nms
         with self.lock:
@@ -209,6 +209,12 @@ class GraphedPost:
         flags_host = torch.empty(outputs[1].shape, dtype=torch.float32, pin_memory=self.cuda)
         return _Graph(replay, host, device, views, (dev_meta, host_meta), outputs,
                       table_host, flags_host)
+
+
+def graph_batch(images: int) -> int:
+    """The images a graph for `images` holds: the next power of two up to 8, then the next
+    multiple of 8 (padding costs a graph's whole matrices per padding image)."""
+    return 1 << max(0, images - 1).bit_length() if images <= 8 else -(-images // 8) * 8
 
 
 def _cuda_capture(body: Callable[[], tuple], device: Any, pool: Any

@@ -49,9 +49,10 @@ SWITCH_INTERVAL_S = 0.0002
 POLL_S = 0.1
 WAKE_S = 0.002  # the writer's wait for a new batch while others are being post-processed
 # at the pass's end (nothing more to come from inference) the last batches holding at most this
-# many images are encoded in the writer thread while the encoders take the rest: 4 images take
-# it 2.2 ms on the H200, a round trip through the encoders' pool 5-7 ms
-LOCAL_ENCODE_IMAGES = 4
+# many images are encoded in the writer thread while the encoders take the rest: 4 images took
+# it 2.2 ms on the H200 before their detections were formatted at once (coco_entries_json,
+# 2-4x faster), a round trip through the encoders' pool 5-7 ms
+LOCAL_ENCODE_IMAGES = 8
 # a post-processing call running beside inference takes this many times its mean (its device
 # syncs wait behind the inference's kernels: H200, onnxruntime batch 4, 11.9 ms where alone
 # it takes 4.3): in the last stretch a call is made only if it can end before inference does
