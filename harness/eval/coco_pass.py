@@ -300,7 +300,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
              post_reference: Optional[Callable[[Any, Sequence[Any], np.ndarray, list],
                                                list]] = None,
              shard: tuple[int, int] = (0, 1), workers: Optional[int] = None,
-             processes: bool = False, post_group: int = POST_GROUP_IMAGES,
+             processes: bool = False, post_group: Optional[int] = None,
              timeline: bool = False) -> PassTimes:
     """Run every batch of `images` (SplitImage) not yet in `store` (RunStore).
 
@@ -319,7 +319,8 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     shared memory, and encode the stored records in a second small pool
     (harness.eval.pass_processes), which the GIL does not bind; worth it where the backend is
     fast enough to wait for the host (GPU).
-    post_group: images gathered per post-processing call (1: every batch on its own).
+    post_group: images gathered per post-processing call (1: every batch on its own;
+    default: the post's own `post_group` where it has one, else POST_GROUP_IMAGES).
     timeline: record each batch's stages in times.timeline (benchmarks).
     """
     from tqdm import tqdm
@@ -328,6 +329,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     from harness.eval.store import image_line
 
     clock = time.perf_counter
+    post_group = post_group or getattr(post, "post_group", None) or POST_GROUP_IMAGES
     n_workers = workers or default_workers()
     slots, free_slots, encoders, n_encoders = None, None, None, 0
     if processes:  # started (once per process) before the pass is timed, like the model

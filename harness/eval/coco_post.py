@@ -63,6 +63,10 @@ def make_post(model: Any, device: str, path: str = "auto", graphs: bool = True
 
     fast.can_join = batch_major  # type: ignore[attr-defined]  (coco_pass groups batches)
     fast.graphs = replays  # type: ignore[attr-defined]  (its counts, for benchmarks)
+    if replays is not None:  # the images per call coco_pass gathers for it
+        from harness.eval.coco_graphs import GRAPH_GROUP_IMAGES
+
+        fast.post_group = GRAPH_GROUP_IMAGES  # type: ignore[attr-defined]
     return fast, f"fast (batched torch on {target}{', CUDA graphs' if replays else ''})"
 
 
