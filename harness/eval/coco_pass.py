@@ -5,9 +5,10 @@ NMS'd by a second pool behind it, then written to the RunStore in batch order, w
 calling thread only runs inference. On a fast GPU the host must do better than one
 interpreter can (H200, fixture: wall / inference 1.8–6.7 at batch 4 with one reader and one
 post-processor): there reading and encoding the stored records run in processes
-(harness.eval.pass_processes), the first images are read one job each (the fill), and the
-last stretch is post-processed as soon as no call runs, or, where a call would not end before
-inference does, in one call after the last inference (the drain). `workers` sets the
+(harness.eval.pass_processes), the first images are read one job each (the fill), the fast
+post replays CUDA graphs batch by batch (harness.eval.coco_graphs), and the last stretch is
+post-processed as soon as no call runs, or, where a call would not end before inference
+does, in one call after the last inference (the drain). `workers` sets the
 pools' size.
 
 Batches are fixed by position in the split (batch k holds images k*B .. k*B+B-1, unreadable
@@ -40,7 +41,9 @@ FILL_ROUNDS = 2
 MAX_WORKERS = 8  # per pool, by default: enough for the H200 at batch 4 (bench_coco_overhead)
 # post-processing runs on groups of at least this many images (several inference batches
 # concatenated), so its fixed per-call cost — ~690 aten ops, 13 device syncs, 4-5 ms alone on
-# the H200 on the fast path (experiments/bench_fast_post.py) — is shared
+# the H200 on the eager fast path (experiments/bench_fast_post.py) — is shared; a post that
+# says otherwise (`post.post_group`: replayed CUDA graphs, coco_graphs.GRAPH_GROUP_IMAGES)
+# gets that many
 POST_GROUP_IMAGES = 16
 # During a pass the interpreter hands the GIL over after this long instead of 5 ms: the
 # inference thread re-takes it after every kernel launch / session.run, and with busy worker
