@@ -9,8 +9,8 @@ A call copies its inputs into the graph's own buffers (host arrays through one p
 and one copy), replays, and copies the fixed-size table of ranked candidates back; the host
 keeps each image's kept rows. A graph holds 1, 2, 4, 8 or a multiple of 8 images (a call of
 fewer fills the rest with padding images, which have no candidates), so the few batch sizes
-a pass makes — its batches, groups of them, its last stretch — need few graphs. Where the table's
-capacity `k_cap` was too small for an image's candidates the call is replayed on a graph of
+a pass makes — its batches, groups of them, its last stretch — need few graphs. Where the
+table's capacity `k_cap` was too small for an image's candidates the call is replayed on a graph of
 a larger one (remembered for the shapes); where the fixed rounds did not converge the fixed
 point is continued eagerly from where they stopped; where a graph cannot hold the batch
 (the memory budget, a failed capture) the caller runs the eager path: the detections are the
@@ -37,12 +37,12 @@ import numpy as np
 # the candidate capacity of a first graph; where an image has more candidates, the next is
 # K_GROWTH times that many, rounded up to a multiple of K_STEP
 K_START = 1024
+K_GROWTH = 1.25
+K_STEP = 256
 # images per call a pass gathers for a post that replays graphs: a replay costs little per
 # call (H200: 1.5 ms for 4 images, 2.7 for 16), while a group's matrices are as wide as its
 # most crowded image — so a batch of 4 goes as it is, and the pass's last call is small
 GRAPH_GROUP_IMAGES = 4
-K_GROWTH = 1.25
-K_STEP = 256
 
 
 @dataclass
@@ -150,12 +150,12 @@ class GraphedPost:
             torch.cuda.current_stream(self.device).synchronize()
 
     def _graph(self, shapes: tuple, batch: int, k_cap: int) -> Optional[_Graph]:
-        from harness.nms.fast_mmyolo import _matrix_bytes
+        from harness.nms.fast_mmyolo import matrix_bytes
 
         key = (shapes, k_cap)
         if key in self.graphs:
             return self.graphs[key]
-        if _matrix_bytes(batch, k_cap) > self.budget_bytes:
+        if matrix_bytes(batch, k_cap) > self.budget_bytes:
             return None
         t0 = time.perf_counter()
         try:

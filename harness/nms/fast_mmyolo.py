@@ -163,12 +163,6 @@ def table_results(table: np.ndarray) -> list[NmsResult]:
     return results
 
 
-def fixed_fits(batch: int, candidates: int, k_cap: int, budget_bytes: int) -> bool:
-    """Whether fixed_mmyolo_nms can run a batch: its IoU matrices within the budget and its
-    indices exact in the float32 table (`candidates`: boxes, or boxes x classes)."""
-    return _matrix_bytes(batch, k_cap) <= budget_bytes and candidates < EXACT_INDEX
-
-
 def per_image_meta(metas: Sequence[Any], device: Any, batch: Optional[int] = None) -> Any:
     """(batch, 11) float32 on `device`: per image its letterbox padding (left, top, twice),
     scale factors (twice), original width and height, and 1 — what fixed_mmyolo_nms takes of
@@ -269,9 +263,9 @@ def _groups(widths: Sequence[int], budget_bytes: int) -> list[list[int]]:
     in no group."""
     groups: list[list[int]] = []
     for i in sorted(range(len(widths)), key=lambda i: widths[i]):
-        if _matrix_bytes(1, widths[i]) > budget_bytes:
+        if matrix_bytes(1, widths[i]) > budget_bytes:
             break
-        if groups and _matrix_bytes(len(groups[-1]) + 1, widths[i]) <= budget_bytes:
+        if groups and matrix_bytes(len(groups[-1]) + 1, widths[i]) <= budget_bytes:
             groups[-1].append(i)
         else:
             groups.append([i])
@@ -287,8 +281,9 @@ def _widths(valid: Any) -> Any:
     return (valid * pos).amax(dim=1) if valid.shape[1] else valid.sum(dim=1)
 
 
-def _matrix_bytes(images: int, width: int) -> int:
-    # the peak of _hits: about eight float32 / bool K x K temporaries at once
+def matrix_bytes(images: int, width: int) -> int:
+    """The memory the IoU matrices of `images` images `width` candidates wide take at their
+    peak (_hits: about eight float32 / bool K x K temporaries at once)."""
     return images * width * width * 32
 
 
