@@ -84,6 +84,15 @@ class GraphedPost:
         self.stats: collections.Counter = collections.Counter()
         self.pool = torch.cuda.graph_pool_handle() if self.cuda else None
 
+    def summary(self) -> dict[str, Any]:
+        """The counts describe() says, for results.json."""
+        s = self.stats
+        out = {k: int(s[k]) for k in ("captures", "replays", "redone", "continued", "eager")}
+        out["capture_s"] = round(s["capture_s"], 3)
+        if self.failed:
+            out["failed"] = self.failed
+        return out
+
     def describe(self) -> str:
         s = self.stats
         text = (f"{s['captures']} graphs captured ({1e3 * s['capture_s']:.0f} ms), "

@@ -70,6 +70,17 @@ def make_post(model: Any, device: str, path: str = "auto", graphs: bool = True
     return fast, f"fast (batched torch on {target}{', CUDA graphs' if replays else ''})"
 
 
+def post_record(post: Post, how: str) -> dict[str, Any]:
+    """What results.json keeps of the post-processing a pass ran: its path and, where it
+    replayed CUDA graphs, their counts (captured, replayed, redone with more capacity,
+    continued past the graph's rounds, left to the eager path)."""
+    out: dict[str, Any] = {"path": how}
+    graphs = getattr(post, "graphs", None)
+    if graphs is not None:
+        out["graphs"] = graphs.summary()
+    return out
+
+
 def fast_detections(model: Any, outputs: Any, metas: Sequence[Any], device: str,
                     budget_bytes: Optional[int] = None, graphs: Any = None) -> list:
     """Per image NmsResult of raw / decoded outputs, decoded and NMS'd on `device`; an image

@@ -124,7 +124,7 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
                        on_batch: Optional[Callable[[Configuration, int], None]],
                        ranks: Ranks) -> tuple[CocoRow, ConfigurationRun]:
     from harness.eval.coco_pass import run_pass
-    from harness.eval.coco_post import make_post
+    from harness.eval.coco_post import make_post, post_record
     from harness.eval.coco_scores import evaluate
     from harness.eval.delta_ap import cause_scores, reference_nms_post, replay_disagreements
     from harness.eval.latency import LatencyResult, default_settings
@@ -167,7 +167,8 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
     timing = default_settings(config.device, settings.warmup, settings.runs)
 
     # on a GPU row: the batched post-processing on that GPU, and images read in processes
-    post, _ = make_post(model, config.device)
+    post, post_how = make_post(model, config.device)
+    post_ran = None
     on_gpu = str(config.device).startswith("cuda")
 
     spec = None
@@ -187,6 +188,7 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
             progress=settings.progress and ranks.main,
             on_batch=None if on_batch is None else (lambda n: on_batch(config, n)),
             warn=log, post_reference=post_reference, shard=ranks.shard, processes=on_gpu)
+        post_ran = post_record(post, post_how)  # before latency timing calls it again
     except UserError as exc:  # a backend that loads but cannot run these inputs
         problem = f"failed: {exc}"
     times = run.pass_times
@@ -253,7 +255,8 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
                              "inference_s": round(times.infer_s, 4),
                              "ratio": round(times.overhead_ratio, 3),
                              "waited_for_reading_s": round(times.wait_read_s, 4),
-                             "waited_for_post_s": round(times.wait_post_s, 4)}
+                             "waited_for_post_s": round(times.wait_post_s, 4),
+                             "post": post_ran}
         host = (row.inference or {}).get("host") or {}
         if host.get("median") and ranks.latency_rank == ranks.rank:
             # the same batches' inference as its own phase timed it (where the pass ran): how

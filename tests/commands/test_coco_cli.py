@@ -117,6 +117,8 @@ def test_every_row_that_can_run_here(matrix_run):
             p = r["accuracy_pass"]
             assert p["images"] == 8 and p["wall_s"] >= p["inference_s"] > 0
             assert p["ratio"] == pytest.approx(p["wall_s"] / p["inference_s"], rel=0.05)
+            # which post-processing it ran (on the CPU the numpy reference: no graphs)
+            assert p["post"] == {"path": "reference"}
             # its batches as the inference phase timed them alone (timed here: no launcher)
             assert p["inference_alone_s"] == pytest.approx(
                 8 // r["batch"] * r["inference"]["host"]["median"] / 1e3, rel=0.01, abs=1e-4)

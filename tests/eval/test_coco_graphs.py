@@ -74,6 +74,16 @@ def test_replays_give_the_reference_detections_and_capture_once(fixture_batches)
     assert len(batches) > len(sizes), "a batch shape must come back to be replayed"
     assert graphs.stats["captures"] == 2 * len(sizes), graphs.describe()
     assert graphs.stats["replays"] == 2 * len(batches), graphs.describe()
+    # what results.json keeps of it
+    from harness.eval.coco_post import post_record
+
+    fast = lambda outputs, metas: None  # noqa: E731 — a post carrying these graphs
+    fast.graphs = graphs
+    record = post_record(fast, "fast (batched torch on cuda, CUDA graphs)")
+    assert record["graphs"] == {"captures": 2 * len(sizes), "replays": 2 * len(batches),
+                                "redone": 0, "continued": 0, "eager": 0,
+                                "capture_s": record["graphs"]["capture_s"]}
+    assert record["graphs"]["capture_s"] > 0
     assert graphs.stats["eager"] == 0 and not graphs.failed
 
 
