@@ -205,3 +205,50 @@ def test_cuda_graphs_equal_the_reference_beside_a_busy_device(fixture_batches):
         assert graphs.stats["captures"] == 2 * len(sizes), graphs.describe()
     finally:
         model.module.to("cpu")
+
+
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+def test_a_pass_with_graphs_stores_what_the_reference_does(synth_val, tmp_path, processes):
+    """The whole pass (run_pass: reading ahead in threads or processes, post-processing
+    threads sharing one GraphedPost, encoders, the writer) with the fixture's real outputs:
+    the graphs' post takes batches as they come (its post_group), a last batch of 2 images
+    replays a graph of 2 — and the stored detections are the reference post's."""
+    from harness.eval.coco_graphs import GRAPH_GROUP_IMAGES, GraphedPost
+    from harness.eval.coco_pass import run_pass
+    from harness.eval.coco_post import fast_detections, make_post
+    from harness.eval.coco_split import open_split
+    from harness.eval.store import RunStore
+    from harness.models.mmyolo import flat_head_outputs, load_mmyolo_model
+    from harness.models.zoo import FIXTURE_CHECKPOINT, FIXTURE_CONFIG
+
+    model = load_mmyolo_model(FIXTURE_CONFIG, FIXTURE_CHECKPOINT)
+    split = open_split(synth_val, count=10)
+
+    def infer(x, metas=None):
+        with torch.no_grad():
+            raw = flat_head_outputs(model.raw_outputs(torch.from_numpy(np.asarray(x))))
+        return {k: v.numpy() for k, v in raw.items()}
+
+    graphs = GraphedPost(model, "cpu")
+    calls = []
+
+    def graphed(outputs, metas):
+        calls.append(len(metas))
+        return fast_detections(model, outputs, metas, "cpu", graphs=graphs)
+
+    graphed.can_join = lambda outputs: True
+    graphed.post_group = GRAPH_GROUP_IMAGES
+    reference, _ = make_post(model, "cpu", "reference")
+    stores = {}
+    for name, post in (("reference", reference), ("graphs", graphed)):
+        stores[name] = RunStore(tmp_path / f"{name}.jsonl", {"configuration": name}).open()
+        run_pass(split.images, 4, model.preprocess, infer, post, [1, 2, 3, 4, 5],
+                 stores[name], progress=False, workers=2, processes=processes)
+    assert calls and max(calls) <= GRAPH_GROUP_IMAGES, calls
+    assert sorted(calls) == [2, 4, 4], "each batch as it came, the last one of 2 images"
+    # one replay a call, one more for each call redone with more capacity
+    assert graphs.stats["replays"] == 3 + graphs.stats["redone"], graphs.describe()
+    assert graphs.stats["eager"] == 0, graphs.describe()
+    ids = [im.image_id for im in split.images]
+    found = stores["graphs"].detections(ids)
+    assert len(found) > 50 and found == stores["reference"].detections(ids)
