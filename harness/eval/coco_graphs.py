@@ -94,12 +94,12 @@ class GraphedPost:
         return out
 
     def describe(self) -> str:
-        s = self.stats
+        s = self.summary()
         text = (f"{s['captures']} graphs captured ({1e3 * s['capture_s']:.0f} ms), "
                 f"{s['replays']} replays, {s['redone']} redone with more capacity, "
                 f"{s['continued']} continued past the graph's rounds, {s['eager']} left to the "
                 "eager path")
-        return text + (f" (capture failed: {self.failed})" if self.failed else "")
+        return text + (f" (capture failed: {s['failed']})" if "failed" in s else "")
 
     def __call__(self, inputs: dict[str, Any], metas: Sequence[Any]) -> Optional[list]:
         import torch

@@ -85,7 +85,8 @@ def fast_detections(model: Any, outputs: Any, metas: Sequence[Any], device: str,
                     budget_bytes: Optional[int] = None, graphs: Any = None) -> list:
     """Per image NmsResult of raw / decoded outputs, decoded and NMS'd on `device`; an image
     whose IoU matrix exceeds `budget_bytes` (default fast_mmyolo's) goes to the reference.
-    graphs: a coco_graphs.GraphedPost, tried first."""
+    graphs: a coco_graphs.GraphedPost, tried first (not where `budget_bytes` is given: the
+    graphs keep their own budget, and a caller's budget asks for the eager path's groups)."""
     import torch
 
     from harness.models.mmyolo import grouped_head_maps
