@@ -54,6 +54,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--fill-rounds", type=int, nargs="+", default=None,
                    help="passes reading the first R x workers images one job each, for each R "
                         "given (default: coco_pass.FILL_ROUNDS)")
+    p.add_argument("--local-encode", type=int, nargs="+", default=None, metavar="IMAGES",
+                   help="passes encoding the last IMAGES images in the writer thread, for each "
+                        "given (default: coco_pass.LOCAL_ENCODE_IMAGES)")
     p.add_argument("--timeline", type=int, default=0, metavar="N",
                    help="after each line, the fastest pass's first and last N batches: when "
                         "each was read, handed over, inferred, post-processed and written")
@@ -109,11 +112,15 @@ def bench(args: argparse.Namespace, work: Path) -> None:
         if not target.available:
             print(f"{config.key:<24} {target.reason}")
             continue
-        for path, rounds, graphs in [(p, r, g) for p in args.post
-                                     for r in args.fill_rounds or [None] for g in args.graphs]:
+        for path, rounds, local, graphs in [
+                (p, r, e, g) for p in args.post for r in args.fill_rounds or [None]
+                for e in args.local_encode or [None] for g in args.graphs]:
             if rounds is not None:
                 coco_pass.FILL_ROUNDS = rounds
                 print(f"fill rounds {rounds}:")
+            if local is not None:
+                coco_pass.LOCAL_ENCODE_IMAGES = local
+                print(f"last {local} images encoded in the writer:")
             line, best, post = compare_modes(config, target, model, split, cat_ids, work,
                                              args.repeats, path, args.workers,
                                              args.timeline > 0, graphs == "on")
@@ -197,7 +204,22 @@ def timeline_table(timeline: dict, n: int) -> str:
         rows.append(f"  {k:>5} " + " ".join(
             f"{1e3 * spans[s][0]:>7.1f}-{1e3 * spans[s][1]:<7.1f}" if s in spans else
             f"{'':>15}" for s in STAGES))
+    rows.append(gaps_line(timeline))
     return "\n".join(rows)
+
+
+def gaps_line(timeline: dict, least_s: float = 0.0003) -> str:
+    """Where inference sat idle after the first batch: each batch that started more than
+    `least_s` after the previous one ended, as batch:gap ms (read span's end ms), in pass order."""
+    keys = [k for k in sorted(timeline) if "infer" in timeline[k]]
+    gaps = []
+    for prev, k in zip(keys, keys[1:]):
+        gap = timeline[k]["infer"][0] - timeline[prev]["infer"][1]
+        if gap > least_s:
+            read_end = timeline[k].get("read", (0.0, 0.0))[1]
+            gaps.append(f"{k}:{1e3 * gap:.1f} ({1e3 * read_end:.1f})")
+    total = sum(float(g.split(":")[1].split(" ")[0]) for g in gaps)
+    return f"  inference idle after batch 0: {total:.1f} ms — " + (", ".join(gaps) or "none")
 
 
 if __name__ == "__main__":
