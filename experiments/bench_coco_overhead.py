@@ -49,8 +49,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--graphs", nargs="+", default=["on"], choices=("on", "off"),
                    help="the fast path on a GPU with CUDA graphs (on) or eager (off); both "
                         "given: side by side")
-    p.add_argument("--workers", type=int, default=None,
-                   help="threads per pool of the pass (default: coco_pass.default_workers())")
+    p.add_argument("--workers", type=int, nargs="+", default=None,
+                   help="threads (reading processes) per pool of the pass, for each given "
+                        "(default: coco_pass.default_workers())")
+    p.add_argument("--read-threads", type=int, nargs="+", default=None, metavar="T",
+                   help="passes whose reading processes read a batch's images with T threads, "
+                        "for each T given (default: coco_pass.READ_THREADS)")
     p.add_argument("--fill-rounds", type=int, nargs="+", default=None,
                    help="passes reading the first R x workers images one job each, for each R "
                         "given (default: coco_pass.FILL_ROUNDS)")
@@ -102,7 +106,7 @@ def bench(args: argparse.Namespace, work: Path) -> None:
     from harness.eval import coco_pass
     from harness.eval.coco_pass import default_workers
 
-    print(f"{args.workers or default_workers()} threads per pool")
+    print(f"{default_workers()} threads per pool by default")
     print(f"{'configuration':<24} {'post':<10} {'serial wall':>11} {'harness wall':>12} "
           f"{'infer in pass':>13} {'wall/infer':>10} {'isolated infer':>14} "
           f"{'wall/isolated':>13} {'AP':>7} {'waited read':>11} {'waited post':>11} "
@@ -112,17 +116,21 @@ def bench(args: argparse.Namespace, work: Path) -> None:
         if not target.available:
             print(f"{config.key:<24} {target.reason}")
             continue
-        for path, rounds, local, graphs in [
-                (p, r, e, g) for p in args.post for r in args.fill_rounds or [None]
-                for e in args.local_encode or [None] for g in args.graphs]:
-            if rounds is not None:
-                coco_pass.FILL_ROUNDS = rounds
-                print(f"fill rounds {rounds}:")
-            if local is not None:
-                coco_pass.LOCAL_ENCODE_IMAGES = local
-                print(f"last {local} images encoded in the writer:")
+        for path, rounds, local, threads, workers, graphs in itertools.product(
+                args.post, args.fill_rounds or [None], args.local_encode or [None],
+                args.read_threads or [None], args.workers or [None], args.graphs):
+            said = []
+            for name, value in (("FILL_ROUNDS", rounds), ("LOCAL_ENCODE_IMAGES", local),
+                                ("READ_THREADS", threads)):
+                if value is not None:
+                    setattr(coco_pass, name, value)
+                    said.append(f"{name.lower()} {value}")
+            if workers is not None:
+                said.append(f"workers {workers}")
+            if said:
+                print(", ".join(said) + ":")
             line, best, post = compare_modes(config, target, model, split, cat_ids, work,
-                                             args.repeats, path, args.workers,
+                                             args.repeats, path, workers,
                                              args.timeline > 0, graphs == "on")
             print(line)
             if getattr(post, "graphs", None) is not None:

@@ -38,6 +38,7 @@ QUEUE_DEPTH = 2  # batches prepared ahead / waiting for post-processing, beyond 
 # the first batches come as soon as one image is read, not four (H200, onnxruntime batch 4:
 # two rounds 1.17, one 1.22 wall / inference)
 FILL_ROUNDS = 2
+READ_THREADS = 1  # threads of a reader process reading a batch's images side by side
 MAX_WORKERS = 8  # per pool, by default: enough for the H200 at batch 4 (bench_coco_overhead)
 # post-processing runs on groups of at least this many images (several inference batches
 # concatenated), so its fixed per-call cost — ~690 aten ops, 13 device syncs, 4-5 ms alone on
@@ -133,28 +134,41 @@ def plan_batches(images: Sequence[Any], batch_size: int) -> list[list[Any]]:
     return [list(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
 
 
-def prepare_batch(chunk: Sequence[Any], spec: Any) -> _Prepared:
-    """Read and preprocess a batch's images; an unreadable one is set aside with the reason."""
-    from harness.data.preprocess import read_image, stack_inputs, transform_image
-
+def prepare_batch(chunk: Sequence[Any], spec: Any, pool: Optional[Any] = None) -> _Prepared:
+    """Read and preprocess a batch's images; an unreadable one is set aside with the reason.
+    pool: an executor whose threads read the images side by side (OpenCV's decode and resize
+    release the GIL), so the batch takes about as long as its slowest image."""
     started = time.perf_counter()
     out = _Prepared(images=[])
     arrays = []
-    for im in chunk:
-        try:
-            x, meta = transform_image(read_image(im.path), spec, str(im.path),
-                                      getattr(im, "batch_shape", None))
-        except UserError as exc:
-            out.unreadable.append((im, str(exc)))
+    read = [read_one(im, spec) for im in chunk] if pool is None or len(chunk) < 2 else \
+        list(pool.map(read_one, chunk, [spec] * len(chunk)))
+    for im, done in zip(chunk, read):
+        if isinstance(done, str):
+            out.unreadable.append((im, done))
             continue
+        x, meta = done
         arrays.append(x)
         out.metas.append(meta)
         out.images.append(im)
     if arrays:
+        from harness.data.preprocess import stack_inputs
+
         out.inputs = stack_inputs(arrays, spec)
     out.seconds = time.perf_counter() - started
     out.read_at = started
     return out
+
+
+def read_one(im: Any, spec: Any) -> Any:
+    """One image (SplitImage) read and preprocessed: (input, meta), or why it is unreadable."""
+    from harness.data.preprocess import read_image, transform_image
+
+    try:
+        return transform_image(read_image(im.path), spec, str(im.path),
+                               getattr(im, "batch_shape", None))
+    except UserError as exc:
+        return str(exc)
 
 
 def coco_entries(image_id: int, det: Any, category_ids: Sequence[int]) -> list[dict]:
@@ -384,8 +398,8 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
             return None
         images = [[im] for im in chunk] if by_image and len(chunk) > 1 else [chunk]
         return _Reading([readers.submit(pp.prepare_into, part, spec, slots.path, slot,
-                                        slots.capacity, i) for i, part in enumerate(images)],
-                        chunk, slot, clock())
+                                        slots.capacity, i, READ_THREADS)
+                         for i, part in enumerate(images)], chunk, slot, clock())
 
     def received(reading: _Reading) -> _Prepared:
         parts = [job.result() for job in reading.jobs]

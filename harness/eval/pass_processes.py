@@ -27,6 +27,7 @@ import numpy as np
 _POOLS: dict[tuple[str, int], Any] = {}
 _MAPPED: dict[str, Any] = {}  # in a worker: the slots file it has mapped (one at a time)
 _SLOTS: dict[str, "InputSlots"] = {}  # in the main process: the kept slots ("current")
+_READ_THREADS: dict[int, Any] = {}  # in a worker: its reading threads, by count
 _AT_EXIT: list[bool] = []  # drop_slots registered to run at exit
 SHM_DIR = Path("/dev/shm")
 SLOTS_PREFIX = "harness-inputs-"  # then the creating process's id
@@ -217,14 +218,15 @@ def slot_capacity(batch_size: int, spec: Any) -> int:
 
 
 def prepare_into(chunk: Sequence[Any], spec: Any, slots_path: Optional[str], slot: int,
-                 capacity: int, index: int = 0) -> Any:
+                 capacity: int, index: int = 0, threads: int = 1) -> Any:
     """coco_pass.prepare_batch in a reader process; the inputs written into `slot` of the
     slots file (and `inputs` left None, `slot_shape` set) when they fit. index: `chunk` is
     the image at that place of a batch read image by image (join_parts): written where it
-    lies in the stacked batch if all its images come out of the same shape."""
+    lies in the stacked batch if all its images come out of the same shape. threads: the
+    chunk's images read side by side by this many threads of the process."""
     from harness.eval.coco_pass import prepare_batch
 
-    out = prepare_batch(chunk, spec)
+    out = prepare_batch(chunk, spec, _threads(threads) if threads > 1 else None)
     if slots_path is not None and out.inputs is not None and \
             (index + 1) * out.inputs.nbytes <= capacity:
         mapped = _map_slots(slots_path)
@@ -233,6 +235,16 @@ def prepare_into(chunk: Sequence[Any], spec: Any, slots_path: Optional[str], slo
         view[...] = out.inputs
         out.slot_shape, out.inputs = out.inputs.shape, None
     return out
+
+
+def _threads(count: int) -> Any:
+    """This process's pool of `count` reading threads (made on first use, kept)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = _READ_THREADS.get(count)
+    if pool is None:
+        pool = _READ_THREADS[count] = ThreadPoolExecutor(count, thread_name_prefix="read")
+    return pool
 
 
 def join_parts(parts: Sequence[Any]) -> Optional[Any]:
