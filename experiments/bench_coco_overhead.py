@@ -61,6 +61,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--local-encode", type=int, nargs="+", default=None, metavar="IMAGES",
                    help="passes encoding the last IMAGES images in the writer thread, for each "
                         "given (default: coco_pass.LOCAL_ENCODE_IMAGES)")
+    p.add_argument("--switch-interval", type=float, nargs="+", default=None, metavar="S",
+                   help="passes whose interpreter hands the GIL over every S seconds, for each "
+                        "given (default: coco_pass.SWITCH_INTERVAL_S)")
     p.add_argument("--timeline", type=int, default=0, metavar="N",
                    help="after each line, the fastest pass's first and last N batches: when "
                         "each was read, handed over, inferred, post-processed and written")
@@ -116,12 +119,13 @@ def bench(args: argparse.Namespace, work: Path) -> None:
         if not target.available:
             print(f"{config.key:<24} {target.reason}")
             continue
-        for path, rounds, local, threads, workers, graphs in itertools.product(
+        for path, rounds, local, threads, switch, workers, graphs in itertools.product(
                 args.post, args.fill_rounds or [None], args.local_encode or [None],
-                args.read_threads or [None], args.workers or [None], args.graphs):
+                args.read_threads or [None], args.switch_interval or [None],
+                args.workers or [None], args.graphs):
             said = []
             for name, value in (("FILL_ROUNDS", rounds), ("LOCAL_ENCODE_IMAGES", local),
-                                ("READ_THREADS", threads)):
+                                ("READ_THREADS", threads), ("SWITCH_INTERVAL_S", switch)):
                 if value is not None:
                     setattr(coco_pass, name, value)
                     said.append(f"{name.lower()} {value}")
