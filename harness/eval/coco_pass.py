@@ -38,7 +38,11 @@ QUEUE_DEPTH = 2  # batches prepared ahead / waiting for post-processing, beyond 
 # the first batches come as soon as one image is read, not four (H200, onnxruntime batch 4:
 # two rounds 1.17, one 1.22 wall / inference)
 FILL_ROUNDS = 2
-READ_THREADS = 1  # threads of a reader process reading a batch's images side by side
+# and a batch after them is read by one process with this many threads side by side, so it
+# comes after about one image's time, not four: read by one thread, the first whole batches
+# came 12-20 ms after the fill's and inference sat idle 4-9 ms for them (H200, onnxruntime
+# batch 4, 200 images: 1.15 wall / inference with 1 thread, 1.08-1.10 with 4)
+READ_THREADS = 4
 MAX_WORKERS = 8  # per pool, by default: enough for the H200 at batch 4 (bench_coco_overhead)
 # post-processing runs on groups of at least this many images (several inference batches
 # concatenated), so its fixed per-call cost — ~690 aten ops, 13 device syncs, 4-5 ms alone on

@@ -266,7 +266,15 @@ def test_post_processing_overlaps_the_next_inference(synth_val, spec, tmp_path):
     assert waited == [True] * 6, "post-processing never overlapped the next inference"
 
 
-def test_reading_in_processes_stores_what_threads_do(synth_val, spec, tmp_path):
+@pytest.mark.parametrize("read_threads,fill_rounds", [(1, 2), (4, 2), (3, 0)])
+def test_reading_in_processes_stores_what_threads_do(synth_val, spec, tmp_path, monkeypatch,
+                                                     read_threads, fill_rounds):
+    """Whole batches read by a process's threads side by side (READ_THREADS), after the
+    first images read one job each (FILL_ROUNDS) or from the first batch on."""
+    from harness.eval import coco_pass
+
+    monkeypatch.setattr(coco_pass, "READ_THREADS", read_threads)
+    monkeypatch.setattr(coco_pass, "FILL_ROUNDS", fill_rounds)
     split = open_split(synth_val)
     stores = {}
     for processes in (False, True):
@@ -277,6 +285,27 @@ def test_reading_in_processes_stores_what_threads_do(synth_val, spec, tmp_path):
         assert len(stages.shapes) == 3
     assert stores[True].detections() == stores[False].detections()
     assert len(stores[True].images) == 12
+
+
+def test_a_batch_read_by_threads_is_the_batch_read_in_turn(synth_val, spec, tmp_path):
+    """prepare_batch with a pool: the same inputs, metas and unreadable images, in batch
+    order, as one thread reading the images one after the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from harness.eval.coco_pass import prepare_batch
+
+    val = copy_split(synth_val, tmp_path / "copy")
+    split = open_split(val)
+    split.images[2].path.write_bytes(b"not a jpeg")
+    chunk = split.images[:6]
+    alone = prepare_batch(chunk, spec)
+    with ThreadPoolExecutor(3) as pool:
+        side_by_side = prepare_batch(chunk, spec, pool)
+    assert [im.image_id for im in side_by_side.images] == [im.image_id for im in alone.images]
+    assert len(alone.images) == 5 and [im.image_id for im, _ in alone.unreadable] == \
+        [split.images[2].image_id] == [im.image_id for im, _ in side_by_side.unreadable]
+    assert side_by_side.metas == alone.metas
+    assert np.array_equal(side_by_side.inputs, alone.inputs)
 
 
 def test_processes_fall_back_where_shared_memory_cannot_take_a_batch(synth_val, spec,
