@@ -82,6 +82,10 @@ class GraphedPost:
         # captures (and their seconds), replays, redone (a larger capacity), continued (the
         # rounds had not converged), eager (too large for a graph)
         self.stats: collections.Counter = collections.Counter()
+        # the slowest and the last call so far: its seconds and their parts (waiting for the
+        # lock, copying the inputs in, replay + sync, the host's results), for benchmarks
+        self.slowest: tuple[float, dict[str, float]] = (0.0, {})
+        self.last: tuple[float, dict[str, float]] = (0.0, {})
         self.pool = torch.cuda.graph_pool_handle() if self.cuda else None
 
     def summary(self) -> dict[str, Any]:
@@ -92,6 +96,12 @@ class GraphedPost:
         if self.failed:
             out["failed"] = self.failed
         return out
+
+    def describe_calls(self) -> str:
+        """The slowest and the last call so far, and where their time went (ms)."""
+        return "; ".join(f"{which} call {1e3 * total:.1f} ms (" + ", ".join(
+            f"{name} {1e3 * v:.1f}" for name, v in parts.items()) + ")"
+            for which, (total, parts) in (("slowest", self.slowest), ("last", self.last)))
 
     def describe(self) -> str:
         s = self.summary()
@@ -112,30 +122,44 @@ class GraphedPost:
         batch = graph_batch(n)
         shapes = tuple((name, (batch, *value.shape[1:])) for name, value in inputs.items())
         nms = self.model.nms
+        clock = time.perf_counter
+        parts = {"lock": clock()}
         with self.lock:
+            started = clock()
+            parts["lock"] = started - parts["lock"]
             k_cap = self.k_caps.get(shapes, min(K_START, nms.nms_pre))
             while True:
                 graph = self._graph(shapes, batch, k_cap)
                 if graph is None:
                     self.stats["eager"] += 1
                     return None
-                self._run(graph, inputs, metas)
+                self._run(graph, inputs, metas, parts)
                 most, converged = (float(v) for v in graph.flags_host.numpy())
                 if most <= k_cap:
                     break
                 self.stats["redone"] += 1
                 k_cap = self.k_caps[shapes] = min(
                     nms.nms_pre, -(-int(most * K_GROWTH) // K_STEP) * K_STEP)
+            t0 = clock()
             if not converged:  # more rounds than the graph's: on from where they stopped
                 self.stats["continued"] += 1
-                return table_results(fixed_continued(graph.outputs[2]).cpu().numpy()[:n])
-            return table_results(graph.table_host.numpy()[:n])
+                out = table_results(fixed_continued(graph.outputs[2]).cpu().numpy()[:n])
+            else:
+                out = table_results(graph.table_host.numpy()[:n])
+            parts["results"] = clock() - t0
+            self.last = (parts["lock"] + clock() - started, parts)
+            if self.last[0] > self.slowest[0]:
+                self.slowest = self.last
+            return out
 
-    def _run(self, graph: _Graph, inputs: dict[str, Any], metas: Sequence[Any]) -> None:
+    def _run(self, graph: _Graph, inputs: dict[str, Any], metas: Sequence[Any],
+             parts: Optional[dict[str, float]] = None) -> None:
         import torch
 
         from harness.nms.fast_mmyolo import per_image_rows
 
+        parts = {} if parts is None else parts
+        t0 = time.perf_counter()
         on_host = False
         n = len(metas)
         for name, value in inputs.items():  # the first n images; the rest are padding
@@ -151,12 +175,16 @@ class GraphedPost:
         dev_meta, host_meta = graph.per_image
         host_meta.numpy()[:] = per_image_rows(metas, len(host_meta))
         dev_meta.copy_(host_meta, non_blocking=True)
+        t1 = time.perf_counter()
         graph.replay()
         graph.table_host.copy_(graph.outputs[0], non_blocking=True)
         graph.flags_host.copy_(graph.outputs[1], non_blocking=True)
         self.stats["replays"] += 1
         if self.cuda:
             torch.cuda.current_stream(self.device).synchronize()
+        t2 = time.perf_counter()  # (a redone call: both runs)
+        parts["inputs"] = parts.get("inputs", 0.0) + t1 - t0
+        parts["replay"] = parts.get("replay", 0.0) + t2 - t1
 
     def _graph(self, shapes: tuple, batch: int, k_cap: int) -> Optional[_Graph]:
         from harness.nms.fast_mmyolo import matrix_bytes

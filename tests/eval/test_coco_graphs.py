@@ -85,6 +85,12 @@ def test_replays_give_the_reference_detections_and_capture_once(fixture_batches)
                                 "capture_s": record["graphs"]["capture_s"]}
     assert record["graphs"]["capture_s"] > 0
     assert graphs.stats["eager"] == 0 and not graphs.failed
+    # the slowest and the last call, in their parts (benchmarks print where a call's time went)
+    for total, parts in (graphs.slowest, graphs.last):
+        assert set(parts) == {"lock", "inputs", "replay", "results"}
+        assert 0 < sum(parts.values()) <= total + 1e-9
+    assert graphs.slowest[0] >= graphs.last[0]
+    assert graphs.describe_calls().startswith("slowest call ")
 
 
 def test_a_capacity_too_small_is_redone_larger_and_remembered(fixture_batches, monkeypatch):
