@@ -63,7 +63,8 @@ def parse() -> argparse.Namespace:
                         "given (default: coco_pass.LOCAL_ENCODE_IMAGES)")
     p.add_argument("--switch-interval", type=float, nargs="+", default=None, metavar="S",
                    help="passes whose interpreter hands the GIL over every S seconds, for each "
-                        "given (default: coco_pass.SWITCH_INTERVAL_S)")
+                        "given (default: coco_pass.PROCESSES_SWITCH_INTERVAL_S on a GPU, "
+                        "SWITCH_INTERVAL_S on the CPU)")
     p.add_argument("--timeline", type=int, default=0, metavar="N",
                    help="after each line, the fastest pass's first and last N batches: when "
                         "each was read, handed over, inferred, post-processed and written")
@@ -128,6 +129,8 @@ def bench(args: argparse.Namespace, work: Path) -> None:
                                 ("READ_THREADS", threads), ("SWITCH_INTERVAL_S", switch)):
                 if value is not None:
                     setattr(coco_pass, name, value)
+                    if name == "SWITCH_INTERVAL_S":  # processes (GPU rows) or threads
+                        coco_pass.PROCESSES_SWITCH_INTERVAL_S = value
                     said.append(f"{name.lower()} {value}")
             if workers is not None:
                 said.append(f"workers {workers}")

@@ -54,13 +54,22 @@ POST_GROUP_IMAGES = 16
 # inference thread re-takes it after every kernel launch / session.run, and with busy worker
 # threads waiting out 5 ms each time cost PyTorch CUDA 2.6x its inference at batch 4 (H200)
 SWITCH_INTERVAL_S = 0.0002
+# and this where reading and encoding run in processes (GPU rows): the interpreter's threads
+# are then inference, post calls and the writer, short steps between waits, and at 0.05 ms the
+# post's calls queue behind one another less (H200, onnxruntime b4, 200 images, side by side
+# on two machines: 1.083 / 1.095, 1.128 / 1.163, 1.082 / 1.095 wall / inference at 0.05 /
+# 0.2 ms; on 2 CPU cores with threads no better)
+PROCESSES_SWITCH_INTERVAL_S = 0.00005
 POLL_S = 0.1
 WAKE_S = 0.002  # the writer's wait for a new batch while others are being post-processed
 # at the pass's end (nothing more to come from inference) the last batches holding at most this
 # many images are encoded in the writer thread while the encoders take the rest: 4 images took
 # it 2.2 ms on the H200 before their detections were formatted at once (coco_entries_json,
-# 2-4x faster), a round trip through the encoders' pool 5-7 ms
-LOCAL_ENCODE_IMAGES = 8
+# 2-4x faster), a round trip through the encoders' pool 5-7 ms. Only the last batch's: with
+# 8, the writer encoding the one before it took the GIL from the last post calls, which the
+# pass waits for (H200, onnxruntime b4, 200 images: 1.163 / 1.095 with 8 / 4 images,
+# 1.128 / 1.082 at PROCESSES_SWITCH_INTERVAL_S)
+LOCAL_ENCODE_IMAGES = 4
 # a post-processing call running beside inference takes this many times its mean (its device
 # syncs wait behind the inference's kernels: H200, onnxruntime batch 4, 11.9 ms where alone
 # it takes 4.3): in the last stretch a call is made only if it can end before inference does
@@ -683,7 +692,8 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     reader = threading.Thread(target=read_ahead, name="coco-read-ahead", daemon=True)
     writer = threading.Thread(target=write_behind, name="coco-write-behind", daemon=True)
     switch = sys.getswitchinterval()
-    sys.setswitchinterval(min(switch, SWITCH_INTERVAL_S))
+    sys.setswitchinterval(min(switch, PROCESSES_SWITCH_INTERVAL_S if processes
+                              else SWITCH_INTERVAL_S))
     reader.start()
     writer.start()
     last_infer, clean = 0.0, False
