@@ -65,6 +65,10 @@ def parse() -> argparse.Namespace:
                    help="passes whose interpreter hands the GIL over every S seconds, for each "
                         "given (default: coco_pass.PROCESSES_SWITCH_INTERVAL_S on a GPU, "
                         "SWITCH_INTERVAL_S on the CPU)")
+    p.add_argument("--read-pool", nargs="+", default=None, choices=("executor", "pipes"),
+                   help="passes whose reading processes are a ProcessPoolExecutor / a "
+                        "pipe_pool.PipePool, for each given (default: "
+                        "pass_processes.READ_POOL)")
     p.add_argument("--timeline", type=int, default=0, metavar="N",
                    help="after each line, the fastest pass's first and last N batches: when "
                         "each was read, handed over, inferred, post-processed and written")
@@ -107,7 +111,7 @@ def bench(args: argparse.Namespace, work: Path) -> None:
     info = machine_info()
     print(f"{len(split.images)} images of {split.images_dir}; {info['cpu']}, "
           f"{info['usable_cores']} usable cores, {info['threads']} torch threads")
-    from harness.eval import coco_pass
+    from harness.eval import coco_pass, pass_processes
     from harness.eval.coco_pass import default_workers
 
     print(f"{default_workers()} threads per pool by default")
@@ -120,11 +124,14 @@ def bench(args: argparse.Namespace, work: Path) -> None:
         if not target.available:
             print(f"{config.key:<24} {target.reason}")
             continue
-        for path, rounds, local, threads, switch, workers, graphs in itertools.product(
+        for path, rounds, local, threads, switch, pool, workers, graphs in itertools.product(
                 args.post, args.fill_rounds or [None], args.local_encode or [None],
                 args.read_threads or [None], args.switch_interval or [None],
-                args.workers or [None], args.graphs):
+                args.read_pool or [None], args.workers or [None], args.graphs):
             said = []
+            if pool is not None:
+                pass_processes.READ_POOL = pool
+                said.append(f"read pool {pool}")
             for name, value in (("FILL_ROUNDS", rounds), ("LOCAL_ENCODE_IMAGES", local),
                                 ("READ_THREADS", threads), ("SWITCH_INTERVAL_S", switch)):
                 if value is not None:

@@ -24,7 +24,11 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-_POOLS: dict[tuple[str, int], Any] = {}
+# the readers' pool: "executor" (a ProcessPoolExecutor) or "pipes" (pipe_pool.PipePool: a job
+# written straight into a worker's pipe, its result read by the thread waiting for it), to
+# be measured side by side on a GPU (experiments/bench_coco_overhead.py --read-pool)
+READ_POOL = "executor"
+_POOLS: dict[tuple[str, int, bool], Any] = {}
 _MAPPED: dict[str, Any] = {}  # in a worker: the slots file it has mapped (one at a time)
 _SLOTS: dict[str, "InputSlots"] = {}  # in the main process: the kept slots ("current")
 _READ_THREADS: dict[int, Any] = {}  # in a worker: its reading threads, by count
@@ -35,15 +39,21 @@ SLOTS_PREFIX = "harness-inputs-"  # then the creating process's id
 
 def process_pool(workers: int, role: str = "read") -> Any:
     """A spawned pool of `workers` processes for `role`, kept for the life of the process and
-    started anew when one of its workers died."""
+    started anew when one of its workers died; the readers' a pipe_pool.PipePool where
+    READ_POOL says "pipes"."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    key = (role, workers)
+    pipes = role == "read" and READ_POOL == "pipes"
+    key = (role, workers, pipes)
     pool = _POOLS.get(key)
     if pool is not None and getattr(pool, "_broken", False):
         pool = None
-    if pool is None:
+    if pool is None and pipes:
+        from harness.eval.pipe_pool import PipePool
+
+        pool = _POOLS[key] = PipePool(workers, initializer=_started)
+    elif pool is None:
         pool = _POOLS[key] = ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context("spawn"), initializer=_started)
     return pool

@@ -266,15 +266,18 @@ def test_post_processing_overlaps_the_next_inference(synth_val, spec, tmp_path):
     assert waited == [True] * 6, "post-processing never overlapped the next inference"
 
 
-@pytest.mark.parametrize("read_threads,fill_rounds", [(1, 2), (4, 2), (3, 0)])
+@pytest.mark.parametrize("read_threads,fill_rounds,read_pool", [
+    (1, 2, "executor"), (4, 2, "executor"), (3, 0, "executor"), (4, 2, "pipes")])
 def test_reading_in_processes_stores_what_threads_do(synth_val, spec, tmp_path, monkeypatch,
-                                                     read_threads, fill_rounds):
+                                                     read_threads, fill_rounds, read_pool):
     """Whole batches read by a process's threads side by side (READ_THREADS), after the
-    first images read one job each (FILL_ROUNDS) or from the first batch on."""
-    from harness.eval import coco_pass
+    first images read one job each (FILL_ROUNDS) or from the first batch on; the readers a
+    ProcessPoolExecutor or a pipe_pool.PipePool."""
+    from harness.eval import coco_pass, pass_processes
 
     monkeypatch.setattr(coco_pass, "READ_THREADS", read_threads)
     monkeypatch.setattr(coco_pass, "FILL_ROUNDS", fill_rounds)
+    monkeypatch.setattr(pass_processes, "READ_POOL", read_pool)
     split = open_split(synth_val)
     stores = {}
     for processes in (False, True):
@@ -308,8 +311,10 @@ def test_a_batch_read_by_threads_is_the_batch_read_in_turn(synth_val, spec, tmp_
     assert np.array_equal(side_by_side.inputs, alone.inputs)
 
 
+@pytest.mark.parametrize("read_pool", ["executor", "pipes"])
 def test_processes_fall_back_where_shared_memory_cannot_take_a_batch(synth_val, spec,
-                                                                     tmp_path, monkeypatch):
+                                                                     tmp_path, monkeypatch,
+                                                                     read_pool):
     """The first batch is read image by image into its slot; an unreadable image in it
     makes it read whole; a batch larger than a slot comes through the pipe; the slots'
     file is kept for the next pass and gone once dropped; a ΔAP split's reference still sees
@@ -317,6 +322,8 @@ def test_processes_fall_back_where_shared_memory_cannot_take_a_batch(synth_val, 
     import glob
 
     from harness.eval import pass_processes
+
+    monkeypatch.setattr(pass_processes, "READ_POOL", read_pool)
 
     val = copy_split(synth_val, tmp_path / "copy")
     split = open_split(val)
