@@ -18,7 +18,12 @@ the pass's AP (pycocotools), so a faster post-processing path shows it changed n
         # the fast path's CUDA graphs (harness.eval.coco_graphs) against its eager calls
     python experiments/bench_coco_overhead.py --device cuda --count 200 --timeline 3
         # and each fastest pass's first and last 3 batches: when each was read, handed
-        # over, inferred, post-processed and written (where a pass's fixed cost goes)
+        # over, inferred, post-processed and written (where a pass's fixed cost goes), where
+        # inference sat idle, and the post's slowest and last call in their parts
+    python experiments/bench_coco_overhead.py --device cuda --backends onnxruntime \
+        --batches 4 --read-threads 1 4 --read-pool executor pipes --switch-interval 0.0002 \
+        0.00005 --repeats 3
+        # the pass's settings side by side (every combination of those given)
 """
 from __future__ import annotations
 
