@@ -99,6 +99,19 @@ def count_ops(fn, device: str) -> tuple[int, str]:
     return ops, str(sum("synchroniz" in str(w.message) for w in caught))
 
 
+def busy_threads(count: int, stop: threading.Event) -> list[threading.Thread]:
+    """`count` started threads running pure Python until `stop` is set."""
+    def spin() -> None:
+        x = 0
+        while not stop.is_set():
+            x += 1
+
+    threads = [threading.Thread(target=spin, daemon=True) for _ in range(count)]
+    for t in threads:
+        t.start()
+    return threads
+
+
 def with_busy_threads(call, calls: int, busy: int) -> float:
     """Median of `calls` calls while `busy` threads run pure Python (they hold the GIL in
     turns with it, as a pass's reading and writing threads do)."""
@@ -109,15 +122,7 @@ def with_busy_threads(call, calls: int, busy: int) -> float:
     stop = threading.Event()
     switch = sys.getswitchinterval()
     sys.setswitchinterval(SWITCH_INTERVAL_S)  # as during a pass
-
-    def spin() -> None:
-        x = 0
-        while not stop.is_set():
-            x += 1
-
-    threads = [threading.Thread(target=spin, daemon=True) for _ in range(busy)]
-    for t in threads:
-        t.start()
+    threads = busy_threads(busy, stop)
     try:
         return statistics.median(call() for _ in range(calls))
     finally:

@@ -56,22 +56,11 @@ def measure(pool, jobs: int, workers: int) -> dict[str, float]:
             "burst": statistics.median(bursts)}
 
 
-def busy_threads(count: int, stop: threading.Event) -> list[threading.Thread]:
-    def spin() -> None:
-        x = 0
-        while not stop.is_set():
-            x += 1
-
-    threads = [threading.Thread(target=spin, daemon=True) for _ in range(count)]
-    for t in threads:
-        t.start()
-    return threads
-
-
 def main() -> None:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    from bench_fast_post import busy_threads  # (experiments/ is this script's folder)
     from harness.eval.coco_pass import PROCESSES_SWITCH_INTERVAL_S
     from harness.eval.pipe_pool import PipePool
 
