@@ -203,23 +203,41 @@ def transform_image(img: np.ndarray, spec: PreprocessSpec, path: str = "",
                 pad = step_pad
         scale = (scale[0] * sx, scale[1] * sy)
     img_shape = (int(img.shape[0]), int(img.shape[1]))
-    chw = np.ascontiguousarray(img.transpose(2, 0, 1))
-    if spec.bgr_to_rgb:
-        chw = chw[[2, 1, 0]]
-    x = chw.astype(np.float32)
-    if spec.normalize:
-        mean = np.asarray(spec.mean, dtype=np.float32).reshape(3, 1, 1)
-        std = np.asarray(spec.std, dtype=np.float32).reshape(3, 1, 1)
-        x = (x - mean) / std
+    x = _normalized_chw(img, spec)
     meta = ImageMeta(path=path, ori_shape=ori_shape, img_shape=img_shape,
                      scale_factor=(float(scale[0]), float(scale[1])),
                      pad_param=tuple(float(p) for p in pad) if pad is not None else None)
     return x, meta
 
 
-def stack_inputs(inputs: Sequence[np.ndarray], spec: PreprocessSpec) -> np.ndarray:
-    """Pad bottom/right to the largest image, rounded up to the size divisor, and stack
-    (mmengine's stack_batch)."""
+def _normalized_chw(img: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """The (C, H, W) float32 network input of a (H, W, C) uint8 image: channels reversed
+    (bgr_to_rgb), then (x - mean) / std in float32, as mmdet's data preprocessor does. Made
+    from OpenCV's contiguous planes and normalised in place: the same values as transposing,
+    converting and normalising into new arrays (tests/models/test_preprocess_arrays.py),
+    2.6x faster (0.31 against 0.80 ms for a 320x320 input on this project's CPU,
+    experiments/bench_preprocess.py) — a reader's image 1.19x faster in all."""
+    import cv2
+
+    channels = img.shape[2] if img.ndim == 3 else 1
+    planes = cv2.split(img) if channels > 1 else [img.reshape(img.shape[:2])]
+    if spec.bgr_to_rgb:
+        planes = planes[::-1]
+    x = np.empty((channels, img.shape[0], img.shape[1]), dtype=np.float32)
+    for c, plane in enumerate(planes):
+        x[c] = plane
+    if spec.normalize:
+        mean = np.asarray(spec.mean, dtype=np.float32).reshape(-1, 1, 1)
+        std = np.asarray(spec.std, dtype=np.float32).reshape(-1, 1, 1)
+        np.subtract(x, mean, out=x)
+        np.divide(x, std, out=x)
+    return x
+
+
+def stacked_shape(inputs: Sequence[np.ndarray], spec: PreprocessSpec) -> tuple[int, ...]:
+    """The (B, C, H, W) shape stack_inputs gives `inputs`: padded bottom/right to the largest
+    image, rounded up to the size divisor, or to the file's fixed input (a UserError where an
+    image does not fit it)."""
     div = max(spec.pad_size_divisor, 1)
     max_h = math.ceil(max(x.shape[1] for x in inputs) / div) * div
     max_w = math.ceil(max(x.shape[2] for x in inputs) / div) * div
@@ -228,9 +246,24 @@ def stack_inputs(inputs: Sequence[np.ndarray], spec: PreprocessSpec) -> np.ndarr
             raise UserError(f"an image of {max_w}x{max_h} after preprocessing does not fit the "
                             f"file's fixed input {spec.pad_to[1]}x{spec.pad_to[0]}")
         max_h, max_w = spec.pad_to
-    out = np.full((len(inputs), 3, max_h, max_w), spec.pad_value, dtype=np.float32)
-    for i, x in enumerate(inputs):
-        out[i, :, : x.shape[1], : x.shape[2]] = x
+    return (len(inputs), int(inputs[0].shape[0]), int(max_h), int(max_w))
+
+
+def stack_inputs(inputs: Sequence[np.ndarray], spec: PreprocessSpec,
+                 out: Union[np.ndarray, None] = None) -> np.ndarray:
+    """Pad bottom/right to the largest image, rounded up to the size divisor, and stack
+    (mmengine's stack_batch). out: a float32 array of stacked_shape(inputs, spec) to stack
+    into (a reader's shared-memory slot) instead of a new one."""
+    shape = stacked_shape(inputs, spec)
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    elif out.shape != shape or out.dtype != np.float32:
+        raise ValueError(f"stack_inputs: out is {out.dtype} {out.shape}, not float32 {shape}")
+    for i, x in enumerate(inputs):  # each element written once: the image, or padding
+        h, w = x.shape[1], x.shape[2]
+        out[i, :, :h, :w] = x
+        out[i, :, h:, :] = spec.pad_value
+        out[i, :, :h, w:] = spec.pad_value
     return out
 
 

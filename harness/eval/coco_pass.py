@@ -147,10 +147,13 @@ def plan_batches(images: Sequence[Any], batch_size: int) -> list[list[Any]]:
     return [list(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
 
 
-def prepare_batch(chunk: Sequence[Any], spec: Any, pool: Optional[Any] = None) -> _Prepared:
+def prepare_batch(chunk: Sequence[Any], spec: Any, pool: Optional[Any] = None,
+                  into: Optional[Callable[[tuple[int, ...]], Optional[np.ndarray]]] = None
+                  ) -> _Prepared:
     """Read and preprocess a batch's images; an unreadable one is set aside with the reason.
     pool: an executor whose threads read the images side by side (OpenCV's decode and resize
-    release the GIL), so the batch takes about as long as its slowest image."""
+    release the GIL), so the batch takes about as long as its slowest image. into(shape):
+    where to stack the batch (a reader's shared-memory slot), or None for a new array."""
     started = time.perf_counter()
     out = _Prepared(images=[])
     arrays = []
@@ -165,9 +168,10 @@ def prepare_batch(chunk: Sequence[Any], spec: Any, pool: Optional[Any] = None) -
         out.metas.append(meta)
         out.images.append(im)
     if arrays:
-        from harness.data.preprocess import stack_inputs
+        from harness.data.preprocess import stack_inputs, stacked_shape
 
-        out.inputs = stack_inputs(arrays, spec)
+        where = into(stacked_shape(arrays, spec)) if into is not None else None
+        out.inputs = stack_inputs(arrays, spec, out=where)
     out.seconds = time.perf_counter() - started
     out.read_at = started
     return out

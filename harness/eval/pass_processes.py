@@ -236,13 +236,19 @@ def prepare_into(chunk: Sequence[Any], spec: Any, slots_path: Optional[str], slo
     chunk's images read side by side by this many threads of the process."""
     from harness.eval.coco_pass import prepare_batch
 
-    out = prepare_batch(chunk, spec, _threads(threads) if threads > 1 else None)
-    if slots_path is not None and out.inputs is not None and \
-            (index + 1) * out.inputs.nbytes <= capacity:
-        mapped = _map_slots(slots_path)
-        view = np.ndarray(out.inputs.shape, dtype=np.float32, buffer=mapped,
-                          offset=slot * capacity + index * out.inputs.nbytes)
-        view[...] = out.inputs
+    placed: list[np.ndarray] = []
+
+    def into(shape: tuple[int, ...]) -> Optional[np.ndarray]:
+        """The batch's place in the slot (stacked there, not copied), where it fits."""
+        nbytes = int(np.prod(shape)) * 4
+        if slots_path is None or (index + 1) * nbytes > capacity:
+            return None
+        placed.append(np.ndarray(shape, dtype=np.float32, buffer=_map_slots(slots_path),
+                                 offset=slot * capacity + index * nbytes))
+        return placed[0]
+
+    out = prepare_batch(chunk, spec, _threads(threads) if threads > 1 else None, into)
+    if placed and out.inputs is placed[0]:
         out.slot_shape, out.inputs = out.inputs.shape, None
     return out
 
