@@ -31,6 +31,9 @@ class PipeJob:
     def result(self, timeout: Optional[float] = None) -> Any:
         return self._pool._result(self._key, timeout)
 
+    def __del__(self) -> None:  # nobody will ask for its result: not kept when it comes
+        self._pool._forget(self._key)
+
 
 class PipePool:
     def __init__(self, workers: int, initializer: Optional[Callable[[], None]] = None):
@@ -52,6 +55,7 @@ class PipePool:
         self._cond = threading.Condition()
         self._receiving = False
         self._dead: set[int] = set()  # workers whose death was seen (not waited on again)
+        self._dropped: set[int] = set()  # jobs whose result nobody will ask for
         self.broken: Optional[str] = None
 
     @property
@@ -106,6 +110,11 @@ class PipePool:
             raise value
         return value
 
+    def _forget(self, key: int) -> None:
+        with self._cond:  # (reentrant: a collection may run while this thread holds it)
+            if self._done.pop(key, None) is None and any(key in h for h in self._held):
+                self._dropped.add(key)
+
     def _receive(self, timeout: Optional[float]) -> list[tuple[int, int, bool, Any]]:
         """(worker, key, ok, value) of every result ready within `timeout`; a worker that died
         gives (worker, -1, False, why)."""
@@ -137,12 +146,16 @@ class PipePool:
         for w, key, ok, value in got:
             if key < 0:  # every job the dead worker held fails, and so does the pool
                 self.broken = value
-                for held in self._held[w]:
+                for held in self._held[w] - self._dropped:
                     self._done[held] = (False, BrokenProcessPool(value))
+                self._dropped -= self._held[w]
                 self._held[w].clear()
                 continue
             self._held[w].discard(key)
-            self._done[key] = (ok, value)
+            if key in self._dropped:  # its job was let go (an interrupted pass)
+                self._dropped.discard(key)
+            else:
+                self._done[key] = (ok, value)
 
 
 def _serve(conn: Any, initializer: Optional[Callable[[], None]]) -> None:

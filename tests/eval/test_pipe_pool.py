@@ -88,6 +88,20 @@ def test_a_worker_that_dies_fails_its_jobs_and_the_pool_is_started_anew(monkeypa
     assert again is not pool and again.submit(os.getpid).result(timeout=30) != pid
 
 
+def test_a_result_nobody_will_ask_for_is_not_kept(pool):
+    """An interrupted pass lets its reading jobs go: their results (a batch's inputs, where
+    it came through the pipe) must not pile up in the pool."""
+    import gc
+
+    job = pool.submit(_big, 4000)
+    del job
+    gc.collect()
+    assert pool.submit(_slow_pid, 0.3).result(timeout=30)  # results read meanwhile
+    time.sleep(0.2)
+    assert pool.submit(pow, 3, 3).result(timeout=30) == 27
+    assert not pool._done and not pool._dropped
+
+
 def test_a_job_not_done_in_time_says_so(pool):
     with pytest.raises(TimeoutError):
         pool.submit(_slow_pid, 2).result(timeout=0.2)
