@@ -137,13 +137,14 @@ def bench(args: argparse.Namespace, work: Path) -> None:
             if pool is not None:
                 pass_processes.READ_POOL = pool
                 said.append(f"read pool {pool}")
-            for name, value in (("FILL_ROUNDS", rounds), ("LOCAL_ENCODE_IMAGES", local),
-                                ("READ_THREADS", threads), ("SWITCH_INTERVAL_S", switch)):
+            # (the switch interval of passes in threads and of those in processes, GPU rows)
+            for names, value in ((("FILL_ROUNDS",), rounds), (("LOCAL_ENCODE_IMAGES",), local),
+                                 (("READ_THREADS",), threads),
+                                 (("SWITCH_INTERVAL_S", "PROCESSES_SWITCH_INTERVAL_S"), switch)):
                 if value is not None:
-                    setattr(coco_pass, name, value)
-                    if name == "SWITCH_INTERVAL_S":  # processes (GPU rows) or threads
-                        coco_pass.PROCESSES_SWITCH_INTERVAL_S = value
-                    said.append(f"{name.lower()} {value}")
+                    for name in names:
+                        setattr(coco_pass, name, value)
+                    said.append(f"{names[0].lower()} {value}")
             if workers is not None:
                 said.append(f"workers {workers}")
             if said:
@@ -244,14 +245,13 @@ def gaps_line(timeline: dict, least_s: float = 0.0003) -> str:
     """Where inference sat idle after the first batch: each batch that started more than
     `least_s` after the previous one ended, as batch:gap ms (read span's end ms), in pass order."""
     keys = [k for k in sorted(timeline) if "infer" in timeline[k]]
-    gaps = []
-    for prev, k in zip(keys, keys[1:]):
-        gap = timeline[k]["infer"][0] - timeline[prev]["infer"][1]
-        if gap > least_s:
-            read_end = timeline[k].get("read", (0.0, 0.0))[1]
-            gaps.append(f"{k}:{1e3 * gap:.1f} ({1e3 * read_end:.1f})")
-    total = sum(float(g.split(":")[1].split(" ")[0]) for g in gaps)
-    return f"  inference idle after batch 0: {total:.1f} ms — " + (", ".join(gaps) or "none")
+    gaps = [(k, timeline[k]["infer"][0] - timeline[prev]["infer"][1])
+            for prev, k in zip(keys, keys[1:])]
+    gaps = [(k, gap) for k, gap in gaps if gap > least_s]
+    said = ", ".join(f"{k}:{1e3 * gap:.1f} ({1e3 * timeline[k].get('read', (0.0, 0.0))[1]:.1f})"
+                     for k, gap in gaps)
+    return (f"  inference idle after batch 0: {1e3 * sum(g for _, g in gaps):.1f} ms — "
+            + (said or "none"))
 
 
 if __name__ == "__main__":

@@ -219,11 +219,10 @@ def _normalized_chw(img: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     experiments/bench_preprocess.py) — a reader's image 1.18x faster in all."""
     import cv2
 
-    channels = img.shape[2] if img.ndim == 3 else 1
-    planes = cv2.split(img) if channels > 1 else [img.reshape(img.shape[:2])]
+    planes = cv2.split(img)
     if spec.bgr_to_rgb:
         planes = planes[::-1]
-    x = np.empty((channels, img.shape[0], img.shape[1]), dtype=np.float32)
+    x = np.empty((len(planes), img.shape[0], img.shape[1]), dtype=np.float32)
     for c, plane in enumerate(planes):
         x[c] = plane
     if spec.normalize:
