@@ -63,10 +63,6 @@ def parse() -> argparse.Namespace:
     p.add_argument("--fill-rounds", type=int, nargs="+", default=None,
                    help="passes reading the first R x workers images one job each, for each R "
                         "given (default: coco_pass.FILL_ROUNDS)")
-    p.add_argument("--home-batches", type=int, nargs="+", default=None, metavar="B",
-                   help="passes reading their first B batches in threads of the pass's own "
-                        "process (reading in processes), for each given (default: "
-                        "coco_pass.HOME_BATCHES)")
     p.add_argument("--local-encode", type=int, nargs="+", default=None, metavar="IMAGES",
                    help="passes encoding the last IMAGES images in the writer thread, for each "
                         "given (default: coco_pass.LOCAL_ENCODE_IMAGES)")
@@ -133,19 +129,16 @@ def bench(args: argparse.Namespace, work: Path) -> None:
         if not target.available:
             print(f"{config.key:<24} {target.reason}")
             continue
-        settings = itertools.product(
-            args.post, args.fill_rounds or [None], args.home_batches or [None],
-            args.local_encode or [None], args.read_threads or [None],
-            args.switch_interval or [None], args.read_pool or [None], args.workers or [None],
-            args.graphs)
-        for path, rounds, home, local, threads, switch, pool, workers, graphs in settings:
+        for path, rounds, local, threads, switch, pool, workers, graphs in itertools.product(
+                args.post, args.fill_rounds or [None], args.local_encode or [None],
+                args.read_threads or [None], args.switch_interval or [None],
+                args.read_pool or [None], args.workers or [None], args.graphs):
             said = []
             if pool is not None:
                 pass_processes.READ_POOL = pool
                 said.append(f"read pool {pool}")
             # (the switch interval of passes in threads and of those in processes, GPU rows)
-            for names, value in ((("FILL_ROUNDS",), rounds), (("HOME_BATCHES",), home),
-                                 (("LOCAL_ENCODE_IMAGES",), local),
+            for names, value in ((("FILL_ROUNDS",), rounds), (("LOCAL_ENCODE_IMAGES",), local),
                                  (("READ_THREADS",), threads),
                                  (("SWITCH_INTERVAL_S", "PROCESSES_SWITCH_INTERVAL_S"), switch)):
                 if value is not None:

@@ -43,11 +43,6 @@ FILL_ROUNDS = 2
 # came 12-20 ms after the fill's and inference sat idle 4-9 ms for them (H200, onnxruntime
 # batch 4, 200 images: 1.15 wall / inference with 1 thread, 1.08-1.10 with 4)
 READ_THREADS = 4
-# and the first HOME_BATCHES batches are read by READ_THREADS threads of the pass's own process
-# instead: while inference waits for them its interpreter has nothing else to do, and no job is
-# sent, started in another process and handed back (on the H200 the first images started being
-# read 0.7-1.1 ms after they were submitted, and came back 0.5-1.3 ms after they were read)
-HOME_BATCHES = 1
 MAX_WORKERS = 8  # per pool, by default: enough for the H200 at batch 4 (bench_coco_overhead)
 # post-processing runs on groups of at least this many images (several inference batches
 # concatenated), so its fixed per-call cost — ~690 aten ops, 13 device syncs, 4-5 ms alone on
@@ -372,9 +367,8 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     clock = time.perf_counter
     post_group = post_group or getattr(post, "post_group", None) or POST_GROUP_IMAGES
     n_workers = workers or default_workers()
-    slots, free_slots, encoders, n_encoders, home = None, None, None, 0, None
+    slots, free_slots, encoders, n_encoders = None, None, None, 0
     if processes:  # started (once per process) before the pass is timed, like the model
-        home = pp.home_readers(READ_THREADS) if HOME_BATCHES else None
         readers = pp.process_pool(n_workers, "read")
         n_encoders = max(1, min(4, n_workers // 2))
         encoders = pp.process_pool(n_encoders, "encode")
@@ -410,19 +404,14 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
             times.timeline.setdefault(prepared.index, {})[stage] = (start - started,
                                                                     end - started)
 
-    def submit_read(chunk: list[Any], by_image: bool = False,
-                    at_home: bool = False) -> Optional[_Reading]:
+    def submit_read(chunk: list[Any], by_image: bool = False) -> Optional[_Reading]:
         """The reading of `chunk`: by one job, or (by_image, in processes) by one job per
         image, each writing into its place of the batch's slot: the pass's first batches,
         which inference waits for with nothing to do (a batch of 4 read by one process:
-        12 ms); at_home (in processes): by this process's home readers instead."""
+        12 ms)."""
         if slots is None:
             return _Reading([readers.submit(prepare_batch, chunk, spec)], chunk,
                             submitted=clock())
-        if at_home:
-            batch_thread, image_threads = home
-            return _Reading([batch_thread.submit(prepare_batch, chunk, spec, image_threads)],
-                            chunk, submitted=clock())
         slot = _get(free_slots, stop)  # a slot comes back as each batch is inferred
         if slot is None:
             return None
@@ -471,10 +460,8 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
                     chunk = next(chunks, None)
                     if chunk is None:
                         break
-                    at_home = home is not None and index < HOME_BATCHES
-                    job = submit_read(chunk, by_image=by_image > 0 and not at_home,
-                                      at_home=at_home)
-                    by_image -= 0 if at_home else len(chunk)
+                    job = submit_read(chunk, by_image=by_image > 0)
+                    by_image -= len(chunk)
                     if job is None:
                         return
                     job.index, index = index, index + 1

@@ -32,7 +32,6 @@ _POOLS: dict[tuple[str, int, bool], Any] = {}
 _MAPPED: dict[str, Any] = {}  # in a worker: the slots file it has mapped (one at a time)
 _SLOTS: dict[str, "InputSlots"] = {}  # in the main process: the kept slots ("current")
 _READ_THREADS: dict[int, Any] = {}  # in a worker: its reading threads, by count
-_HOME: dict[int, tuple[Any, Any]] = {}  # in the main process: home_readers, by threads
 _AT_EXIT: list[bool] = []  # drop_slots registered to run at exit
 SHM_DIR = Path("/dev/shm")
 SLOTS_PREFIX = "harness-inputs-"  # then the creating process's id
@@ -58,25 +57,6 @@ def process_pool(workers: int, role: str = "read") -> Any:
         pool = _POOLS[key] = ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context("spawn"), initializer=_started)
     return pool
-
-
-def home_readers(threads: int) -> tuple[Any, Any]:
-    """In the pass's own process: (a thread that reads a batch, `threads` threads that read its
-    images side by side) for coco_pass.prepare_batch — the pass's first batch, read where
-    inference waits for it — made once and kept, every thread started now."""
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-
-    pools = _HOME.get(threads)
-    if pools is None:
-        pools = _HOME[threads] = (ThreadPoolExecutor(1, thread_name_prefix="home-batch"),
-                                  ThreadPoolExecutor(threads, thread_name_prefix="home-read"))
-        everyone = threading.Barrier(threads + 1)  # each job held until all threads exist
-        jobs = [pools[1].submit(everyone.wait) for _ in range(threads)]
-        pools[0].submit(everyone.wait).result()
-        for job in jobs:
-            job.result()
-    return pools
 
 
 def warm(pool: Any, workers: int) -> None:

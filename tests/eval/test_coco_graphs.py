@@ -7,6 +7,7 @@ CUDA graphs (skipped without one)."""
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,6 +147,49 @@ def test_rounds_that_do_not_converge_go_on_and_matrices_too_large_go_eager(fixtu
     assert small(inputs_of(outputs), metas) is None and small.stats["captures"] == 0
     for r, f in zip(refs, fast_detections(model, outputs, metas, "cpu", graphs=small)):
         assert_same(r, f, "too large for a graph, then eager")
+
+
+def test_calls_from_many_threads_stage_their_own_inputs(fixture_batches):
+    """Calls made side by side (a pass's post-processing threads) each copy their inputs into
+    a staging buffer of their own outside the graph's lock: every call still gets its own
+    batch's reference detections, and the buffers all come back, no more of them than calls
+    ran at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from harness.eval.coco_graphs import GraphedPost
+
+    class SlowLock:  # every call waits a little before the lock: the others stage meanwhile
+        def __init__(self):
+            self.inner = threading.Lock()
+
+        def __enter__(self):
+            time.sleep(0.005)
+            self.inner.acquire()
+
+        def __exit__(self, *exc):
+            self.inner.release()
+
+    model, batches = fixture_batches
+    graphs = GraphedPost(model, "cpu")
+    graphs.lock = SlowLock()
+    work = [(k, which) for k in range(len(batches)) for which in (1, 2)] * 3
+
+    def call(job):
+        k, which = job
+        metas, refs = batches[k][0], batches[k][3]
+        return k, graphs(inputs_of(batches[k][which]), metas), refs
+
+    with ThreadPoolExecutor(6) as pool:
+        done = list(pool.map(call, work))
+    for k, found, refs in done:
+        assert found is not None and len(found) == len(refs), graphs.describe()
+        for r, f in zip(refs, found):
+            assert_same(r, f, f"batch {k}, called beside 5 other threads")
+    assert graphs.stats["replays"] == len(work)
+    made = sum(len(free) for free in graphs.staging.values())
+    assert len(graphs.staging) == 2 * len({len(b[0]) for b in batches})  # maps, decoded
+    assert len(graphs.staging) < made <= 6 * len(graphs.staging)  # calls did overlap
+    assert set(graphs.last[1]) == {"inputs", "lock", "replay", "results"}
 
 
 def test_make_post_uses_graphs_on_a_gpu_only(fixture_batches):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from harness.errors import UserError
-from harness.eval.coco_pass import plan_batches, prepare_batch, run_pass
+from harness.eval.coco_pass import plan_batches, run_pass
 from harness.eval.coco_split import open_split
 from harness.eval.store import RunStore
 from harness.models.pipeline import preprocess_spec_from_config
@@ -266,48 +266,36 @@ def test_post_processing_overlaps_the_next_inference(synth_val, spec, tmp_path):
     assert waited == [True] * 6, "post-processing never overlapped the next inference"
 
 
-@pytest.mark.parametrize("read_threads,fill_rounds,read_pool,home_batches", [
-    (1, 2, "executor", 1), (4, 2, "executor", 0), (3, 0, "executor", 1), (4, 2, "pipes", 1),
-    (4, 1, "executor", 5)])
+@pytest.mark.parametrize("read_threads,fill_rounds,read_pool", [
+    (1, 2, "executor"), (4, 2, "executor"), (3, 0, "executor"), (4, 2, "pipes")])
 def test_reading_in_processes_stores_what_threads_do(synth_val, spec, tmp_path, monkeypatch,
-                                                     read_threads, fill_rounds, read_pool,
-                                                     home_batches):
+                                                     read_threads, fill_rounds, read_pool):
     """Whole batches read by a process's threads side by side (READ_THREADS), after the
-    first HOME_BATCHES read by threads of the pass's own process (none; more than there
-    are) and the first images read one job each (FILL_ROUNDS) or from the first batch on;
-    the readers a ProcessPoolExecutor or a pipe_pool.PipePool."""
+    first images read one job each (FILL_ROUNDS) or from the first batch on; the readers a
+    ProcessPoolExecutor or a pipe_pool.PipePool."""
     from harness.eval import coco_pass, pass_processes
 
     monkeypatch.setattr(coco_pass, "READ_THREADS", read_threads)
     monkeypatch.setattr(coco_pass, "FILL_ROUNDS", fill_rounds)
-    monkeypatch.setattr(coco_pass, "HOME_BATCHES", home_batches)
     monkeypatch.setattr(pass_processes, "READ_POOL", read_pool)
-    at_home = []
-
-    def prepare_here(chunk, *args, **kwargs):  # what the processes read is not seen here
-        at_home.append([im.image_id for im in chunk])
-        return prepare_batch(chunk, *args, **kwargs)
-
     split = open_split(synth_val)
     stores = {}
     for processes in (False, True):
         stages = Stages()
         stores[processes] = store_for(tmp_path, f"processes{processes}")
-        if processes:
-            monkeypatch.setattr(coco_pass, "prepare_batch", prepare_here)
         run_pass(split.images, 4, spec, stages.infer, stages.post, CATEGORY_IDS,
                  stores[processes], progress=False, workers=2, processes=processes)
         assert len(stages.shapes) == 3
     assert stores[True].detections() == stores[False].detections()
     assert len(stores[True].images) == 12
-    batches = [[im.image_id for im in b] for b in plan_batches(split.images, 4)]
-    assert at_home == batches[:home_batches]
 
 
 def test_a_batch_read_by_threads_is_the_batch_read_in_turn(synth_val, spec, tmp_path):
     """prepare_batch with a pool: the same inputs, metas and unreadable images, in batch
     order, as one thread reading the images one after the other."""
     from concurrent.futures import ThreadPoolExecutor
+
+    from harness.eval.coco_pass import prepare_batch
 
     val = copy_split(synth_val, tmp_path / "copy")
     split = open_split(val)
@@ -323,21 +311,19 @@ def test_a_batch_read_by_threads_is_the_batch_read_in_turn(synth_val, spec, tmp_
     assert np.array_equal(side_by_side.inputs, alone.inputs)
 
 
-@pytest.mark.parametrize("read_pool,home_batches", [("executor", 0), ("pipes", 0),
-                                                     ("executor", 1)])
+@pytest.mark.parametrize("read_pool", ["executor", "pipes"])
 def test_processes_fall_back_where_shared_memory_cannot_take_a_batch(synth_val, spec,
                                                                      tmp_path, monkeypatch,
-                                                                     read_pool, home_batches):
-    """The first batch is read image by image into its slot (HOME_BATCHES 0; 1: read at
-    home, with an unreadable image); an unreadable image in it makes it read whole; a batch
-    larger than a slot comes through the pipe; the slots' file is kept for the next pass and
-    gone once dropped; a ΔAP split's reference still sees each batch's inputs."""
+                                                                     read_pool):
+    """The first batch is read image by image into its slot; an unreadable image in it
+    makes it read whole; a batch larger than a slot comes through the pipe; the slots'
+    file is kept for the next pass and gone once dropped; a ΔAP split's reference still sees
+    each batch's inputs."""
     import glob
 
-    from harness.eval import coco_pass, pass_processes
+    from harness.eval import pass_processes
 
     monkeypatch.setattr(pass_processes, "READ_POOL", read_pool)
-    monkeypatch.setattr(coco_pass, "HOME_BATCHES", home_batches)
 
     val = copy_split(synth_val, tmp_path / "copy")
     split = open_split(val)
