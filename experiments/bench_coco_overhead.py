@@ -74,6 +74,9 @@ def parse() -> argparse.Namespace:
                    help="passes whose reading processes are a ProcessPoolExecutor / a "
                         "pipe_pool.PipePool, for each given (default: "
                         "pass_processes.READ_POOL)")
+    p.add_argument("--read-nice", type=int, nargs="+", default=None, metavar="N",
+                   help="passes whose reading processes run N nicer than the pass's own, for "
+                        "each given (default: pass_processes.READ_NICE)")
     p.add_argument("--timeline", type=int, default=0, metavar="N",
                    help="after each line, the fastest pass's first and last N batches: when "
                         "each was read, handed over, inferred, post-processed and written")
@@ -129,14 +132,19 @@ def bench(args: argparse.Namespace, work: Path) -> None:
         if not target.available:
             print(f"{config.key:<24} {target.reason}")
             continue
-        for path, rounds, local, threads, switch, pool, workers, graphs in itertools.product(
-                args.post, args.fill_rounds or [None], args.local_encode or [None],
-                args.read_threads or [None], args.switch_interval or [None],
-                args.read_pool or [None], args.workers or [None], args.graphs):
+        settings = itertools.product(
+            args.post, args.fill_rounds or [None], args.local_encode or [None],
+            args.read_threads or [None], args.switch_interval or [None],
+            args.read_pool or [None], args.read_nice or [None], args.workers or [None],
+            args.graphs)
+        for path, rounds, local, threads, switch, pool, nice, workers, graphs in settings:
             said = []
             if pool is not None:
                 pass_processes.READ_POOL = pool
                 said.append(f"read pool {pool}")
+            if nice is not None:
+                pass_processes.READ_NICE = nice
+                said.append(f"read nice {nice}")
             # (the switch interval of passes in threads and of those in processes, GPU rows)
             for names, value in ((("FILL_ROUNDS",), rounds), (("LOCAL_ENCODE_IMAGES",), local),
                                  (("READ_THREADS",), threads),

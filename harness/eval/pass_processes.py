@@ -28,6 +28,11 @@ import numpy as np
 # written straight into a worker's pipe, its result read by the thread waiting for it), to
 # be measured side by side on a GPU (experiments/bench_coco_overhead.py --read-pool)
 READ_POOL = "executor"
+# the readers run this much nicer than the pass's own process: where the host's cores are all
+# taken (8 readers of 4 threads and the encoders on the H200's 16), the threads the pass waits
+# for (inference's launches and copies, the post's calls) get a core first; reading is
+# throughput, ahead of inference by several batches
+READ_NICE = 5
 _POOLS: dict[tuple[str, int, bool], Any] = {}
 _MAPPED: dict[str, Any] = {}  # in a worker: the slots file it has mapped (one at a time)
 _SLOTS: dict[str, "InputSlots"] = {}  # in the main process: the kept slots ("current")
@@ -41,21 +46,24 @@ def process_pool(workers: int, role: str = "read") -> Any:
     """A spawned pool of `workers` processes for `role`, kept for the life of the process and
     started anew when one of its workers died; the readers' a pipe_pool.PipePool where
     READ_POOL says "pipes"."""
+    import functools
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     pipes = role == "read" and READ_POOL == "pipes"
-    key = (role, workers, pipes)
+    nice = READ_NICE if role == "read" else 0
+    key = (role, workers, pipes, nice)
     pool = _POOLS.get(key)
     if pool is not None and getattr(pool, "_broken", False):
         pool = None
+    started = functools.partial(_started, nice)
     if pool is None and pipes:
         from harness.eval.pipe_pool import PipePool
 
-        pool = _POOLS[key] = PipePool(workers, initializer=_started)
+        pool = _POOLS[key] = PipePool(workers, initializer=started)
     elif pool is None:
         pool = _POOLS[key] = ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_started)
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=started)
     return pool
 
 
@@ -64,11 +72,16 @@ def warm(pool: Any, workers: int) -> None:
     list(pool.map(_ready, range(workers)))
 
 
-def _started() -> None:
+def _started(nice: int = 0) -> None:
     import importlib
 
     import cv2
 
+    if nice:
+        try:
+            os.nice(nice)
+        except (AttributeError, OSError):  # not on this platform: the same work, less fairly
+            pass
     cv2.setNumThreads(1)  # the pool is the parallelism; OpenCV's own threads would fight it
     # what the jobs use, imported once here rather than by each worker's first job
     for name in ("harness.data.preprocess", "harness.eval.coco", "harness.eval.coco_pass",

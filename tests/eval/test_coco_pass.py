@@ -475,6 +475,23 @@ def test_a_reader_pool_whose_worker_died_is_started_anew():
     assert again is not pool and again.submit(os.getpid).result(timeout=30) != pid
 
 
+@pytest.mark.parametrize("read_pool", ["executor", "pipes"])
+def test_readers_run_nicer_than_the_pass_and_encoders_do_not(monkeypatch, read_pool):
+    """READ_NICE: the readers give way to the pass's own threads where the cores are all
+    taken; the encoders, which the pass's last batches wait for, do not; a new setting gets
+    pools of its own."""
+    from harness.eval import pass_processes
+
+    monkeypatch.setattr(pass_processes, "READ_POOL", read_pool)
+    here = os.nice(0)
+    for nice in (3, 0):
+        monkeypatch.setattr(pass_processes, "READ_NICE", nice)
+        readers = pass_processes.process_pool(1, "read")
+        assert readers.submit(os.nice, 0).result(timeout=60) == min(19, here + nice)
+    encoders = pass_processes.process_pool(1, "encode")
+    assert encoders.submit(os.nice, 0).result(timeout=60) == here
+
+
 def test_outputs_not_said_batch_major_are_never_joined(synth_val, spec, tmp_path):
     """An ONNX NonMaxSuppression's selected_indices (K, 3) number the images of its batch:
     joined with the next batch's they would give detections to the wrong images."""
