@@ -25,15 +25,17 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 # the readers' pool: "executor" (a ProcessPoolExecutor) or "pipes" (pipe_pool.PipePool: a job
-# written straight into a worker's pipe, its result read by the thread waiting for it), to
-# be measured side by side on a GPU (experiments/bench_coco_overhead.py --read-pool)
+# written straight into a worker's pipe, its result read by the thread waiting for it): the
+# same on the H200 (onnxruntime b4, 200 images, side by side: 1.092, 1.085, 1.089 / 1.089,
+# 1.097, 1.086 wall / inference; experiments/bench_coco_overhead.py --read-pool)
 READ_POOL = "executor"
 # the readers run this much nicer than the pass's own process: where the host's cores are all
 # taken (8 readers of 4 threads and the encoders on the H200's 16), the threads the pass waits
 # for (inference's launches and copies, the post's calls) get a core first; reading is
-# throughput, ahead of inference by several batches
+# throughput, ahead of inference by several batches. Not yet told apart from the host's noise
+# (H200, three pairs: 1.155, 1.085, 1.094 at 5 / 1.087, 1.094, 1.096 at 0; --read-nice)
 READ_NICE = 5
-_POOLS: dict[tuple[str, int, bool], Any] = {}
+_POOLS: dict[tuple[str, int, bool, int], Any] = {}
 _MAPPED: dict[str, Any] = {}  # in a worker: the slots file it has mapped (one at a time)
 _SLOTS: dict[str, "InputSlots"] = {}  # in the main process: the kept slots ("current")
 _READ_THREADS: dict[int, Any] = {}  # in a worker: its reading threads, by count
