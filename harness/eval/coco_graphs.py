@@ -22,11 +22,12 @@ The graphs of one post share one memory pool; calls are serialised by a lock hel
 replay, its copies to and from the device and its sync only: a call's copy into its staging
 buffer (0.3-7.8 ms beside a pass on the H200, 8.6 MB of onnxruntime's outputs at batch 4) and
 the reading of its table happen outside it, so the calls queued behind it do not wait for
-them (they did: one call waited 14-29 ms for the lock, and the pass's last call with them). A capture runs beside the pass's
-inference in "thread_local" mode: other threads may launch work and wait for their streams,
-but not synchronise the whole device (CUDA refuses that during any capture, and the capture
-fails): the pass's own wait is for its stream (harness.eval.latency.cuda_sync). A capture
-that fails anyway leaves this post on the eager path, said by describe().
+them (they did: calls waited up to 14-29 ms for the lock, the pass's last call with them).
+A capture runs beside the pass's inference in "thread_local" mode: other threads may launch
+work and wait for their streams, but not synchronise the whole device (CUDA refuses that
+during any capture, and the capture fails): the pass's own wait is for its stream
+(harness.eval.latency.cuda_sync). A capture that fails anyway leaves this post on the eager
+path, said by describe().
 """
 from __future__ import annotations
 
