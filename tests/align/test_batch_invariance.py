@@ -57,7 +57,9 @@ def test_fixture_is_batch_invariant_and_a_batch_dependent_backend_is_caught(imag
     assert ref["padded"]["changed_images"] == 0 and fine["padded"]["changed_images"] == 0
     # beside padding images the planted backend still runs a batch of 4: it changes too
     assert bad["padded"]["changed_images"] > 0
-    assert fine["max_score_change"] == 0.0  # onnxruntime on the CPU: bit-identical
+    # onnxruntime on the CPU: bit-identical on an Intel Xeon; on an AMD EPYC its kernels for
+    # batch 1 and 4 differ by a float32 ulp (2.3e-10) — far below the planted 0.3
+    assert fine["max_score_change"] < 1e-8
     assert ref["max_score_change"] < 1e-5  # PyTorch: float noise, nothing beyond tolerance
     assert bad["changed_images"] > 0 and bad["detections_changed"] > 0
     assert bad["max_score_change"] > 1e-3
