@@ -68,7 +68,6 @@ class _Staging:
     host: Any                   # flat float32, pinned on a GPU
     views: dict[str, np.ndarray]  # name -> its (B, ...) view of `host`
     per_image: Any              # (B, 11) float32, pinned on a GPU
-    on_host: bool = False       # this call's inputs include host arrays
 
 
 class GraphedPost:
@@ -197,13 +196,11 @@ class GraphedPost:
                                     pin_memory=self.cuda)
             stage = _Staging(host, views, per_image)
         n = len(metas)
-        stage.on_host = False
         for name, value in inputs.items():
-            if not (torch.is_tensor(value) and value.device.type != "cpu"):
+            if not _on_device(value):
                 np.copyto(stage.views[name][:n],
                           value.numpy() if torch.is_tensor(value) else value,
                           casting="same_kind")
-                stage.on_host = True
         stage.per_image.numpy()[:] = per_image_rows(metas, len(stage.per_image))
         return stage
 
@@ -214,10 +211,10 @@ class GraphedPost:
         import torch
 
         t0 = time.perf_counter()
-        if stage.on_host:
+        if not all(_on_device(value) for value in inputs.values()):
             graph.device.copy_(stage.host, non_blocking=True)
         for name, value in inputs.items():  # then those already on the device
-            if torch.is_tensor(value) and value.device.type != "cpu":
+            if _on_device(value):
                 graph.views[name][:n].copy_(value)
         graph.per_image.copy_(stage.per_image, non_blocking=True)
         t1 = time.perf_counter()
@@ -292,6 +289,14 @@ class GraphedPost:
         table_host = torch.empty(outputs[0].shape, dtype=torch.float32, pin_memory=self.cuda)
         flags_host = torch.empty(outputs[1].shape, dtype=torch.float32, pin_memory=self.cuda)
         return _Graph(replay, device, views, dev_meta, outputs, table_host, flags_host)
+
+
+def _on_device(value: Any) -> bool:
+    """Whether an input is a tensor on an accelerator (copied device to device), not a host
+    array or CPU tensor (copied through a staging buffer)."""
+    import torch
+
+    return torch.is_tensor(value) and value.device.type != "cpu"
 
 
 def graph_batch(images: int) -> int:
