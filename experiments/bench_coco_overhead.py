@@ -33,6 +33,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 STORES = itertools.count()  # a fresh store file for every pass
 
@@ -63,6 +64,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--fill-rounds", type=int, nargs="+", default=None,
                    help="passes reading the first R x workers images one job each, for each R "
                         "given (default: coco_pass.FILL_ROUNDS)")
+    p.add_argument("--first-in-flight", type=int, nargs="+", default=None, metavar="N",
+                   help="passes with at most N batches in flight until the first is handed "
+                        "to inference (0: one per worker, as later), for each N given "
+                        "(default: coco_pass.FIRST_IN_FLIGHT)")
     p.add_argument("--local-encode", type=int, nargs="+", default=None, metavar="IMAGES",
                    help="passes encoding the last IMAGES images in the writer thread, for each "
                         "given (default: coco_pass.LOCAL_ENCODE_IMAGES)")
@@ -135,10 +140,13 @@ def bench(args: argparse.Namespace, work: Path) -> None:
         settings = itertools.product(
             args.post, args.fill_rounds or [None], args.local_encode or [None],
             args.read_threads or [None], args.switch_interval or [None],
-            args.read_pool or [None], args.read_nice or [None], args.workers or [None],
-            args.graphs)
-        for path, rounds, local, threads, switch, pool, nice, workers, graphs in settings:
+            args.read_pool or [None], args.read_nice or [None], args.first_in_flight or [None],
+            args.workers or [None], args.graphs)
+        for path, rounds, local, threads, switch, pool, nice, first, workers, graphs in settings:
             said = []
+            if first is not None:
+                coco_pass.FIRST_IN_FLIGHT = first or None
+                said.append(f"first in flight {first or 'one per worker'}")
             if pool is not None:
                 pass_processes.READ_POOL = pool
                 said.append(f"read pool {pool}")
@@ -165,7 +173,7 @@ def bench(args: argparse.Namespace, work: Path) -> None:
                 print(f"  CUDA graphs: {post.graphs.describe()}")
                 print(f"  in the fastest pass: {calls}")
             if args.timeline:
-                print(timeline_table(best.timeline, args.timeline))
+                print(timeline_table(best.timeline, args.timeline, best.read_parts))
 
 
 def compare_modes(config, target, model, split, cat_ids, work: Path, repeats: int,
@@ -234,9 +242,10 @@ def compare_modes(config, target, model, split, cat_ids, work: Path, repeats: in
 STAGES = ("read", "handed", "infer", "post", "write")
 
 
-def timeline_table(timeline: dict, n: int) -> str:
+def timeline_table(timeline: dict, n: int, read_parts: Optional[dict] = None) -> str:
     """The first and last `n` batches of a pass: each stage's start-end in ms from the
-    pass's start ("handed": from the read's submission to its hand-over to inference)."""
+    pass's start ("handed": from the read's submission to its hand-over to inference), and
+    of those read image by image each image's read."""
     keys = sorted(timeline)
     shown = keys if len(keys) <= 2 * n else keys[:n] + keys[-n:]
     rows = [f"  {'batch':>5} " + " ".join(f"{s:>15}" for s in STAGES)]
@@ -245,6 +254,10 @@ def timeline_table(timeline: dict, n: int) -> str:
         rows.append(f"  {k:>5} " + " ".join(
             f"{1e3 * spans[s][0]:>7.1f}-{1e3 * spans[s][1]:<7.1f}" if s in spans else
             f"{'':>15}" for s in STAGES))
+    for k in shown:
+        if k in (read_parts or {}):
+            rows.append(f"  batch {k} by image: " + ", ".join(
+                f"{1e3 * a:.1f}-{1e3 * b:.1f}" for a, b in read_parts[k]))
     rows.append(gaps_line(timeline))
     return "\n".join(rows)
 

@@ -38,6 +38,10 @@ QUEUE_DEPTH = 2  # batches prepared ahead / waiting for post-processing, beyond 
 # the first batches come as soon as one image is read, not four (H200, onnxruntime batch 4:
 # two rounds 1.17, one 1.22 wall / inference)
 FILL_ROUNDS = 2
+# batches in flight until the first has been handed to inference (None: as many as later, one
+# per worker): fewer, and the first batch's images are read without the next batches' beside
+# them on the host's cores — the next batches then start when it is handed over
+FIRST_IN_FLIGHT: Optional[int] = None
 # and a batch after them is read by one process with this many threads side by side, so it
 # comes after about one image's time, not four: read by one thread, the first whole batches
 # came 12-20 ms after the fill's and inference sat idle 4-9 ms for them (H200, onnxruntime
@@ -104,6 +108,8 @@ class PassTimes:
     # from the pass's start — "read" (in its worker), "handed" (read submitted → handed to
     # inference), "infer", "post", "write" — where the fill, ramp and drain go
     timeline: dict[int, dict[str, tuple[float, float]]] = field(default_factory=dict)
+    # and per batch read image by image (the fill), each image's read (start, end) likewise
+    read_parts: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
 
     @property
     def overhead_ratio(self) -> float:
@@ -422,7 +428,8 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
 
     def received(reading: _Reading) -> _Prepared:
         parts = [job.result() for job in reading.jobs]
-        read_span = (min(p.read_at for p in parts), max(p.read_at + p.seconds for p in parts))
+        spans = [(p.read_at, p.read_at + p.seconds) for p in parts]  # (before they are joined)
+        read_span = (min(a for a, _ in spans), max(b for _, b in spans))
         prepared = parts[0] if len(parts) == 1 else pp.join_parts(parts)
         if prepared is None:  # the images did not stack in place: read whole, same slot
             prepared = readers.submit(pp.prepare_into, reading.chunk, spec, slots.path,
@@ -435,6 +442,8 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
                 release(prepared)
         prepared.index = reading.index
         mark(prepared, "read", *read_span)
+        if timeline and len(spans) > 1:
+            times.read_parts[reading.index] = [(a - started, b - started) for a, b in spans]
         mark(prepared, "handed", reading.submitted, clock())
         return prepared
 
@@ -456,7 +465,9 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
         index = 0
         try:
             while True:
-                while len(pending) < n_workers and not stop.is_set():
+                ahead = n_workers if index > len(pending) or FIRST_IN_FLIGHT is None \
+                    else FIRST_IN_FLIGHT  # (index > len(pending): the first was handed over)
+                while len(pending) < ahead and not stop.is_set():
                     chunk = next(chunks, None)
                     if chunk is None:
                         break

@@ -290,6 +290,34 @@ def test_reading_in_processes_stores_what_threads_do(synth_val, spec, tmp_path, 
     assert len(stores[True].images) == 12
 
 
+def test_the_first_batch_read_alone_holds_the_next_back_until_it_is_handed_over(
+        synth_val, spec, tmp_path, monkeypatch):
+    """FIRST_IN_FLIGHT 1: no image of the second batch is read before the first batch is
+    handed to inference, and the pass stores what the default does; the timeline has each
+    image of the batches read image by image."""
+    from harness.eval import coco_pass
+
+    monkeypatch.setattr(coco_pass, "FILL_ROUNDS", 3)  # 3 x 2 workers: batches 0 and 1
+    split = open_split(synth_val)
+    stores = {}
+    for first in (None, 1):
+        monkeypatch.setattr(coco_pass, "FIRST_IN_FLIGHT", first)
+        stages = Stages()
+        stores[first] = store_for(tmp_path, f"first{first}")
+        times = run_pass(split.images, 4, spec, stages.infer, stages.post, CATEGORY_IDS,
+                         stores[first], progress=False, workers=2, processes=True,
+                         timeline=True)
+        assert sorted(times.read_parts) == [0, 1]
+        for k, parts in times.read_parts.items():
+            assert len(parts) == 4
+            assert (min(a for a, _ in parts), max(b for _, b in parts)) == \
+                pytest.approx(times.timeline[k]["read"], abs=1e-9)
+        if first == 1:
+            assert min(a for a, _ in times.read_parts[1]) >= times.timeline[0]["handed"][1]
+    assert stores[1].detections() == stores[None].detections()
+    assert len(stores[1].images) == 12
+
+
 def test_a_batch_read_by_threads_is_the_batch_read_in_turn(synth_val, spec, tmp_path):
     """prepare_batch with a pool: the same inputs, metas and unreadable images, in batch
     order, as one thread reading the images one after the other."""
