@@ -82,6 +82,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--read-nice", type=int, nargs="+", default=None, metavar="N",
                    help="passes whose reading processes run N nicer than the pass's own, for "
                         "each given (default: pass_processes.READ_NICE)")
+    p.add_argument("--read-keep-memory", type=int, nargs="+", default=None, choices=(0, 1),
+                   help="passes whose reading processes keep (1) or give back (0) the memory "
+                        "they free, for each given (default: pass_processes.READ_KEEP_MEMORY)")
     p.add_argument("--timeline", type=int, default=0, metavar="N",
                    help="after each line, the fastest pass's first and last N batches: when "
                         "each was read, handed over, inferred, post-processed and written")
@@ -141,9 +144,13 @@ def bench(args: argparse.Namespace, work: Path) -> None:
             args.post, args.fill_rounds or [None], args.local_encode or [None],
             args.read_threads or [None], args.switch_interval or [None],
             args.read_pool or [None], args.read_nice or [None], args.first_in_flight or [None],
-            args.workers or [None], args.graphs)
-        for path, rounds, local, threads, switch, pool, nice, first, workers, graphs in settings:
+            args.read_keep_memory or [None], args.workers or [None], args.graphs)
+        for (path, rounds, local, threads, switch, pool, nice, first, keep, workers,
+             graphs) in settings:
             said = []
+            if keep is not None:
+                pass_processes.READ_KEEP_MEMORY = bool(keep)
+                said.append(f"readers {'keep' if keep else 'give back'} freed memory")
             if first is not None:
                 coco_pass.FIRST_IN_FLIGHT = first or None
                 said.append(f"first in flight {first or 'one per worker'}")

@@ -35,7 +35,14 @@ READ_POOL = "executor"
 # throughput, ahead of inference by several batches. Not yet told apart from the host's noise
 # (H200, three pairs: 1.155, 1.085, 1.094 at 5 / 1.087, 1.094, 1.096 at 0; --read-nice)
 READ_NICE = 5
-_POOLS: dict[tuple[str, int, bool, int], Any] = {}
+# the readers' allocator keeps the memory they free (glibc: large blocks from the heap, not
+# mapped and unmapped each time, and the heap not trimmed), so an image's arrays land on pages
+# already there instead of faulting in fresh ones: a reader idle between batches (a pass's
+# first) otherwise took ~180 page faults per image (experiments/bench_fill.py)
+READ_KEEP_MEMORY = True
+KEEP_MMAP_BELOW = 64 << 20  # blocks under this come from the heap
+KEEP_HEAP_UP_TO = 1 << 30  # freed heap memory kept up to this much
+_POOLS: dict[tuple[str, int, bool, int, bool], Any] = {}
 _MAPPED: dict[str, Any] = {}  # in a worker: the slots file it has mapped (one at a time)
 _SLOTS: dict[str, "InputSlots"] = {}  # in the main process: the kept slots ("current")
 _READ_THREADS: dict[int, Any] = {}  # in a worker: its reading threads, by count
@@ -54,11 +61,12 @@ def process_pool(workers: int, role: str = "read") -> Any:
 
     pipes = role == "read" and READ_POOL == "pipes"
     nice = READ_NICE if role == "read" else 0
-    key = (role, workers, pipes, nice)
+    keep = READ_KEEP_MEMORY and role == "read"
+    key = (role, workers, pipes, nice, keep)
     pool = _POOLS.get(key)
     if pool is not None and getattr(pool, "_broken", False):
         pool = None
-    started = functools.partial(_started, nice)
+    started = functools.partial(_started, nice, keep)
     if pool is None and pipes:
         from harness.eval.pipe_pool import PipePool
 
@@ -74,11 +82,13 @@ def warm(pool: Any, workers: int) -> None:
     list(pool.map(_ready, range(workers)))
 
 
-def _started(nice: int = 0) -> None:
+def _started(nice: int = 0, keep_memory: bool = False) -> None:
     import importlib
 
     import cv2
 
+    if keep_memory:
+        keep_freed_memory()
     if nice:
         try:
             os.nice(nice)
@@ -93,6 +103,24 @@ def _started(nice: int = 0) -> None:
 
 def _ready(_: int) -> bool:
     return True
+
+
+def keep_freed_memory() -> bool:
+    """Have this process's allocator (glibc's malloc) serve blocks under KEEP_MMAP_BELOW from
+    its heap and keep up to KEEP_HEAP_UP_TO of what is freed there, instead of mapping each
+    large block anew and giving freed memory back; False where the C library has no mallopt
+    (not glibc): the same work, with page faults."""
+    import ctypes
+    import ctypes.util
+
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(m_mmap_threshold, KEEP_MMAP_BELOW)) and \
+        bool(mallopt(m_trim_threshold, KEEP_HEAP_UP_TO))
 
 
 def input_slots(count: int, capacity: int, readers: Any, workers: int) -> "InputSlots":
