@@ -38,6 +38,10 @@ QUEUE_DEPTH = 2  # batches prepared ahead / waiting for post-processing, beyond 
 # the first batches come as soon as one image is read, not four (H200, onnxruntime batch 4:
 # two rounds 1.17, one 1.22 wall / inference)
 FILL_ROUNDS = 2
+# and each of those images resized by this many of OpenCV's threads (its reader's own threads
+# are idle then: a batch is not read before its slowest image, inference waits with nothing
+# to do, and resizing is the larger part of an image's 3-6 ms on the H200's host)
+FILL_CV_THREADS = 2
 # batches in flight until the first has been handed to inference (None: as many as later, one
 # per worker): fewer, and the first batch's images are read without the next batches' beside
 # them on the host's cores — the next batches then start when it is handed over
@@ -422,8 +426,9 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
         if slot is None:
             return None
         images = [[im] for im in chunk] if by_image and len(chunk) > 1 else [chunk]
+        cv_threads = FILL_CV_THREADS if len(images) > 1 else 1
         return _Reading([readers.submit(pp.prepare_into, part, spec, slots.path, slot,
-                                        slots.capacity, i, READ_THREADS)
+                                        slots.capacity, i, READ_THREADS, cv_threads)
                          for i, part in enumerate(images)], chunk, slot, clock())
 
     def received(reading: _Reading) -> _Prepared:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -471,6 +472,26 @@ def test_slots_without_room_say_so_and_leave_no_file(tmp_path, monkeypatch):
     assert after <= before
 
 
+def test_a_fill_image_resized_by_several_opencv_threads_is_the_same_input(synth_val, spec):
+    """prepare_into(cv_threads=4), what the pass's first images get: the very inputs and
+    metas of one thread, and OpenCV back at one thread after the job."""
+    import cv2
+
+    from harness.eval.pass_processes import prepare_into
+
+    split = open_split(synth_val)
+    was = cv2.getNumThreads()
+    try:
+        for im in split.images:
+            one = prepare_into([im], spec, None, 0, 0, cv_threads=1)
+            four = prepare_into([im], spec, None, 0, 0, cv_threads=4)
+            assert cv2.getNumThreads() == 1
+            assert four.inputs.tobytes() == one.inputs.tobytes()
+            assert four.metas == one.metas
+    finally:
+        cv2.setNumThreads(was)
+
+
 def test_join_parts_takes_only_images_that_stack_in_place():
     from harness.eval.coco_pass import _Prepared
     from harness.eval.pass_processes import join_parts
@@ -579,3 +600,35 @@ def test_stored_lines_parse_to_the_entries_json_dumps_gives():
             json.dumps(json.loads(line)) == json.dumps(json.loads(old)), name  # NaN != NaN
     assert json.loads(lines[0])["detections"], "a test image with no entries tests nothing"
     assert lines[3] == _old_line(103, images[3][1], dets[3], ms, cats)
+
+
+def _faults_of_reused_blocks() -> int:
+    """Page faults taken by the second and third 8 MB block allocated, written and freed in a
+    fresh process."""
+    import resource
+
+    faults = []
+    for _ in range(3):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        block = np.ones(8 << 20, np.uint8)
+        del block
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return sum(faults[1:])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux")
+def test_readers_keep_the_memory_they_free(monkeypatch):
+    """READ_KEEP_MEMORY: a reader's large blocks come from a heap it keeps, so using one again
+    faults in no fresh pages; a reader that gives memory back (glibc's default) took ~450
+    faults for the same two blocks (this machine)."""
+    from harness.eval import pass_processes
+
+    faults = {}
+    for keep in (True, False):
+        monkeypatch.setattr(pass_processes, "READ_KEEP_MEMORY", keep)
+        readers = pass_processes.process_pool(1, "read")
+        faults[keep] = readers.submit(_faults_of_reused_blocks).result(timeout=60)
+        readers.shutdown()
+        for key in [k for k, pool in pass_processes._POOLS.items() if pool is readers]:
+            del pass_processes._POOLS[key]
+    assert faults[True] < 50 < 200 < faults[False]
