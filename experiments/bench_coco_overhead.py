@@ -64,14 +64,6 @@ def parse() -> argparse.Namespace:
     p.add_argument("--fill-rounds", type=int, nargs="+", default=None,
                    help="passes reading the first R x workers images one job each, for each R "
                         "given (default: coco_pass.FILL_ROUNDS)")
-    p.add_argument("--fill-cv-threads", type=int, nargs="+", default=None, metavar="T",
-                   help="passes whose first images (read one job each) are resized by T of "
-                        "OpenCV's threads, for each T given (default: "
-                        "coco_pass.FILL_CV_THREADS)")
-    p.add_argument("--first-in-flight", type=int, nargs="+", default=None, metavar="N",
-                   help="passes with at most N batches in flight until the first is handed "
-                        "to inference (0: one per worker, as later), for each N given "
-                        "(default: coco_pass.FIRST_IN_FLIGHT)")
     p.add_argument("--local-encode", type=int, nargs="+", default=None, metavar="IMAGES",
                    help="passes encoding the last IMAGES images in the writer thread, for each "
                         "given (default: coco_pass.LOCAL_ENCODE_IMAGES)")
@@ -147,18 +139,14 @@ def bench(args: argparse.Namespace, work: Path) -> None:
         settings = itertools.product(
             args.post, args.fill_rounds or [None], args.local_encode or [None],
             args.read_threads or [None], args.switch_interval or [None],
-            args.read_pool or [None], args.read_nice or [None], args.first_in_flight or [None],
-            args.read_keep_memory or [None], args.fill_cv_threads or [None],
+            args.read_pool or [None], args.read_nice or [None], args.read_keep_memory or [None],
             args.workers or [None], args.graphs)
-        for (path, rounds, local, threads, switch, pool, nice, first, keep, cv_threads,
-             workers, graphs) in settings:
+        for (path, rounds, local, threads, switch, pool, nice, keep, workers,
+             graphs) in settings:
             said = []
             if keep is not None:
                 pass_processes.READ_KEEP_MEMORY = bool(keep)
                 said.append(f"readers {'keep' if keep else 'give back'} freed memory")
-            if first is not None:
-                coco_pass.FIRST_IN_FLIGHT = first or None
-                said.append(f"first in flight {first or 'one per worker'}")
             if pool is not None:
                 pass_processes.READ_POOL = pool
                 said.append(f"read pool {pool}")
@@ -166,8 +154,8 @@ def bench(args: argparse.Namespace, work: Path) -> None:
                 pass_processes.READ_NICE = nice
                 said.append(f"read nice {nice}")
             # (the switch interval of passes in threads and of those in processes, GPU rows)
-            for names, value in ((("FILL_ROUNDS",), rounds), (("FILL_CV_THREADS",), cv_threads),
-                                 (("LOCAL_ENCODE_IMAGES",), local), (("READ_THREADS",), threads),
+            for names, value in ((("FILL_ROUNDS",), rounds), (("LOCAL_ENCODE_IMAGES",), local),
+                                 (("READ_THREADS",), threads),
                                  (("SWITCH_INTERVAL_S", "PROCESSES_SWITCH_INTERVAL_S"), switch)):
                 if value is not None:
                     for name in names:

@@ -38,14 +38,6 @@ QUEUE_DEPTH = 2  # batches prepared ahead / waiting for post-processing, beyond 
 # the first batches come as soon as one image is read, not four (H200, onnxruntime batch 4:
 # two rounds 1.17, one 1.22 wall / inference)
 FILL_ROUNDS = 2
-# and each of those images resized by this many of OpenCV's threads (its reader's own threads
-# are idle then: a batch is not read before its slowest image, inference waits with nothing
-# to do, and resizing is the larger part of an image's 3-6 ms on the H200's host)
-FILL_CV_THREADS = 2
-# batches in flight until the first has been handed to inference (None: as many as later, one
-# per worker): fewer, and the first batch's images are read without the next batches' beside
-# them on the host's cores — the next batches then start when it is handed over
-FIRST_IN_FLIGHT: Optional[int] = None
 # and a batch after them is read by one process with this many threads side by side, so it
 # comes after about one image's time, not four: read by one thread, the first whole batches
 # came 12-20 ms after the fill's and inference sat idle 4-9 ms for them (H200, onnxruntime
@@ -426,9 +418,8 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
         if slot is None:
             return None
         images = [[im] for im in chunk] if by_image and len(chunk) > 1 else [chunk]
-        cv_threads = FILL_CV_THREADS if len(images) > 1 else 1
         return _Reading([readers.submit(pp.prepare_into, part, spec, slots.path, slot,
-                                        slots.capacity, i, READ_THREADS, cv_threads)
+                                        slots.capacity, i, READ_THREADS)
                          for i, part in enumerate(images)], chunk, slot, clock())
 
     def received(reading: _Reading) -> _Prepared:
@@ -470,9 +461,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
         index = 0
         try:
             while True:
-                ahead = n_workers if index > len(pending) or FIRST_IN_FLIGHT is None \
-                    else FIRST_IN_FLIGHT  # (index > len(pending): the first was handed over)
-                while len(pending) < ahead and not stop.is_set():
+                while len(pending) < n_workers and not stop.is_set():
                     chunk = next(chunks, None)
                     if chunk is None:
                         break

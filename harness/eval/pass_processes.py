@@ -271,22 +271,12 @@ def slot_capacity(batch_size: int, spec: Any) -> int:
 
 
 def prepare_into(chunk: Sequence[Any], spec: Any, slots_path: Optional[str], slot: int,
-                 capacity: int, index: int = 0, threads: int = 1, cv_threads: int = 1) -> Any:
+                 capacity: int, index: int = 0, threads: int = 1) -> Any:
     """coco_pass.prepare_batch in a reader process; the inputs written into `slot` of the
     slots file (and `inputs` left None, `slot_shape` set) when they fit. index: `chunk` is
     the image at that place of a batch read image by image (join_parts): written where it
     lies in the stacked batch if all its images come out of the same shape. threads: the
-    chunk's images read side by side by this many threads of the process. cv_threads: and
-    OpenCV's own operations (resizing) split over this many threads for this job, then one
-    again (the same pixels: tests/eval/test_coco_pass.py)."""
-    import cv2
-
-    if cv_threads > 1:
-        cv2.setNumThreads(cv_threads)
-        try:
-            return prepare_into(chunk, spec, slots_path, slot, capacity, index, threads)
-        finally:
-            cv2.setNumThreads(1)
+    chunk's images read side by side by this many threads of the process."""
     from harness.eval.coco_pass import prepare_batch
 
     placed: list[np.ndarray] = []

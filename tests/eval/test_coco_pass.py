@@ -291,32 +291,22 @@ def test_reading_in_processes_stores_what_threads_do(synth_val, spec, tmp_path, 
     assert len(stores[True].images) == 12
 
 
-def test_the_first_batch_read_alone_holds_the_next_back_until_it_is_handed_over(
-        synth_val, spec, tmp_path, monkeypatch):
-    """FIRST_IN_FLIGHT 1: no image of the second batch is read before the first batch is
-    handed to inference, and the pass stores what the default does; the timeline has each
-    image of the batches read image by image."""
+def test_the_timeline_has_each_image_of_the_batches_read_image_by_image(synth_val, spec,
+                                                                         tmp_path, monkeypatch):
+    """PassTimes.read_parts: per batch read one job per image (FILL_ROUNDS x workers images),
+    each image's read, spanning the batch's read in the timeline; none for the others."""
     from harness.eval import coco_pass
 
     monkeypatch.setattr(coco_pass, "FILL_ROUNDS", 3)  # 3 x 2 workers: batches 0 and 1
     split = open_split(synth_val)
-    stores = {}
-    for first in (None, 1):
-        monkeypatch.setattr(coco_pass, "FIRST_IN_FLIGHT", first)
-        stages = Stages()
-        stores[first] = store_for(tmp_path, f"first{first}")
-        times = run_pass(split.images, 4, spec, stages.infer, stages.post, CATEGORY_IDS,
-                         stores[first], progress=False, workers=2, processes=True,
-                         timeline=True)
-        assert sorted(times.read_parts) == [0, 1]
-        for k, parts in times.read_parts.items():
-            assert len(parts) == 4
-            assert (min(a for a, _ in parts), max(b for _, b in parts)) == \
-                pytest.approx(times.timeline[k]["read"], abs=1e-9)
-        if first == 1:
-            assert min(a for a, _ in times.read_parts[1]) >= times.timeline[0]["handed"][1]
-    assert stores[1].detections() == stores[None].detections()
-    assert len(stores[1].images) == 12
+    times = run_pass(split.images, 4, spec, Stages().infer, Stages().post, CATEGORY_IDS,
+                     store_for(tmp_path), progress=False, workers=2, processes=True,
+                     timeline=True)
+    assert sorted(times.read_parts) == [0, 1] and sorted(times.timeline) == [0, 1, 2]
+    for k, parts in times.read_parts.items():
+        assert len(parts) == 4 and all(0 <= a <= b for a, b in parts)
+        assert (min(a for a, _ in parts), max(b for _, b in parts)) == \
+            pytest.approx(times.timeline[k]["read"], abs=1e-9)
 
 
 def test_a_batch_read_by_threads_is_the_batch_read_in_turn(synth_val, spec, tmp_path):
@@ -470,26 +460,6 @@ def test_slots_without_room_say_so_and_leave_no_file(tmp_path, monkeypatch):
         pass_processes.InputSlots(2, 1 << 20)
     after = set(glob.glob("/dev/shm/harness-inputs-*") + glob.glob("/tmp/harness-inputs-*"))
     assert after <= before
-
-
-def test_a_fill_image_resized_by_several_opencv_threads_is_the_same_input(synth_val, spec):
-    """prepare_into(cv_threads=4), what the pass's first images get: the very inputs and
-    metas of one thread, and OpenCV back at one thread after the job."""
-    import cv2
-
-    from harness.eval.pass_processes import prepare_into
-
-    split = open_split(synth_val)
-    was = cv2.getNumThreads()
-    try:
-        for im in split.images:
-            one = prepare_into([im], spec, None, 0, 0, cv_threads=1)
-            four = prepare_into([im], spec, None, 0, 0, cv_threads=4)
-            assert cv2.getNumThreads() == 1
-            assert four.inputs.tobytes() == one.inputs.tobytes()
-            assert four.metas == one.metas
-    finally:
-        cv2.setNumThreads(was)
 
 
 def test_join_parts_takes_only_images_that_stack_in_place():
