@@ -386,3 +386,32 @@ def test_matrix_and_list_greedy_paths_agree(monkeypatch):
     np.testing.assert_array_equal(sup_matrix.by, sup_list.by)
     np.testing.assert_array_equal(sup_matrix.iou, sup_list.iou)
     assert np.count_nonzero(sup_list.by >= 0) > 50
+
+
+
+@pytest.mark.parametrize("cells", [1 << 20, 5000])
+@pytest.mark.parametrize("inclusive", [False, True])
+def test_a_large_group_in_blocks_is_the_greedy_one_at_a_time(monkeypatch, cells, inclusive):
+    """Groups above _MATRIX_MAX go a block at a time (the block's own matrix, then the rest
+    against its kept boxes): the same kept boxes, suppressors and IoUs as one box at a time,
+    with blocks of every size _CELLS allows, ties, duplicates and empty boxes among them."""
+    import harness.nms.greedy as greedy
+    from harness.nms.greedy import greedy_suppress
+    from harness.nms.mmyolo import _mmcv_iou
+
+    rng = np.random.default_rng(5)
+    n = 3000
+    boxes = _clustered_boxes(rng, n)
+    boxes[::97] = boxes[1::97]  # duplicates: IoU 1
+    boxes[::131, 2] = boxes[::131, 0]  # empty: IoU nan, never suppressed nor suppressing
+    scores = np.round(rng.random(n), 2).astype(np.float32)  # many ties
+    order = np.argsort(-scores, kind="stable")
+    iou = _mmcv_iou(boxes)
+    monkeypatch.setattr(greedy, "_CELLS", cells)
+    blocks = greedy_suppress(order, n, iou, 0.5, inclusive)
+    monkeypatch.setattr(greedy, "_MATRIX_MAX", 0)  # one box at a time
+    single = greedy_suppress(order, n, iou, 0.5, inclusive)
+    np.testing.assert_array_equal(blocks.kept, single.kept)
+    np.testing.assert_array_equal(blocks.by, single.by)
+    np.testing.assert_array_equal(blocks.iou, single.iou)
+    assert 100 < np.count_nonzero(single.by >= 0) < n - 100
