@@ -137,13 +137,7 @@ CONFIGS = {"faster_rcnn": "faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py",
 # shipped 1333 x 800 is 1344 x 1344, and its layer-by-layer comparison took ~125 s on 2 cores
 # (ResNet-50 at full size is exported and run against PyTorch in tests/export/
 # test_twostage_export.py::test_mmdet_faster_rcnn_at_full_size)
-SMALLER = """_base_ = {base!r}
-test_pipeline = [dict(type='LoadImageFromFile'),
-                 dict(type='Resize', scale=(640, 384), keep_ratio=True),
-                 dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape',
-                                                       'img_shape', 'scale_factor'))]
-test_dataloader = dict(dataset=dict(pipeline=test_pipeline))
-"""
+SCALE = (640, 384)
 
 
 @pytest.mark.parametrize("which", sorted(CONFIGS))
@@ -152,11 +146,9 @@ def test_mmdet_configs_at_random_init_on_a_real_photo(which, real_photos, tmp_pa
     640 x 384 here) at random init, the box head spread so both NMS have work: the fp32 file
     matches PyTorch layer by layer (rel-L2 < 1e-4) with every proposal the same and 0
     detections differing."""
-    from tests.models.test_twostage_source import mmdet_config, spread_box_head
+    from tests.models.test_twostage_source import scaled_config, spread_box_head
 
-    config = tmp_path / f"{which}_640.py"
-    config.write_text(SMALLER.format(base=str(mmdet_config(CONFIGS[which]))))
-    model = load_model_source(config)
+    model = load_model_source(scaled_config(CONFIGS[which], SCALE, tmp_path))
     assert model.preprocess.largest_input() == (640, 640)
     spread_box_head(model)
     target = open_or_say_why(default_target(model, tmp_path), "cpu")
