@@ -2,7 +2,8 @@
 
 On the H200's host a reader's image takes 2.7 ms in a loop (bench_preprocess.py) but the
 four images of a pass's first batch, each read by its own idle reader, 3.5-6 ms each — also
-with nothing else in flight (bench_coco_overhead.py --first-in-flight 1 --timeline 1). This
+with nothing else in flight (bench_coco_overhead.py --timeline 1 prints each one's read;
+reports/coco-overhead-h200, "The first batch's images, one by one"). This
 times the readers' first batch after an idle gap of each length given, image by image: the
 wall time in the reader, its CPU time, the page faults it took and how often it was
 preempted; for readers whose allocator keeps the memory they free
@@ -21,6 +22,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -37,8 +37,9 @@ READ_POOL = "executor"
 READ_NICE = 5
 # the readers' allocator keeps the memory they free (glibc: large blocks from the heap, not
 # mapped and unmapped each time, and the heap not trimmed), so an image's arrays land on pages
-# already there instead of faulting in fresh ones: a reader idle between batches (a pass's
-# first) otherwise took ~180 page faults per image (experiments/bench_fill.py)
+# already there instead of faulting in fresh ones: a reader idle for a second (between a run's
+# passes) otherwise took ~260 page faults for its next image, 4.85 against 4.20 ms median
+# (H200 host, experiments/bench_fill.py); a whole pass's ratio moved within its noise
 READ_KEEP_MEMORY = True
 KEEP_MMAP_BELOW = 64 << 20  # blocks under this come from the heap
 KEEP_HEAP_UP_TO = 1 << 30  # freed heap memory kept up to this much

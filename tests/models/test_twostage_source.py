@@ -66,7 +66,7 @@ def spread_box_head(model, seed: int = 0) -> None:
 
 
 # Faster R-CNN at its shipped 1333 x 800; Mask R-CNN (the same RPN and box head, and a mask
-# head the harness does not run) at 640 x 384: ~95 s less of this module on 2 cores
+# head the harness does not run) at 640 x 384: ~50 s less of this module on 2 cores
 SCALES = {"faster_rcnn": None, "mask_rcnn": (640, 384)}
 
 

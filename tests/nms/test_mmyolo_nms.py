@@ -388,7 +388,6 @@ def test_matrix_and_list_greedy_paths_agree(monkeypatch):
     assert np.count_nonzero(sup_list.by >= 0) > 50
 
 
-
 @pytest.mark.parametrize("cells", [1 << 20, 5000])
 @pytest.mark.parametrize("inclusive", [False, True])
 def test_a_large_group_in_blocks_is_the_greedy_one_at_a_time(monkeypatch, cells, inclusive):
@@ -403,7 +402,7 @@ def test_a_large_group_in_blocks_is_the_greedy_one_at_a_time(monkeypatch, cells,
     n = 3000
     boxes = _clustered_boxes(rng, n)
     boxes[::97] = boxes[1::97]  # duplicates: IoU 1
-    boxes[::131, 2] = boxes[::131, 0]  # empty: IoU nan, never suppressed nor suppressing
+    boxes[::131, 2] = boxes[::131, 0]  # empty: IoU 0, nan against another empty one
     scores = np.round(rng.random(n), 2).astype(np.float32)  # many ties
     order = np.argsort(-scores, kind="stable")
     iou = _mmcv_iou(boxes)
