@@ -71,19 +71,21 @@ def main() -> None:
             pool = pp.process_pool(args.workers, "read")
             pp.warm(pool, args.workers)
             list(pool.map(pp._map_in, [slots.path] * args.workers))
-            at = 0  # (and one untimed round first: a reader's very first images are slower)
-            list(pool.map(timed_read, [[im] for im in split.images[:args.workers]],
-                          *zip(*[(spec, slots.path, 0, slots.capacity, i % 4)
-                                 for i in range(args.workers)])))
+
+            def read(images):  # each image by its own reader, into its place of slot 0
+                jobs = [pool.submit(timed_read, [im], spec, slots.path, 0, slots.capacity,
+                                    i % 4) for i, im in enumerate(images)]
+                return [job.result() for job in jobs]
+
+            read(split.images[:args.workers])  # untimed: a reader's very first images are slower
+            at = 0
             for idle in args.idle:
                 rows = []
                 for _ in range(args.repeats):
                     chunk = [split.images[(at + i) % len(split.images)] for i in range(4)]
                     at += 4
                     time.sleep(idle)
-                    jobs = [pool.submit(timed_read, [im], spec, slots.path, 0,
-                                        slots.capacity, i) for i, im in enumerate(chunk)]
-                    rows += [job.result() for job in jobs]
+                    rows += read(chunk)
                 cols = list(zip(*rows))
                 cell = [f"{1e3 * statistics.median(c):.2f} ({1e3 * max(c):.2f})"
                         for c in cols[:2]]

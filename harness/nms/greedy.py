@@ -87,14 +87,12 @@ def greedy_suppress(order: np.ndarray, num_items: int, iou_against: IouFn, thres
         parts = np.split(order[by_group], bounds)
     kept_mask = np.zeros(num_items, bool)
     for remaining in parts:
-        if 1 < remaining.size <= _MATRIX_MAX:
-            _suppress_with_matrix(remaining, iou_against, thr, inclusive, kept_mask, by, ious)
-            continue
         while remaining.size:
-            # the next items alive, as many as keep the block x rest IoUs within _CELLS:
-            # greedy among themselves (their matrix), then every later item not yet
-            # suppressed against the block's kept ones at once — suppressed by the first of
-            # them (in visiting order) it overlaps, as one at a time would have
+            # the next items alive (a group of at most _MATRIX_MAX: all of it), as many as
+            # keep the block x rest IoUs within _CELLS: greedy among themselves (their
+            # matrix), then every later item not yet suppressed against the block's kept ones
+            # at once — suppressed by the first of them (in visiting order) it overlaps, as
+            # one at a time would have
             size = max(1, min(_MATRIX_MAX, _CELLS // remaining.size))
             block, rest = remaining[:size], remaining[size:]
             if block.size > 1:

@@ -18,6 +18,7 @@ from harness.export.onnx_export import ExportSettings, export_onnx
 from harness.models.config import load_model_source
 from harness.models.zoo import TWO_STAGE_FIXTURE_CHECKPOINT, TWO_STAGE_FIXTURE_CONFIG
 from tests.conftest import synth_val_images
+from tests.models.test_twostage_source import CONFIGS
 
 pytestmark = pytest.mark.slow
 
@@ -127,10 +128,6 @@ def test_planted_traps_are_attributed_to_their_causes(fixture_model, synth_image
         assert first is not None and first.module == "roi_head.bbox_roi_extractor", name
         assert t.proposals["identical"] >= 0.99 * t.proposals["reference"]
         assert "born in RoIAlign" in t.detections.examples[0].detail
-
-
-CONFIGS = {"faster_rcnn": "faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py",
-           "mask_rcnn": "mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py"}
 
 
 # the shipped configs' test pipeline at a smaller keep-ratio scale: the default file of the
