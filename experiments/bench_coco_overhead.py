@@ -81,6 +81,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--read-keep-memory", type=int, nargs="+", default=None, choices=(0, 1),
                    help="passes whose reading processes keep (1) or give back (0) the memory "
                         "they free, for each given (default: pass_processes.READ_KEEP_MEMORY)")
+    p.add_argument("--warmup", type=int, nargs="+", default=[1], choices=(0, 1),
+                   help="passes with (1, as harness coco runs them) or without (0) the "
+                        "warm-up on blank images before the pass's clock starts, while the "
+                        "readers read the first batches (coco_pass.run_pass(warmup)), for each "
+                        "given")
     p.add_argument("--timeline", type=int, default=0, metavar="N",
                    help="after each line, the fastest pass's first and last N batches: when "
                         "each was read, handed over, inferred, post-processed and written")
@@ -130,7 +135,8 @@ def bench(args: argparse.Namespace, work: Path) -> None:
     print(f"{'configuration':<24} {'post':<10} {'serial wall':>11} {'harness wall':>12} "
           f"{'infer in pass':>13} {'wall/infer':>10} {'isolated infer':>14} "
           f"{'wall/isolated':>13} {'AP':>7} {'waited read':>11} {'waited post':>11} "
-          f"{'fill':>7} {'drain':>7}  drain: post end / write start / write end")
+          f"{'fill':>7} {'drain':>7}  drain: post end / write start / write end; "
+          f"before the clock: the readers' head start (the warm-up in it)")
     for config in matrix_configurations(args.backends, ["fp32"], args.batches, [args.device]):
         target = open_backend(config, model, files)
         if not target.available:
@@ -140,10 +146,10 @@ def bench(args: argparse.Namespace, work: Path) -> None:
             args.post, args.fill_rounds or [None], args.local_encode or [None],
             args.read_threads or [None], args.switch_interval or [None],
             args.read_pool or [None], args.read_nice or [None], args.read_keep_memory or [None],
-            args.workers or [None], args.graphs)
+            args.workers or [None], args.graphs, args.warmup)
         for (path, rounds, local, threads, switch, pool, nice, keep, workers,
-             graphs) in settings:
-            said = []
+             graphs, warmup) in settings:
+            said = [] if args.warmup == [1] else [f"warm-up {'on' if warmup else 'off'}"]
             if keep is not None:
                 pass_processes.READ_KEEP_MEMORY = bool(keep)
                 said.append(f"readers {'keep' if keep else 'give back'} freed memory")
@@ -167,7 +173,7 @@ def bench(args: argparse.Namespace, work: Path) -> None:
                 print(", ".join(said) + ":")
             line, best, post, calls = compare_modes(
                 config, target, model, split, cat_ids, work, args.repeats, path, workers,
-                args.timeline > 0, graphs == "on")
+                args.timeline > 0, graphs == "on", bool(warmup))
             print(line)
             if getattr(post, "graphs", None) is not None:
                 print(f"  CUDA graphs: {post.graphs.describe()}")
@@ -177,7 +183,8 @@ def bench(args: argparse.Namespace, work: Path) -> None:
 
 
 def compare_modes(config, target, model, split, cat_ids, work: Path, repeats: int,
-                  post_path: str, workers, timeline: bool = False, graphs: bool = True):
+                  post_path: str, workers, timeline: bool = False, graphs: bool = True,
+                  warmup: bool = True):
     """(One table line: serial, isolated-inference and pipelined timings of `config`, the
     fastest pass's PassTimes, the post-processing function)."""
     backend, sync = target.backend, target.sync
@@ -221,7 +228,8 @@ def compare_modes(config, target, model, split, cat_ids, work: Path, repeats: in
             graphs.slowest = graphs.last = (0.0, {})
         times = run_pass(split.images, config.batch, model.preprocess, backend.infer, post,
                          cat_ids, store, progress=False, workers=workers, sync=sync,
-                         processes=str(config.device).startswith("cuda"), timeline=timeline)
+                         processes=str(config.device).startswith("cuda"), timeline=timeline,
+                         warmup=warmup)
         return times, store, graphs.describe_calls() if graphs is not None else ""
 
     iso = min(isolated() for _ in range(repeats))
@@ -235,7 +243,8 @@ def compare_modes(config, target, model, split, cat_ids, work: Path, repeats: in
             f"{best.infer_s:>12.2f}s {best.overhead_ratio:>10.3f} {iso:>13.2f}s "
             f"{best.wall_s / iso:>13.3f} {ap:>7.4f} {best.wait_read_s:>10.3f}s "
             f"{best.wait_post_s:>10.3f}s {best.first_infer_s:>6.3f}s {best.after_infer_s:>6.3f}s  "
-            + " / ".join(f"{1e3 * v:.1f}" for v in best.drain_parts_s.values()) + " ms"), \
+            + " / ".join(f"{1e3 * v:.1f}" for v in best.drain_parts_s.values()) + " ms; "
+            f"{1e3 * best.head_s:.1f} ({1e3 * best.warmup_s:.1f}) ms"), \
         best, post, calls
 
 

@@ -96,6 +96,10 @@ class PassTimes:
     wait_read_s: float = 0.0
     wait_post_s: float = 0.0
     first_infer_s: float = 0.0  # from the pass's start to its first inference (the fill)
+    # run_pass(warmup=True): the warm-up's seconds, and from the readers' start to the
+    # pass's (the warm-up and what came before it): the fill they overlapped
+    warmup_s: float = 0.0
+    head_s: float = 0.0
     after_infer_s: float = 0.0  # from its last inference to its end (the drain)
     # the drain in its parts, from the last inference: to the end of the last
     # post-processing call, to the start of the last write, to its end
@@ -339,7 +343,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
                                                list]] = None,
              shard: tuple[int, int] = (0, 1), workers: Optional[int] = None,
              processes: bool = False, post_group: Optional[int] = None,
-             timeline: bool = False) -> PassTimes:
+             timeline: bool = False, warmup: bool = False) -> PassTimes:
     """Run every batch of `images` (SplitImage) not yet in `store` (RunStore).
 
     infer(inputs (B,3,H,W) float32, metas) → outputs; post(outputs, metas) → per image
@@ -360,6 +364,10 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     post_group: images gathered per post-processing call (1: every batch on its own;
     default: the post's own `post_group` where it has one, else POST_GROUP_IMAGES).
     timeline: record each batch's stages in times.timeline (benchmarks).
+    warmup: before the pass is timed, run infer and post once on blank images of the first
+    batch's sizes (harness.eval.pass_warmup: a backend's and a CUDA graph's one-time set-up
+    kept out of the pass's figures), while the readers already read the first batches; the
+    pass's clock starts after it (times.head_s: how long the readers had).
     """
     from tqdm import tqdm
 
@@ -384,7 +392,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     else:
         readers = ThreadPoolExecutor(n_workers, thread_name_prefix="coco-read")
     posters = ThreadPoolExecutor(n_workers, thread_name_prefix="coco-post")
-    started = clock()
+    started = clock()  # the readers' start; after the warm-up, the pass's
     times = PassTimes()
     rank, world = shard
     mine = [b for k, b in enumerate(plan_batches(images, batch_size)) if k % world == rank]
@@ -402,9 +410,8 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
                              "post_calls": []}
 
     def mark(prepared: _Prepared, stage: str, start: float, end: float) -> None:
-        if timeline:
-            times.timeline.setdefault(prepared.index, {})[stage] = (start - started,
-                                                                    end - started)
+        if timeline:  # on the clock; made relative to the pass's start at its end
+            times.timeline.setdefault(prepared.index, {})[stage] = (start, end)
 
     def submit_read(chunk: list[Any], by_image: bool = False) -> Optional[_Reading]:
         """The reading of `chunk`: by one job, or (by_image, in processes) by one job per
@@ -439,7 +446,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
         prepared.index = reading.index
         mark(prepared, "read", *read_span)
         if timeline and len(spans) > 1:
-            times.read_parts[reading.index] = [(a - started, b - started) for a, b in spans]
+            times.read_parts[reading.index] = spans
         mark(prepared, "handed", reading.submitted, clock())
         return prepared
 
@@ -709,6 +716,12 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     writer.start()
     last_infer, clean = 0.0, False
     try:
+        if warmup and todo:
+            from harness.eval.pass_warmup import warm_up
+
+            times.warmup_s = warm_up(todo[0], spec, infer, post, sync)
+            now = clock()
+            times.head_s, started = now - started, now
         while not errors:
             t0 = clock()
             item = _get(ready, stop)
@@ -755,6 +768,10 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
         sys.setswitchinterval(switch)
         bar.close()
     times.wall_s = clock() - started
+    times.timeline = {k: {stage: (a - started, b - started) for stage, (a, b) in v.items()}
+                      for k, v in times.timeline.items()}
+    times.read_parts = {k: [(a - started, b - started) for a, b in v]
+                        for k, v in times.read_parts.items()}
     if last_infer:
         times.after_infer_s = started + times.wall_s - last_infer
         times.drain_parts_s = {k: round(max(0.0, marks[k] - last_infer), 4)

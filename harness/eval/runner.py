@@ -187,7 +187,8 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
             f"{config.key} [rank {ranks.rank}/{ranks.world}]",
             progress=settings.progress and ranks.main,
             on_batch=None if on_batch is None else (lambda n: on_batch(config, n)),
-            warn=log, post_reference=post_reference, shard=ranks.shard, processes=on_gpu)
+            warn=log, post_reference=post_reference, shard=ranks.shard, processes=on_gpu,
+            warmup=True)
         post_ran = post_record(post, post_how)  # before latency timing calls it again
     except UserError as exc:  # a backend that loads but cannot run these inputs
         problem = f"failed: {exc}"
@@ -256,6 +257,7 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
                              "ratio": round(times.overhead_ratio, 3),
                              "waited_for_reading_s": round(times.wait_read_s, 4),
                              "waited_for_post_s": round(times.wait_post_s, 4),
+                             "warmup_s": round(times.warmup_s, 4),
                              "post": post_ran}
         host = (row.inference or {}).get("host") or {}
         if host.get("median") and ranks.latency_rank == ranks.rank:

@@ -300,7 +300,9 @@ def render_coco(doc: CocoResult, plot: Optional[str] = None) -> str:
     if passes:
         lines += ["## Accuracy pass: inference-bound or host-bound", "",
                   "The pass over the split in this run: its wall time over the inference "
-                  "inside it. Up to 1.10 the backend was the bottleneck (inference-bound); "
+                  "inside it, timed after one untimed warm-up call on blank images of its "
+                  "first batch's sizes (a backend's and a CUDA graph's one-time set-up), "
+                  "which the first images' reading overlaps. Up to 1.10 the backend was the bottleneck (inference-bound); "
                   "above, the GPU waited on reading, preprocessing, NMS or writing "
                   "(host-bound), by that factor. *Inference alone*: the pass's batches × "
                   "the inference phase's host median (the same batch kept resident, nothing "

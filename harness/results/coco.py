@@ -59,7 +59,8 @@ class CocoRow(Schema):
     # was already stored): {"images", "wall_s", "inference_s", "ratio" (wall / inference:
     # about 1 when the backend was the bottleneck, more when the host could not feed it),
     # "waited_for_reading_s" / "waited_for_post_s" (inference idle for want of the next read
-    # batch / of room behind it: which side of the host binds), "inference_alone_s" (its
+    # batch / of room behind it: which side of the host binds), "warmup_s" (the untimed
+    # warm-up call before the pass, coco_pass.run_pass(warmup)), "inference_alone_s" (its
     # batches × the inference phase's host median: inference as it runs alone; absent where
     # the latency was timed on another rank)}
     accuracy_pass: Optional[dict[str, Any]] = None

@@ -117,6 +117,7 @@ def test_every_row_that_can_run_here(matrix_run):
             p = r["accuracy_pass"]
             assert p["images"] == 8 and p["wall_s"] >= p["inference_s"] > 0
             assert p["ratio"] == pytest.approx(p["wall_s"] / p["inference_s"], rel=0.05)
+            assert p["warmup_s"] > 0  # one untimed call on blank images before the pass
             # which post-processing it ran (on the CPU the numpy reference: no graphs)
             assert p["post"] == {"path": "reference"}
             # its batches as the inference phase timed them alone (timed here: no launcher)
