@@ -96,8 +96,8 @@ class PassTimes:
     wait_read_s: float = 0.0
     wait_post_s: float = 0.0
     first_infer_s: float = 0.0  # from the pass's start to its first inference (the fill)
-    # run_pass(warmup=True): the warm-up's seconds, and from the readers' start to the
-    # pass's (the warm-up and what came before it): the fill they overlapped
+    # run_pass(warmup=True): the warm-up call's seconds, and from the readers' start to the
+    # pass's: how much of the fill that call overlapped (the blank batch is made before)
     warmup_s: float = 0.0
     head_s: float = 0.0
     after_infer_s: float = 0.0  # from its last inference to its end (the drain)
@@ -392,7 +392,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     else:
         readers = ThreadPoolExecutor(n_workers, thread_name_prefix="coco-read")
     posters = ThreadPoolExecutor(n_workers, thread_name_prefix="coco-post")
-    started = clock()  # the readers' start; after the warm-up, the pass's
+    started = clock()  # (with a warm-up: after it)
     times = PassTimes()
     rank, world = shard
     mine = [b for k, b in enumerate(plan_batches(images, batch_size)) if k % world == rank]
@@ -712,16 +712,20 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     switch = sys.getswitchinterval()
     sys.setswitchinterval(min(switch, PROCESSES_SWITCH_INTERVAL_S if processes
                               else SWITCH_INTERVAL_S))
+    blank = None
+    if warmup and todo:  # made before the readers start: only the warm-up's call overlaps them
+        from harness.eval.pass_warmup import blank_batch, warm_up
+
+        blank = blank_batch(todo[0], spec)
+    reads_started = clock()
     reader.start()
     writer.start()
     last_infer, clean = 0.0, False
     try:
-        if warmup and todo:
-            from harness.eval.pass_warmup import warm_up
-
-            times.warmup_s = warm_up(todo[0], spec, infer, post, sync)
-            now = clock()
-            times.head_s, started = now - started, now
+        if blank is not None:
+            times.warmup_s = warm_up(blank, infer, post, sync)
+            started = clock()
+            times.head_s = started - reads_started
         while not errors:
             t0 = clock()
             item = _get(ready, stop)

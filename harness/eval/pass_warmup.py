@@ -19,31 +19,32 @@ import numpy as np
 
 def blank_batch(chunk: Sequence[Any], spec: Any) -> Optional[tuple[np.ndarray, list]]:
     """(inputs, metas) of blank images of `chunk`'s annotated sizes (SplitImage width,
-    height, batch_shape) through `spec`, or None where a size is not known."""
+    height, batch_shape) through `spec`, or None where a size is not known or does not go
+    through (the pass then meets that image itself)."""
     from harness.data.preprocess import stack_inputs, transform_image
+    from harness.errors import UserError
 
     if not chunk or any(getattr(im, "width", 0) <= 0 or getattr(im, "height", 0) <= 0
                         for im in chunk):
         return None
     made: dict[tuple, tuple[np.ndarray, Any]] = {}  # one transform per distinct size
     arrays, metas = [], []
-    for im in chunk:
-        key = (im.height, im.width, getattr(im, "batch_shape", None))
-        if key not in made:
-            made[key] = transform_image(np.zeros((im.height, im.width, 3), np.uint8), spec,
-                                        "", key[2])
-        arrays.append(made[key][0])
-        metas.append(made[key][1])
-    return stack_inputs(arrays, spec), metas
+    try:
+        for im in chunk:
+            key = (im.height, im.width, getattr(im, "batch_shape", None))
+            if key not in made:
+                made[key] = transform_image(np.zeros((im.height, im.width, 3), np.uint8),
+                                            spec, "", key[2])
+            arrays.append(made[key][0])
+            metas.append(made[key][1])
+        return stack_inputs(arrays, spec), metas
+    except UserError:
+        return None
 
 
-def warm_up(chunk: Sequence[Any], spec: Any, infer: Callable[..., Any],
+def warm_up(batch: tuple[np.ndarray, list], infer: Callable[..., Any],
             post: Callable[..., Any], sync: Optional[Callable[[], None]] = None) -> float:
-    """Run infer and post once on blank_batch(chunk, spec); the seconds it took (0.0 where
-    the batch's sizes are not known, and nothing is run)."""
-    batch = blank_batch(chunk, spec)
-    if batch is None:
-        return 0.0
+    """Run infer and post once on `batch` (blank_batch's); the seconds it took."""
     t0 = time.perf_counter()
     inputs, metas = batch
     outputs = infer(inputs, metas)
