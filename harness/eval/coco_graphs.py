@@ -91,6 +91,9 @@ class GraphedPost:
         self.lock = threading.Lock()
         self.graphs: dict[tuple, _Graph] = {}
         self.staging: dict[tuple, list[_Staging]] = {}  # free staging buffers, by shapes
+        # buffers made at once for a shapes' first call (prepare: the calls that may run
+        # side by side), so a pass's first calls do not each allocate pinned memory
+        self.stage_ahead = 1
         self._said = threading.Lock()  # for slowest / last
         self.k_caps: dict[tuple, int] = {}
         self.failed: Optional[str] = None
@@ -176,6 +179,12 @@ class GraphedPost:
                 self.slowest = self.last
         return out
 
+    def prepare(self, calls: int) -> None:
+        """Up to `calls` calls may run side by side (a pass's post workers): the first call
+        of new shapes makes a staging buffer for each (pinned memory: ~ms each on the H200,
+        and a pass's first calls would otherwise each make one while the others wait)."""
+        self.stage_ahead = max(1, int(calls))
+
     def _stage(self, shapes: tuple, inputs: dict[str, Any], metas: Sequence[Any]
                ) -> _Staging:
         """A free staging buffer for `shapes` (made where none is free) holding the call's
@@ -184,17 +193,13 @@ class GraphedPost:
 
         from harness.nms.fast_mmyolo import per_image_rows
 
-        free = self.staging.setdefault(shapes, [])
+        if shapes not in self.staging:
+            self.staging[shapes] = [self._new_stage(shapes) for _ in range(self.stage_ahead)]
+        free = self.staging[shapes]
         try:
             stage = free.pop()
         except IndexError:
-            sizes = [int(np.prod(shape)) for _, shape in shapes]
-            host = torch.zeros(sum(sizes), dtype=torch.float32, pin_memory=self.cuda)
-            views = {name: part.reshape(shape) for (name, shape), part in
-                     zip(shapes, np.split(host.numpy(), np.cumsum(sizes)[:-1]))}
-            per_image = torch.zeros((shapes[0][1][0], 11), dtype=torch.float32,
-                                    pin_memory=self.cuda)
-            stage = _Staging(host, views, per_image)
+            stage = self._new_stage(shapes)
         n = len(metas)
         for name, value in inputs.items():
             if not _on_device(value):
@@ -203,6 +208,17 @@ class GraphedPost:
                           casting="same_kind")
         stage.per_image.numpy()[:] = per_image_rows(metas, len(stage.per_image))
         return stage
+
+    def _new_stage(self, shapes: tuple) -> _Staging:
+        import torch
+
+        sizes = [int(np.prod(shape)) for _, shape in shapes]
+        host = torch.zeros(sum(sizes), dtype=torch.float32, pin_memory=self.cuda)
+        views = {name: part.reshape(shape) for (name, shape), part in
+                 zip(shapes, np.split(host.numpy(), np.cumsum(sizes)[:-1]))}
+        per_image = torch.zeros((shapes[0][1][0], 11), dtype=torch.float32,
+                                pin_memory=self.cuda)
+        return _Staging(host, views, per_image)
 
     def _run(self, graph: _Graph, stage: _Staging, inputs: dict[str, Any], n: int,
              parts: dict[str, float]) -> None:

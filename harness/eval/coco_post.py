@@ -67,6 +67,7 @@ def make_post(model: Any, device: str, path: str = "auto", graphs: bool = True
         from harness.eval.coco_graphs import GRAPH_GROUP_IMAGES
 
         fast.post_group = GRAPH_GROUP_IMAGES  # type: ignore[attr-defined]
+        fast.prepare = replays.prepare  # type: ignore[attr-defined]  (a pass's warm-up)
     return fast, f"fast (batched torch on {target}{', CUDA graphs' if replays else ''})"
 
 

@@ -43,9 +43,15 @@ def blank_batch(chunk: Sequence[Any], spec: Any) -> Optional[tuple[np.ndarray, l
 
 
 def warm_up(batch: tuple[np.ndarray, list], infer: Callable[..., Any],
-            post: Callable[..., Any], sync: Optional[Callable[[], None]] = None) -> float:
-    """Run infer and post once on `batch` (blank_batch's); the seconds it took."""
+            post: Callable[..., Any], sync: Optional[Callable[[], None]] = None,
+            calls: int = 1) -> float:
+    """Run infer and post once on `batch` (blank_batch's); the seconds it took. calls: how
+    many post calls the pass may run side by side, told to a post that prepares for them
+    (`post.prepare(calls)`: coco_graphs' staging buffers) before its call."""
     t0 = time.perf_counter()
+    prepare = getattr(post, "prepare", None)
+    if prepare is not None:
+        prepare(calls)
     inputs, metas = batch
     outputs = infer(inputs, metas)
     if sync:

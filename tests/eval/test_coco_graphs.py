@@ -192,12 +192,34 @@ def test_calls_from_many_threads_stage_their_own_inputs(fixture_batches):
     assert set(graphs.last[1]) == {"inputs", "lock", "replay", "results"}
 
 
+def test_prepared_calls_find_their_staging_buffers_made(fixture_batches):
+    """prepare(calls) (a pass's warm-up, with its post workers): the first call of new
+    shapes makes that many staging buffers at once; calls side by side afterwards make no
+    more; the detections are the reference's."""
+    from harness.eval.coco_graphs import GraphedPost
+
+    model, batches = fixture_batches
+    metas, raw, _, refs = batches[0]
+    graphs = GraphedPost(model, "cpu")
+    graphs.prepare(3)
+    for r, f in zip(refs, graphs(inputs_of(raw), metas)):
+        assert_same(r, f, "the prepared first call")
+    (shapes, free), = graphs.staging.items()
+    assert len(free) == 3
+    taken = [graphs._stage(shapes, inputs_of(raw), metas) for _ in range(3)]
+    assert free == [] and len({id(t) for t in taken}) == 3
+    unprepared = GraphedPost(model, "cpu")
+    unprepared(inputs_of(raw), metas)
+    assert [len(v) for v in unprepared.staging.values()] == [1]
+
+
 def test_make_post_uses_graphs_on_a_gpu_only(fixture_batches):
     from harness.eval.coco_post import make_post
 
     model, _ = fixture_batches
     fast, how = make_post(model, "cpu", "fast")
     assert fast.graphs is None and "graphs" not in how
+    assert not hasattr(fast, "prepare")  # (a graphed post's is its graphs')
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
