@@ -32,12 +32,7 @@ import numpy as np
 
 from harness.errors import UserError
 
-QUEUE_DEPTH = 2  # batches prepared ahead, beyond the workers
-# inferred batches waiting for a post-processing call, beyond the workers' calls: inference
-# goes on through a stalled call (the post's first calls capture a CUDA graph of a larger
-# capacity under the lock every call waits on: in harness coco's single passes on the H200
-# inference waited 12.5 and 20.9 ms for room with 2, onnxruntime batch 4, ~3.5 ms a batch)
-POST_QUEUE_DEPTH = 8
+QUEUE_DEPTH = 2  # batches prepared ahead / waiting for post-processing, beyond the workers
 # reading in processes, the pass's first FILL_ROUNDS * workers images are read one job each
 # (the batches after them one job per batch: a job costs the submitting thread ~0.2 ms), so
 # the first batches come as soon as one image is read, not four (H200, onnxruntime batch 4:
@@ -408,7 +403,7 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
                disable=not progress, leave=False, dynamic_ncols=True)
     stop = threading.Event()
     ready: "queue.Queue[Any]" = queue.Queue(maxsize=QUEUE_DEPTH)
-    inferred: "queue.Queue[Any]" = queue.Queue(maxsize=POST_QUEUE_DEPTH)
+    inferred: "queue.Queue[Any]" = queue.Queue(maxsize=QUEUE_DEPTH)
     errors: list[BaseException] = []
     # clocks, for the drain; and each post-processing call's seconds
     marks: dict[str, Any] = {"post_end": 0.0, "write_start": 0.0, "write_end": 0.0,

@@ -111,42 +111,6 @@ def test_a_pass_with_nothing_to_do_does_not_warm_up(synth_val, tmp_path):
     assert stages.shapes == [] and times.warmup_s == 0.0 and times.skipped == 12
 
 
-class StalledPost(Stages):
-    """Inference of `infer_s` a batch; the first post call stalls for `stall` seconds (a CUDA
-    graph captured for a larger capacity, under the lock every call waits on)."""
-
-    def __init__(self, infer_s: float, stall: float):
-        super().__init__(infer_sleep=infer_s)
-        self.stall, self.calls = stall, 0
-
-    def post(self, outputs, metas):
-        self.calls += 1
-        if self.calls == 1:
-            time.sleep(self.stall)
-        return super().post(outputs, metas)
-
-
-@pytest.mark.parametrize("depth", [2, 8])
-def test_inference_goes_on_through_a_stalled_post_call(synth_val, tmp_path, monkeypatch, depth):
-    """A 0.3 s stall of the first post call against 0.04 s of inference a batch: with 8
-    inferred batches waiting behind the 2 workers' calls inference does not wait for it; with
-    2 (the depth before) it waits ~0.14 s."""
-    from harness.eval import coco_pass
-
-    monkeypatch.setattr(coco_pass, "POST_QUEUE_DEPTH", depth)
-    spec = _specs()["letterbox"]
-    split = open_split(synth_val)
-    stages = StalledPost(0.04, 0.3)
-    store = store_for(tmp_path)
-    times = run_pass(split.images, 1, spec, stages.infer, stages.post, CATEGORY_IDS, store,
-                     progress=False, workers=2, post_group=1)
-    assert times.batches == 12 and len(store.detections()) == 12
-    if depth == 8:
-        assert times.wait_post_s < 0.05
-    else:
-        assert times.wait_post_s > 0.08
-
-
 def test_the_warm_up_tells_the_post_how_many_calls_may_run_at_once(synth_val, tmp_path):
     """post.prepare(calls), where the post has it (coco_graphs' staging buffers), before the
     warm-up's post call, with the pass's workers."""
