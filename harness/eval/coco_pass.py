@@ -9,7 +9,8 @@ post-processor): there reading and encoding the stored records run in processes
 post replays CUDA graphs batch by batch (harness.eval.coco_graphs), and the last stretch is
 post-processed as soon as no call runs, or, where a call would not end before inference
 does, in one call after the last inference (the drain). `workers` sets the
-pools' size.
+pools' size. With `warmup` the backend and the post run once on blank images before the
+pass's clock starts (harness.eval.pass_warmup), the readers already at work.
 
 Batches are fixed by position in the split (batch k holds images k*B .. k*B+B-1, unreadable
 ones left out), so a resumed run feeds the backend the very same batches as an uninterrupted
