@@ -125,3 +125,43 @@ def test_the_warm_up_tells_the_post_how_many_calls_may_run_at_once(synth_val, tm
     run_pass(open_split(synth_val).images, 4, spec, stages.infer, post, CATEGORY_IDS,
              store_for(tmp_path), progress=False, workers=3, warmup=True)
     assert said[:2] == [("prepare", 3), ("post", 0)] and ("prepare", 3) not in said[2:]
+
+
+class FirstCandidatesPost(Stages):
+    """A post whose first call on real images is slow (a CUDA graph captured for their
+    candidates, which a blank image does not have)."""
+
+    def __init__(self, stall: float):
+        super().__init__()
+        self.stall, self.learned = stall, False
+
+    def post(self, outputs, metas):
+        if not self.learned and all(m.path for m in metas):  # a blank image has no path
+            time.sleep(self.stall)
+            self.learned = True
+        return super().post(outputs, metas)
+
+
+def test_a_warm_up_on_the_first_batch_learns_before_the_clock(synth_val, tmp_path,
+                                                              monkeypatch):
+    """WARM_ON_FIRST_BATCH: the first real batch is run once before the clock (then again in
+    the pass): the post's slow first real call is out of the pass's wall time, every batch
+    is run and stored as without it."""
+    from harness.eval import coco_pass
+
+    spec = _specs()["letterbox"]
+    split = open_split(synth_val)
+    runs = {}
+    for first in (False, True):
+        monkeypatch.setattr(coco_pass, "WARM_ON_FIRST_BATCH", first)
+        stages, store = FirstCandidatesPost(0.3), store_for(tmp_path, f"first_{first}")
+        times = run_pass(split.images, 4, spec, stages.infer, stages.post, CATEGORY_IDS,
+                         store, progress=False, workers=2, warmup=True)
+        runs[first] = stages, store, times
+    (plain, plain_store, plain_times), (warm, warm_store, warm_times) = runs[False], runs[True]
+    assert plain_times.wall_s >= 0.3 > warm_times.wall_s
+    assert warm_times.warmup_s >= 0.3 > plain_times.warmup_s
+    # blank, the first batch once for the warm-up, then the pass's own calls
+    assert warm.shapes == plain.shapes[:1] + plain.shapes[1:2] + plain.shapes[1:]
+    assert warm_times.batches == plain_times.batches == 3
+    assert warm_store.detections() == plain_store.detections()
