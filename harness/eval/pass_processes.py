@@ -3,10 +3,11 @@ up with a fast accelerator and one interpreter's GIL cannot: reading + preproces
 turning detections into the JSON lines the RunStore writes.
 
 Measured on 2 cores (fixture, 320x320): a batch of 4 preprocessed inputs (4.9 MB) returned
-through a ProcessPoolExecutor's pipe costs the main process 6.2 ms of CPU — 1.5 ms per image, more than the H200 takes to infer it — so
-batches come back through `InputSlots` (a shared memory file both sides map) and only the
-image metas are pickled; building and JSON-encoding an image's ~100 COCO entries costs
-0.56 ms of the main interpreter, so `encode_batches` does that in the pool too.
+through a ProcessPoolExecutor's pipe costs the main process 6.2 ms of CPU — 1.5 ms per
+image, more than the H200 takes to infer it — so batches come back through `InputSlots` (a
+shared memory file both sides map) and only the image metas are pickled; building and JSON-
+encoding an image's ~100 COCO entries costs 0.56 ms of the main interpreter, so
+`encode_batches` does that in the pool too.
 
 Pools are spawned, not forked (the parent may hold a CUDA context a fork cannot share), and
 kept for the life of the process: a pass of a few hundred images on a fast GPU is shorter
@@ -331,7 +332,7 @@ def detections_payload(dets: Sequence[Any]) -> list[tuple[np.ndarray, np.ndarray
 
 
 def encode_batches(batches: Sequence[tuple[Sequence[tuple[int, str]], Sequence[Any],
-                                          dict[str, float]]],
+                                           dict[str, float]]],
                    category_ids: Sequence[int]) -> list[list[bytes]]:
     """The RunStore lines (kind "image") of each batch (its (image_id, file) pairs, their
     detections_payload, the per-image share of its timings): coco_pass.image_lines, in a
