@@ -1,9 +1,9 @@
 """The mmdet two-stage source (harness/models/mmdet_twostage.py) on mmdet's own shipped
 Faster R-CNN and Mask R-CNN configs (the latter's Resize at 640 x 384) at random init, on real
-photographs: the harness's
-preprocessing + torch stages + numpy box-head NMS equal mmdet's `model.test_step` (boxes
-1e-3 px, scores 1e-5, labels equal), one image and a padded batch of two; mmdet's own
-post-processing on the source's outputs equals it too; padding rows never count."""
+photographs: the harness's preprocessing + torch stages + numpy box-head NMS equal mmdet's
+`model.test_step` (boxes 1e-3 px, scores 1e-5, labels equal), one image and a padded batch of
+two; mmdet's own post-processing on the source's outputs equals it too; padding rows never
+count."""
 from __future__ import annotations
 
 from pathlib import Path
