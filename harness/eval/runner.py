@@ -258,6 +258,8 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
                              "waited_for_reading_s": round(times.wait_read_s, 4),
                              "waited_for_post_s": round(times.wait_post_s, 4),
                              "warmup_s": round(times.warmup_s, 4),
+                             "fill_s": round(times.first_infer_s, 4),
+                             "drain_s": round(times.after_infer_s, 4),
                              "post": post_ran}
         host = (row.inference or {}).get("host") or {}
         if host.get("median") and ranks.latency_rank == ranks.rank:

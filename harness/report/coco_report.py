@@ -152,13 +152,23 @@ def _slowed(slowed: Optional[float]) -> str:
 
 
 def _binding(p: dict[str, Any]) -> str:
-    """Which side of the host held inference up, from the pass's waits (older results: no
-    waits, nothing said)."""
+    """Which side of the host held inference up, from the pass's waits, and where its time
+    outside inference went: before the first inference (the fill) and after the last (the
+    drain) are paid once per pass, the rest between inference calls (older results: no
+    waits or parts, nothing said of them)."""
     read, post = p.get("waited_for_reading_s"), p.get("waited_for_post_s")
-    if read is None or post is None or read + post <= 0:
-        return ""
-    side = "reading + preprocessing" if read >= post else "post-processing + writing"
-    return f"; inference waited {read + post:.3g} s, mostly for {side}"
+    said = ""
+    if read is not None and post is not None and read + post > 0:
+        side = "reading + preprocessing" if read >= post else "post-processing + writing"
+        said = f"; inference waited {read + post:.3g} s, mostly for {side}"
+    fill, drain = p.get("fill_s"), p.get("drain_s")
+    outside = p.get("wall_s", 0.0) - p.get("inference_s", 0.0)
+    if fill is None or drain is None or outside <= 0:
+        return said
+    between = max(0.0, outside - fill - drain)
+    return (f"{said}; of its {outside:.3g} s outside inference {fill:.3g} s came before the "
+            f"first call and {drain:.3g} s after the last (once per pass: less of a longer "
+            f"one), {between:.3g} s between calls")
 
 
 def stability_text(doc: CocoResult) -> Optional[str]:

@@ -60,9 +60,10 @@ class CocoRow(Schema):
     # about 1 when the backend was the bottleneck, more when the host could not feed it),
     # "waited_for_reading_s" / "waited_for_post_s" (inference idle for want of the next read
     # batch / of room behind it: which side of the host binds), "warmup_s" (the untimed
-    # warm-up call before the pass, coco_pass.run_pass(warmup)), "inference_alone_s" (its
-    # batches × the inference phase's host median: inference as it runs alone; absent where
-    # the latency was timed on another rank)}
+    # warm-up call before the pass, coco_pass.run_pass(warmup)), "fill_s" / "drain_s" (from
+    # the pass's start to its first inference / from its last to the end: once per pass),
+    # "inference_alone_s" (its batches × the inference phase's host median: inference as it
+    # runs alone; absent where the latency was timed on another rank)}
     accuracy_pass: Optional[dict[str, Any]] = None
     images: Optional[int] = None
     unreadable: Optional[int] = None

@@ -118,6 +118,9 @@ def test_every_row_that_can_run_here(matrix_run):
             assert p["images"] == 8 and p["wall_s"] >= p["inference_s"] > 0
             assert p["ratio"] == pytest.approx(p["wall_s"] / p["inference_s"], rel=0.05)
             assert p["warmup_s"] > 0  # one untimed call on blank images before the pass
+            # the pass's start to its first inference and its last to the end: within it
+            assert 0 <= p["fill_s"] and 0 < p["drain_s"] and \
+                p["fill_s"] + p["drain_s"] <= p["wall_s"] - p["inference_s"] + 1e-3
             # which post-processing it ran (on the CPU the numpy reference: no graphs)
             assert p["post"] == {"path": "reference"}
             # its batches as the inference phase timed them alone (timed here: no launcher)
@@ -522,3 +525,10 @@ def test_a_host_bound_pass_says_which_side_held_inference_up():
         _binding({"waited_for_reading_s": 0.0, "waited_for_post_s": 0.2})
     assert _binding({}) == "" and \
         _binding({"waited_for_reading_s": 0.0, "waited_for_post_s": 0.0}) == ""
+    # where the time outside inference went: the pass's start and end, the rest between calls
+    said = _binding({"wall_s": 0.2, "inference_s": 0.18, "waited_for_reading_s": 0.0,
+                     "waited_for_post_s": 0.001, "fill_s": 0.004, "drain_s": 0.009})
+    assert said == ("; inference waited 0.001 s, mostly for post-processing + writing; of its "
+                    "0.02 s outside inference 0.004 s came before the first call and 0.009 s "
+                    "after the last (once per pass: less of a longer one), 0.007 s between "
+                    "calls"), said
