@@ -260,6 +260,7 @@ def _run_configuration(config: Configuration, model: Any, files: Any, split: Any
                              "warmup_s": round(times.warmup_s, 4),
                              "fill_s": round(times.first_infer_s, 4),
                              "drain_s": round(times.after_infer_s, 4),
+                             "drain_parts_s": times.drain_parts_s,
                              "post": post_ran}
         host = (row.inference or {}).get("host") or {}
         if host.get("median") and ranks.latency_rank == ranks.rank:

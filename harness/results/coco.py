@@ -62,6 +62,8 @@ class CocoRow(Schema):
     # batch / of room behind it: which side of the host binds), "warmup_s" (the untimed
     # warm-up call before the pass, coco_pass.run_pass(warmup)), "fill_s" / "drain_s" (from
     # the pass's start to its first inference / from its last to the end: once per pass),
+    # "drain_parts_s" (from the last inference to the end of the last post-processing call,
+    # to the start of the last write, to its end),
     # "inference_alone_s" (its batches × the inference phase's host median: inference as it
     # runs alone; absent where the latency was timed on another rank)}
     accuracy_pass: Optional[dict[str, Any]] = None

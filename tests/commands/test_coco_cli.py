@@ -121,6 +121,9 @@ def test_every_row_that_can_run_here(matrix_run):
             # the pass's start to its first inference and its last to the end: within it
             assert 0 <= p["fill_s"] and 0 < p["drain_s"] and \
                 p["fill_s"] + p["drain_s"] <= p["wall_s"] - p["inference_s"] + 1e-3
+            parts = p["drain_parts_s"]  # the drain: the last post call, the last write
+            assert set(parts) == {"post_end", "write_start", "write_end"}
+            assert parts["write_start"] <= parts["write_end"] <= p["drain_s"] + 1e-3
             # which post-processing it ran (on the CPU the numpy reference: no graphs)
             assert p["post"] == {"path": "reference"}
             # its batches as the inference phase timed them alone (timed here: no launcher)
