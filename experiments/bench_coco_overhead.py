@@ -86,9 +86,6 @@ def parse() -> argparse.Namespace:
                         "warm-up on blank images before the pass's clock starts, while the "
                         "readers read the first batches (coco_pass.run_pass(warmup)), for each "
                         "given")
-    p.add_argument("--warm-first-batch", type=int, nargs="+", default=None, choices=(0, 1),
-                   help="passes whose warm-up also runs the first real batch once (1) or not "
-                        "(0), for each given (default: coco_pass.WARM_ON_FIRST_BATCH)")
     p.add_argument("--timeline", type=int, default=0, metavar="N",
                    help="after each line, the fastest pass's first and last N batches: when "
                         "each was read, handed over, inferred, post-processed and written")
@@ -149,9 +146,9 @@ def bench(args: argparse.Namespace, work: Path) -> None:
             args.post, args.fill_rounds or [None], args.local_encode or [None],
             args.read_threads or [None], args.switch_interval or [None],
             args.read_pool or [None], args.read_nice or [None], args.read_keep_memory or [None],
-            args.workers or [None], args.graphs, args.warmup, args.warm_first_batch or [None])
+            args.workers or [None], args.graphs, args.warmup)
         for (path, rounds, local, threads, switch, pool, nice, keep, workers,
-             graphs, warmup, first) in settings:
+             graphs, warmup) in settings:
             said = [] if args.warmup == [1] else [f"warm-up {'on' if warmup else 'off'}"]
             if keep is not None:
                 pass_processes.READ_KEEP_MEMORY = bool(keep)
@@ -170,9 +167,6 @@ def bench(args: argparse.Namespace, work: Path) -> None:
                     for name in names:
                         setattr(coco_pass, name, value)
                     said.append(f"{names[0].lower()} {value}")
-            if first is not None:
-                coco_pass.WARM_ON_FIRST_BATCH = bool(first)
-                said.append(f"warm-up {'with' if first else 'without'} the first batch")
             if workers is not None:
                 said.append(f"workers {workers}")
             if said:

@@ -77,13 +77,6 @@ LOCAL_ENCODE_IMAGES = 4
 POST_OVERLAP_COST = 2.0
 BOX_DECIMALS = 3  # stored boxes: 0.001 px
 SCORE_DECIMALS = 7
-# run_pass(warmup=True) also runs the first real batch once before the clock (its results
-# thrown away, the batch then run again in the pass): its candidates, not a blank image's,
-# set the capacity of the post's CUDA graph, which otherwise grows inside the pass, a capture
-# under the lock every post call waits on (harness coco, H200, onnxruntime batch 4 on 200
-# images: 1.04-1.18 wall / inference in single passes). Off until measured there
-# (bench_coco_overhead.py --warm-first-batch 0 1)
-WARM_ON_FIRST_BATCH = False
 
 
 @dataclass
@@ -730,20 +723,13 @@ def run_pass(images: Sequence[Any], batch_size: int, spec: Any,
     writer.start()
     last_infer, clean = 0.0, False
     try:
-        held: list[Any] = []  # the first batch, where the warm-up took it
         if blank is not None:
             times.warmup_s = warm_up(blank, infer, post, sync, calls=n_workers)
-            if WARM_ON_FIRST_BATCH:
-                held.append(_get(ready, stop))
-                first = held[0]
-                if isinstance(first, _Prepared) and first.inputs is not None:
-                    times.warmup_s += warm_up((first.inputs, first.metas), infer, post, sync,
-                                              calls=n_workers)
             started = clock()
             times.head_s = started - reads_started
         while not errors:
             t0 = clock()
-            item = held.pop() if held else _get(ready, stop)
+            item = _get(ready, stop)
             times.wait_read_s += clock() - t0
             if item is None:
                 break

@@ -315,7 +315,10 @@ def render_coco(doc: CocoResult, plot: Optional[str] = None) -> str:
                   "which the first images' reading overlaps. Up to 1.10 the backend was "
                   "the bottleneck (inference-bound); "
                   "above, the GPU waited on reading, preprocessing, NMS or writing "
-                  "(host-bound), by that factor. *Inference alone*: the pass's batches × "
+                  "(host-bound), by that factor, and the verdict says where the time "
+                  "outside inference went: before the first call and after the last are "
+                  "paid once per pass (they weigh more in a short pass), the rest between "
+                  "calls. *Inference alone*: the pass's batches × "
                   "the inference phase's host median (the same batch kept resident, nothing "
                   "beside it); *in pass / alone* above 1 is inference slowed by the host's "
                   "work beside it. Rows resumed from stored results have no line.", "",
